@@ -1,0 +1,272 @@
+"""Cases on disk -> MONAI data dicts, deterministic patient-grouped splits, Decathlon datalists.
+
+A layout pattern such as ``{site}/{subject:[0-9]+}/pre/FLAIR.nii.gz`` is a path relative to
+the dataset root whose ``{name}`` placeholders (optionally ``{name:regex}``) identify a case;
+the other patterns of the entry are filled with the captured values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from medseg_monai.data.registry import DatasetError, DatasetSpec, get_dataset, list_datasets
+from medseg_monai.paths import cache_dir, data_root_env
+
+__all__ = [
+    "SPLITS",
+    "default_dataset",
+    "find_cases",
+    "load_datalist",
+    "resolve_data_root",
+    "split_cases",
+    "write_datalist",
+]
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test", "all")
+_PLACEHOLDER = re.compile(r"\{([a-z_][a-z0-9_]*)(?::([^{}]+))?\}")
+_MARKER = ".medseg-synthetic.json"
+
+
+def _pattern_regex(pattern: str) -> tuple[str, re.Pattern[str]]:
+    """A layout pattern as a glob (placeholders -> ``*``) and an anchored regex with named groups."""
+    seen: set[str] = set()
+    parts, pos = [], 0
+    for m in _PLACEHOLDER.finditer(pattern):
+        parts.append(re.escape(pattern[pos : m.start()]))
+        name, rx = m.group(1), m.group(2)
+        parts.append(f"(?P={name})" if name in seen else f"(?P<{name}>{rx or '[^/]+'})")
+        seen.add(name)
+        pos = m.end()
+    parts.append(re.escape(pattern[pos:]))
+    return _PLACEHOLDER.sub("*", pattern), re.compile("".join(parts))
+
+
+def _fill(template: str, fields: dict[str, str]) -> str:
+    return _PLACEHOLDER.sub(lambda m: fields[m.group(1)], template)
+
+
+def find_cases(spec: DatasetSpec, root: Path, channels: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every case under ``root`` as a data dict, sorted by case id.
+
+    Keys: ``case_id``, ``group`` (patient), ``image`` (list of paths, one per channel),
+    one key per channel, ``label`` (label-map path, or list of mask paths in
+    ``spec.mask_names`` order) and any ``extra`` files. Missing files raise ``DatasetError``.
+    """
+    layout = spec.layout
+    channels = channels or spec.channels
+    unknown = [c for c in channels if c not in layout["images"]]
+    if unknown:
+        raise DatasetError(
+            f"dataset '{spec.id}' has no channel {', '.join(unknown)} (channels: {', '.join(spec.channels)})"
+        )
+    glob, rx = _pattern_regex(layout["case"])
+    names = [m.group(1) for m in _PLACEHOLDER.finditer(layout["case"])]
+    id_template = layout.get("case_id", "_".join(f"{{{n}}}" for n in dict.fromkeys(names)))
+    cases: dict[str, dict[str, Any]] = {}
+    for anchor in sorted(root.glob(glob)):
+        m = rx.fullmatch(anchor.relative_to(root).as_posix())
+        if m is None:
+            continue
+        fields = m.groupdict()
+        case_id = _fill(id_template, fields)
+
+        def path(pattern: str, what: str, case_id: str = case_id, fields: dict[str, str] = fields) -> str:
+            p = root / _fill(pattern, fields)
+            if not p.is_file():
+                raise DatasetError(f"dataset '{spec.id}': case '{case_id}' is missing its {what}: {p}")
+            return str(p)
+
+        item: dict[str, Any] = {"case_id": case_id, "group": _fill(layout.get("group", id_template), fields)}
+        item.update({c: path(layout["images"][c], f"'{c}' image") for c in channels})
+        item["image"] = [item[c] for c in channels]
+        if "label" in layout:
+            item["label"] = path(layout["label"], "label")
+        else:
+            item["label"] = [path(p, f"'{s}' mask") for s, p in layout["masks"].items()]
+        item.update({k: path(p, f"'{k}' file") for k, p in layout.get("extra", {}).items()})
+        if case_id in cases:
+            raise DatasetError(
+                f"dataset '{spec.id}': duplicate case id '{case_id}' ({cases[case_id]['image'][0]} and {anchor})"
+            )
+        cases[case_id] = item
+    if not cases:
+        raise DatasetError(f"dataset '{spec.id}': no case found under {root} matching '{layout['case']}'")
+    return [cases[k] for k in sorted(cases)]
+
+
+def split_cases(
+    items: list[dict[str, Any]], fractions: list[float], seed: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Deterministic train/val/test split that keeps every patient (``group``) in one part.
+
+    Groups are shuffled with ``seed``; val and test get ``round(fraction * n_groups)`` groups,
+    at least one each when their fraction is positive and a training group remains.
+    """
+    groups = sorted({it["group"] for it in items})
+    random.Random(seed).shuffle(groups)
+    n = len(groups)
+    counts = []
+    for frac in fractions[1:]:
+        k = round(frac * n)
+        if frac > 0 and k == 0 and n - sum(counts) >= 2:
+            k = 1
+        counts.append(min(k, n - sum(counts) - 1))
+    n_val, n_test = counts
+    part = {g: "test" for g in groups[:n_test]}
+    part.update({g: "val" for g in groups[n_test : n_test + n_val]})
+    out: dict[str, list[dict[str, Any]]] = {"train": [], "val": [], "test": []}
+    for it in items:
+        out[part.get(it["group"], "train")].append(it)
+    return out
+
+
+def _params_hash(spec: DatasetSpec) -> str:
+    from medseg_monai.synthetic import default_params
+
+    gen = dict(spec.generator or {})
+    gen.pop("expected_fractions", None)
+    gen["params"] = {**default_params(gen["name"]), **gen["params"]}
+    return hashlib.sha256(json.dumps(gen, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _ensure_synthetic(spec: DatasetSpec, root: Path) -> None:
+    """Generate ``spec`` into ``root`` unless it already holds data (atomic: temp dir + rename)."""
+    from medseg_monai.synthetic import generate
+
+    if (root / _MARKER).is_file() or (root.is_dir() and any(root.iterdir())):
+        return
+    gen = spec.generator or {}
+    logger.info("dataset '%s' is synthetic: generating it into %s (first use, deterministic)", spec.id, root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        generate(gen["name"], tmp, seed=gen["seed"], params=gen["params"])
+        (tmp / _MARKER).write_text(json.dumps({"id": spec.id, "generator": gen}, indent=1))
+        if root.is_dir():
+            root.rmdir()  # empty (checked above); another process may have won the race
+        os.rename(tmp, root)
+    except OSError:
+        if not (root / _MARKER).is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_data_root(dataset_id: str, data_root: str | Path | None = None) -> Path:
+    """Where ``dataset_id``'s files are: ``data_root``, else ``$MEDSEG_DATA_ROOT/<id>``; synthetic
+    datasets default to ``$MEDSEG_CACHE/synthetic/<id>-<params hash>`` and are generated on first use."""
+    spec = get_dataset(dataset_id)
+    if data_root is None and spec.synthetic:
+        root = cache_dir() / "synthetic" / f"{spec.id}-{_params_hash(spec)}"
+    elif data_root is None:
+        env = data_root_env()
+        if env is None:
+            raise DatasetError(
+                f"dataset '{spec.id}' is real and no data root is set: pass data_root or set MEDSEG_DATA_ROOT "
+                f"to the folder holding {spec.id}/. Get it from {spec.obtain['url']}: {spec.obtain['instructions']}"
+            )
+        root = env / spec.id
+    else:
+        root = Path(data_root).expanduser().resolve()
+    if spec.synthetic:
+        _ensure_synthetic(spec, root)
+    elif not root.is_dir():
+        raise DatasetError(
+            f"dataset '{spec.id}': data root {root} does not exist. "
+            f"Get it from {spec.obtain['url']}: {spec.obtain['instructions']}"
+        )
+    return root
+
+
+def load_datalist(
+    dataset_id: str,
+    data_root: str | Path | None = None,
+    split: str = "train",
+    seed: int | None = None,
+    channels: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """The cases of one split of ``dataset_id`` as MONAI data dicts with absolute paths.
+
+    Args:
+        dataset_id: an id of ``datasets.json``.
+        data_root: the dataset's folder (default: see :func:`resolve_data_root`).
+        split: ``train``, ``val``, ``test`` or ``all``.
+        seed: split seed (default: the registry's for this dataset).
+        channels: channel names that make up ``image``, in order (default: all).
+    """
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split '{split}'; use one of {', '.join(SPLITS)}")
+    spec = get_dataset(dataset_id)
+    items = find_cases(spec, resolve_data_root(dataset_id, data_root), channels)
+    if split == "all":
+        return items
+    parts = split_cases(items, spec.split["fractions"], spec.split["seed"] if seed is None else seed)
+    if not parts[split]:
+        raise DatasetError(
+            f"dataset '{spec.id}': split '{split}' is empty ({len(items)} cases, fractions {spec.split['fractions']})"
+        )
+    return parts[split]
+
+
+def write_datalist(
+    dataset_id: str,
+    path: str | Path,
+    data_root: str | Path | None = None,
+    seed: int | None = None,
+    channels: list[str] | None = None,
+) -> Path:
+    """Write the Decathlon-style datalist JSON (``training``/``validation``/``test``) that MONAI's
+    ``load_decathlon_datalist`` reads; returns its path."""
+    spec = get_dataset(dataset_id)
+    root = resolve_data_root(dataset_id, data_root)
+    items = find_cases(spec, root, channels)
+    seed = spec.split["seed"] if seed is None else seed
+    parts = split_cases(items, spec.split["fractions"], seed)
+    doc = {
+        "name": spec.id,
+        "description": spec.description,
+        "reference": spec.citation,
+        "licence": spec.licence,
+        "synthetic": spec.synthetic,
+        "data_root": str(root),
+        "split_seed": seed,
+        "modality": dict(enumerate(channels or spec.channels)),
+        "labels": {str(v): n for v, n in spec.structures.items()},
+        "numTraining": len(parts["train"]),
+        "training": parts["train"],
+        "validation": parts["val"],
+        "test": parts["test"],
+    }
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, out)
+    return out
+
+
+def default_dataset(study: str) -> str:
+    """The dataset a study's bundle uses by default: the first real dataset of the study present
+    under ``$MEDSEG_DATA_ROOT``, else the study's synthetic dataset (said in one log line)."""
+    ids = list_datasets(study)
+    if not ids:
+        raise DatasetError(f"unknown study '{study}'")
+    env = data_root_env()
+    specs = [get_dataset(i) for i in ids]
+    for spec in specs:
+        if not spec.synthetic and env is not None and (env / spec.id).is_dir():
+            return spec.id
+    synthetic = next(s.id for s in specs if s.synthetic)
+    logger.info("no real %s data under MEDSEG_DATA_ROOT: using synthetic dataset '%s'", study, synthetic)
+    return synthetic

@@ -1,0 +1,27 @@
+"""Shared fixtures: the real samples beside the project and an isolated cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(os.environ.get("MEDSEG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """``../shared/data`` (the real samples); tests using it skip, saying why, where it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real samples not found at {SHARED_DATA} (set MEDSEG_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep tests off the user's data root and MLflow store; share one synthetic cache per session."""
+    monkeypatch.delenv("MEDSEG_DATA_ROOT", raising=False)
+    monkeypatch.delenv("MEDSEG_REGISTRY", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MEDSEG_CACHE", str(tmp_path_factory.getbasetemp() / "medseg-cache"))

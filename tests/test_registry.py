@@ -1,0 +1,314 @@
+"""The dataset registry against the real samples in ../shared/data, its splits, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.data import load_decathlon_datalist
+
+from medseg_monai.data import (
+    DatasetError,
+    get_dataset,
+    list_datasets,
+    load_datalist,
+    load_registry,
+    split_cases,
+    write_datalist,
+)
+
+REAL_SAMPLES = {"brats2018": 6, "brats2015-4class": 3, "wmh-clinical-flair": 3, "ms-lesions-mni": 2, "jsrt-scr": 40}
+REGISTRY = Path(__file__).resolve().parents[1] / "datasets.json"
+
+
+def test_registry_has_every_required_dataset() -> None:
+    ids = set(list_datasets())
+    synthetic = {f"{s}-synthetic" for s in ("knee", "brats", "wmh", "lv", "xray")}
+    assert synthetic | set(REAL_SAMPLES) | {"wmh2017", "acdc", "knee-mr-bones"} <= ids
+    for study in ("knee", "brats", "wmh", "lv", "xray"):
+        kinds = {get_dataset(i).kind for i in list_datasets(study)}
+        assert kinds == {"real", "synthetic"}, study
+    for i in synthetic:
+        spec = get_dataset(i)
+        twin = get_dataset(spec.layout_of)
+        assert (spec.layout, spec.labels, spec.study) == (twin.layout, twin.labels, twin.study)
+
+
+def test_registry_is_data_only() -> None:
+    """No MONAI config expressions (``$...``), references (``@...``) or macros (``%...``)."""
+
+    def strings(node: object) -> list[str]:
+        if isinstance(node, dict):
+            return [s for k, v in node.items() for s in [k, *strings(v)]]
+        if isinstance(node, list):
+            return [s for v in node for s in strings(v)]
+        return [node] if isinstance(node, str) else []
+
+    assert not [s for s in strings(json.loads(REGISTRY.read_text())) if s[:1] in "$@%"]
+
+
+def test_label_conventions() -> None:
+    brats = get_dataset("brats2018")
+    assert brats.label_mapping() == {0: 0, 1: 1, 2: 2, 4: 3}
+    assert brats.regions() == {"wt": [1, 2, 4], "tc": [1, 4], "et": [4]}
+    assert get_dataset("brats2015-4class").regions()["tc"] == [1, 3, 4]
+    wmh = get_dataset("wmh2017")
+    assert wmh.label_mapping() == {0: 0, 1: 1, 2: 0} and wmh.ignore_values() == [2]
+    jsrt = get_dataset("jsrt-scr")
+    assert jsrt.class_names() == ["background", "lungs", "heart"]
+    assert jsrt.mask_names[:3] == ["right_lung", "left_lung", "heart"]
+    assert jsrt.mask_classes() == [[0, 1], [2]]
+    assert jsrt.mask_classes("clavicles") == [[0, 1], [2], [3, 4]]
+    assert get_dataset("knee-mr-bones").label_mapping("merged") == {0: 0, 1: 1, 2: 1, 3: 1}
+    with pytest.raises(DatasetError, match="no class set 'nope'.*known: default"):
+        jsrt.class_names("nope")
+
+
+@pytest.mark.parametrize("dataset_id", sorted(REAL_SAMPLES))
+def test_real_sample_case_counts(shared_data: Path, dataset_id: str) -> None:
+    items = load_datalist(dataset_id, data_root=shared_data / dataset_id, split="all")
+    assert len(items) == REAL_SAMPLES[dataset_id]
+    spec = get_dataset(dataset_id)
+    for item in items:
+        assert len(item["image"]) == len(spec.channels)
+        paths = item["image"] + (item["label"] if isinstance(item["label"], list) else [item["label"]])
+        assert all(Path(p).is_absolute() and Path(p).is_file() for p in paths)
+    assert len({it["case_id"] for it in items}) == len(items)
+
+
+def test_jsrt_load_datalist_from_relative_root(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    project = REGISTRY.parent
+    monkeypatch.chdir(project)
+    relative = os.path.relpath(shared_data / "jsrt-scr", project)  # "../shared/data/jsrt-scr" in a checkout
+    items = load_datalist("jsrt-scr", data_root=relative, split="all")
+    assert len(items) == 40 and items[0]["case_id"] == "JPCLN001"
+    assert Path(items[0]["image"][0]).is_absolute()
+
+
+def test_data_root_from_environment(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDSEG_DATA_ROOT", str(shared_data))
+    for dataset_id, n in REAL_SAMPLES.items():
+        assert len(load_datalist(dataset_id, split="all")) == n
+
+
+@pytest.mark.parametrize(
+    ("dataset_id", "shape", "zooms", "values"),
+    [
+        ("brats2018", (240, 240, 155), (1.0, 1.0, 1.0), {0, 1, 2, 4}),
+        ("brats2015-4class", (240, 240, 155), (1.0, 1.0, 1.0), {0, 1, 2, 3, 4}),
+        ("wmh-clinical-flair", (512, 512, 16), (0.47, 0.47, None), {0, 1}),
+        ("ms-lesions-mni", (182, 218, 182), (1.0, 1.0, 1.0), {0, 1}),
+    ],
+)
+def test_real_volumes_shape_spacing_labels(shared_data: Path, dataset_id: str, shape, zooms, values) -> None:
+    seen: set[int] = set()
+    for item in load_datalist(dataset_id, data_root=shared_data / dataset_id, split="all"):
+        label = nib.load(item["label"])
+        assert label.shape == shape
+        for path in item["image"]:
+            img = nib.load(path)
+            assert img.shape == shape
+            np.testing.assert_allclose(img.affine, label.affine, atol=1e-3)
+            for z, expected in zip(img.header.get_zooms(), zooms):
+                if expected is None:  # the clinical FLAIR slices are 7.5-8 mm thick
+                    assert 7.4 < z < 8.1
+                else:
+                    assert z == pytest.approx(expected, abs=0.01)
+        seen |= {int(v) for v in np.unique(np.asarray(label.dataobj))}
+        assert set(get_dataset(dataset_id).structures) >= seen
+    assert seen == values
+
+
+def test_brats2015_groups_timepoints_by_patient(shared_data: Path) -> None:
+    items = load_datalist("brats2015-4class", data_root=shared_data / "brats2015-4class", split="all")
+    assert [it["group"] for it in items] == [f"brats_2013_pat000{i}" for i in (1, 2, 3)]
+    assert all(Path(it["brainmask"]).name == "brainmask.nii.gz" for it in items)
+
+
+def test_channel_selection(shared_data: Path) -> None:
+    items = load_datalist("ms-lesions-mni", data_root=shared_data / "ms-lesions-mni", split="all", channels=["flair"])
+    assert all(len(it["image"]) == 1 and "FLAIR" in it["image"][0] for it in items)
+    with pytest.raises(DatasetError, match="no channel t3"):
+        load_datalist("ms-lesions-mni", data_root=shared_data / "ms-lesions-mni", channels=["t3"])
+
+
+def _items(groups: dict[str, int]) -> list[dict]:
+    return [{"case_id": f"{g}_{k}", "group": g} for g, n in groups.items() for k in range(n)]
+
+
+def test_split_is_deterministic_grouped_and_complete() -> None:
+    items = _items({f"p{i:03d}": 1 + i % 3 for i in range(50)})
+    a = split_cases(items, [0.7, 0.15, 0.15], seed=123)
+    assert a == split_cases(items, [0.7, 0.15, 0.15], seed=123)
+    assert a != split_cases(items, [0.7, 0.15, 0.15], seed=124)
+    groups = {k: {it["group"] for it in v} for k, v in a.items()}
+    assert not (groups["train"] & groups["val"]) and not (groups["train"] & groups["test"])
+    assert not (groups["val"] & groups["test"])
+    assert sorted(it["case_id"] for v in a.values() for it in v) == sorted(it["case_id"] for it in items)
+    assert (len(groups["train"]), len(groups["val"]), len(groups["test"])) == (34, 8, 8)
+
+
+@pytest.mark.parametrize(("n", "expected"), [(1, (1, 0, 0)), (2, (1, 1, 0)), (3, (1, 1, 1)), (10, (6, 2, 2))])
+def test_split_of_tiny_datasets_keeps_training_data(n: int, expected: tuple[int, int, int]) -> None:
+    parts = split_cases(_items({f"p{i}": 1 for i in range(n)}), [0.7, 0.15, 0.15], seed=0)
+    assert tuple(len(parts[k]) for k in ("train", "val", "test")) == expected
+
+
+def test_real_split_and_decathlon_datalist(shared_data: Path, tmp_path: Path) -> None:
+    root = shared_data / "jsrt-scr"
+    train = load_datalist("jsrt-scr", data_root=root, split="train")
+    val = load_datalist("jsrt-scr", data_root=root, split="val")
+    assert (len(train), len(val)) == (32, 8)
+    assert [it["case_id"] for it in train] == [it["case_id"] for it in load_datalist("jsrt-scr", root, "train")]
+    with pytest.raises(DatasetError, match="split 'test' is empty"):
+        load_datalist("jsrt-scr", data_root=root, split="test")
+    out = write_datalist("jsrt-scr", tmp_path / "run" / "datalist.json", data_root=root)
+    doc = json.loads(out.read_text())
+    assert doc["numTraining"] == 32 and doc["modality"] == {"0": "xray"} and doc["synthetic"] is False
+    read = load_decathlon_datalist(out, data_list_key="validation")
+    assert [it["case_id"] for it in read] == [it["case_id"] for it in val]
+    assert read[0]["image"] == val[0]["image"]
+
+
+# --- bad input: one clear line, never a traceback maze -------------------------------------------
+
+
+def _write_registry(tmp_path: Path, entry_changes: dict | None = None) -> Path:
+    entry = {
+        "id": "toy",
+        "study": "wmh",
+        "kind": "real",
+        "description": "toy",
+        "citation": "none",
+        "licence": "CC0",
+        "obtain": {"url": "https://example.org/toy", "instructions": "unpack toy.zip"},
+        "layout": {
+            "case": "{site}/{subject}/flair.nii.gz",
+            "case_id": "{subject}",
+            "images": {"flair": "{site}/{subject}/flair.nii.gz", "t1": "{site}/{subject}/t1.nii.gz"},
+            "label": "{site}/{subject}/wmh.nii.gz",
+        },
+        "labels": {"structures": {"0": "background", "1": "wmh"}, "classes": {"default": {"background": [], "wmh": ["wmh"]}}},
+        "intensity": {"bit_depth": 16, "normalised": False},
+        "split": {"fractions": [0.7, 0.15, 0.15], "seed": 0},
+    }
+    entry.update(entry_changes or {})
+    path = tmp_path / "datasets.json"
+    path.write_text(json.dumps({"version": 1, "datasets": [entry]}))
+    return path
+
+
+def _touch(root: Path, *names: str) -> None:
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+
+
+@pytest.fixture
+def toy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MEDSEG_REGISTRY", str(_write_registry(tmp_path)))
+    root = tmp_path / "toy"
+    _touch(root, "A/1/flair.nii.gz", "A/1/t1.nii.gz", "A/1/wmh.nii.gz")
+    return root
+
+
+def test_unknown_id_lists_known_ones() -> None:
+    with pytest.raises(DatasetError, match="unknown dataset 'brats2042'; known: brats2018, .*jsrt-scr"):
+        load_datalist("brats2042")
+
+
+def test_missing_root_says_where_to_get_the_data(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=r"data root .*nowhere does not exist\. Get it from https://www.med"):
+        load_datalist("brats2018", data_root=tmp_path / "nowhere")
+    with pytest.raises(DatasetError, match="no data root is set: pass data_root or set MEDSEG_DATA_ROOT"):
+        load_datalist("wmh2017")
+
+
+def test_no_case_found_shows_the_pattern(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=r"no case found under .* matching '\{case\}/\{case\}_flair.nii.gz'"):
+        load_datalist("brats2018", data_root=tmp_path)
+
+
+def test_case_missing_a_modality_or_label_is_named(toy: Path) -> None:
+    assert load_datalist("toy", data_root=toy, split="all")[0]["case_id"] == "1"
+    (toy / "A/1/t1.nii.gz").unlink()
+    with pytest.raises(DatasetError, match=r"case '1' is missing its 't1' image: .*A/1/t1.nii.gz"):
+        load_datalist("toy", data_root=toy, split="all")
+    assert len(load_datalist("toy", data_root=toy, split="all", channels=["flair"])) == 1
+    (toy / "A/1/wmh.nii.gz").unlink()
+    with pytest.raises(DatasetError, match=r"case '1' is missing its label: .*A/1/wmh.nii.gz"):
+        load_datalist("toy", data_root=toy, split="all", channels=["flair"])
+
+
+def test_duplicate_case_ids(toy: Path) -> None:
+    _touch(toy, "B/1/flair.nii.gz", "B/1/t1.nii.gz", "B/1/wmh.nii.gz")
+    with pytest.raises(DatasetError, match=r"duplicate case id '1' \(.*A/1/flair.nii.gz and .*B/1/flair.nii.gz\)"):
+        load_datalist("toy", data_root=toy, split="all")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"kind": "imaginary"}, r"\$\.datasets\[0\]\.kind: 'imaginary' is not one of"),
+        ({"split": {"fractions": [0.7, 0.3], "seed": 0}}, r"\$\.datasets\[0\]\.split\.fractions: .* too short"),
+        ({"layout": {"case": "x", "images": {}, "label": "y"}}, r"\$\.datasets\[0\]\.layout\.images: \{\} should be non-empty"),
+        (
+            {"labels": {"structures": {"0": "background"}, "classes": {"default": {"background": [], "wmh": ["wmh"]}}}},
+            r"\$\.datasets\[0\]\.labels\.classes\.default\.wmh: unknown structure 'wmh'",
+        ),
+        ({"layout_of": "toy"}, r"\$\.datasets\[0\]"),
+    ],
+)
+def test_malformed_registry_names_the_json_path(tmp_path: Path, changes: dict, message: str) -> None:
+    with pytest.raises(DatasetError, match=message):
+        load_registry(_write_registry(tmp_path, changes))
+
+
+def test_registry_that_is_not_json(tmp_path: Path) -> None:
+    (tmp_path / "datasets.json").write_text('{"version": 1,\n "datasets": [}')
+    with pytest.raises(DatasetError, match="not valid JSON at line 2 column"):
+        load_registry(tmp_path / "datasets.json")
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "medseg_monai.data", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("datalist", "nope"), "unknown dataset 'nope'"),
+        (("datalist", "brats2018", "--data_root", "/nonexistent/brats"), "does not exist. Get it from"),
+        (("datalist", "brats2018", "--data_root", "/"), "no case found"),
+        (("generate", "brats2018"), "is real: nothing to generate"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_nonzero(args: tuple[str, ...], needle: str) -> None:
+    result = _cli(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_malformed_registry(tmp_path: Path) -> None:
+    path = _write_registry(tmp_path, {"study": 7})
+    result = _cli("list", env={"MEDSEG_REGISTRY": str(path)})
+    assert result.returncode == 2 and "$.datasets[0].study" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_lists_case_ids(shared_data: Path) -> None:
+    result = _cli("datalist", "wmh-clinical-flair", "--data_root", str(shared_data / "wmh-clinical-flair"))
+    assert result.returncode == 0 and result.stdout.split() == ["2516038876", "2516041494", "2516043217"]
