@@ -1,0 +1,178 @@
+"""Dictionary transforms for the registry's label conventions.
+
+MONAI loads the files (``LoadImaged``; ``reader="PILReader"`` for JSRT PNG palette indices and
+SCR GIF masks); these turn what was loaded into training labels, driven by plain arguments
+that ``medseg_monai.data.DatasetSpec`` provides (``label_mapping``, ``ignore_values``,
+``mask_classes``, ``regions``), so bundles pass them from configuration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Resize
+
+from medseg_monai.data.registry import DatasetError
+
+__all__ = ["LabelToRegionsd", "MasksToLabeld", "RemapLabelsd", "ResizeToMatchd"]
+
+
+def _source(img: Any, key: Hashable) -> str:
+    """The file an item came from, for error messages."""
+    meta = getattr(img, "meta", {}) or {}
+    name = meta.get("filename_or_obj", key)
+    return str(name[0] if isinstance(name, (list, tuple)) else name)
+
+
+def _like(values: torch.Tensor, img: Any) -> Any:
+    """``values`` with ``img``'s metadata when ``img`` is a MetaTensor."""
+    if isinstance(img, MetaTensor):
+        out = MetaTensor(values, meta=img.meta)
+        out.applied_operations = list(img.applied_operations)
+        return out
+    return values
+
+
+class RemapLabelsd(MapTransform):
+    """Map the label values found in files to training class indices; mark ignored voxels.
+
+    ``label`` (1, *spatial) of file values (e.g. BraTS {0, 1, 2, 4}, WMH 2017 {0, 1, 2}) becomes
+    (1, *spatial) class indices via ``mapping``. Voxels whose file value is in ``ignore_values``
+    (WMH 2017 label 2, other pathology; Kuijf et al., IEEE TMI 2019) become 0 and, when
+    ``ignore_key`` is given, are flagged 1 in a mask of the same shape written there so that
+    losses and metrics can exclude them. A value that is neither mapped nor ignored stops with
+    one line naming the file, since it means the data does not follow its registry entry.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        mapping: Mapping[int | str, int],
+        ignore_values: Sequence[int] = (),
+        ignore_key: str | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.mapping = {int(k): int(v) for k, v in mapping.items()}
+        self.ignore_values = [int(v) for v in ignore_values]
+        self.ignore_key = ignore_key
+        top = max([*self.mapping, *self.ignore_values, 0])
+        self.lut = torch.full((top + 1,), -1, dtype=torch.long)
+        for k, v in self.mapping.items():
+            self.lut[k] = v
+        for v in self.ignore_values:
+            self.lut[v] = 0
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            values = torch.as_tensor(img).round().long()
+            bad = (values < 0) | (values >= len(self.lut))
+            bad |= self.lut[values.clamp(0, len(self.lut) - 1)] < 0
+            if bad.any():
+                found = sorted({int(v) for v in torch.unique(values[bad])})
+                raise DatasetError(f"{_source(img, key)}: unexpected label values {found} (known: {sorted(self.mapping)})")
+            d[key] = _like(self.lut[values].to(torch.as_tensor(img).dtype), img)
+            if self.ignore_key is not None:
+                ignored = torch.isin(values, torch.tensor(self.ignore_values, dtype=torch.long))
+                d[self.ignore_key] = _like(ignored.to(torch.float32), img)
+        return d
+
+
+class MasksToLabeld(MapTransform):
+    """Combine per-structure binary masks into one class-index label map.
+
+    Input (M, *spatial): M stacked masks (any non-zero value is inside), e.g. the SCR masks of
+    JSRT radiographs (van Ginneken et al., Med. Image Anal. 2006) in the registry's mask order.
+    Output (1, *spatial): class ``i + 1`` where any mask in ``classes[i]`` is set, painted in
+    order so that a later class wins where masks overlap (clavicles over lungs); 0 elsewhere.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, classes: Sequence[Sequence[int]], allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.classes = [list(c) for c in classes]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            masks = torch.as_tensor(d[key])
+            needed = max(i for c in self.classes for i in c) + 1
+            if masks.shape[0] < needed:
+                raise DatasetError(f"{_source(d[key], key)}: {masks.shape[0]} masks stacked, {needed} needed")
+            label = torch.zeros((1, *masks.shape[1:]), dtype=torch.float32)
+            for index, members in enumerate(self.classes, start=1):
+                label[0][(masks[members] > 0).any(dim=0)] = index
+            d[key] = _like(label, d[key])
+        return d
+
+
+class ResizeToMatchd(MapTransform):
+    """Resize ``keys`` (C, *spatial) to the spatial size of ``reference_key`` (C', *spatial').
+
+    For annotations stored at another resolution than their image, e.g. SCR masks at half the
+    JSRT resolution (1024 vs 2048 pixels). ``mode="nearest"`` keeps labels labels. Since only a
+    uniform rescale is meaningful, an aspect-ratio mismatch above ``aspect_tolerance`` stops with
+    one line naming the file.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        reference_key: str,
+        mode: str = "nearest",
+        aspect_tolerance: float = 0.02,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.reference_key = reference_key
+        self.mode = mode
+        self.aspect_tolerance = aspect_tolerance
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        target = tuple(d[self.reference_key].shape[1:])
+        for key in self.key_iterator(d):
+            shape = tuple(d[key].shape[1:])
+            if shape == target:
+                continue
+            scales = [t / s for t, s in zip(target, shape)]
+            if len(shape) != len(target) or max(scales) / min(scales) > 1 + self.aspect_tolerance:
+                raise DatasetError(
+                    f"{_source(d[key], key)}: size {shape} does not have the aspect ratio of its image {target}"
+                )
+            d[key] = Resize(spatial_size=target, mode=self.mode)(d[key])
+        return d
+
+
+class LabelToRegionsd(MapTransform):
+    """Class-index or file-value label (1, *spatial) -> binary region channels (R, *spatial).
+
+    Channel r is 1 where the label is one of ``regions[r]``, e.g. BraTS whole tumour (1, 2, 4),
+    tumour core (1, 4) and enhancing tumour (4) (Menze et al., IEEE TMI 2015). Generalises
+    MONAI's ``ConvertToMultiChannelBasedOnBratsClassesd`` (fixed to BraTS 2018 values) to any
+    label convention, e.g. the 2015 set whose value 3 (non-enhancing) belongs to the core.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        regions: Mapping[str, Sequence[int]] | Sequence[Sequence[int]],
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.regions = [list(r) for r in (regions.values() if isinstance(regions, Mapping) else regions)]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            values = torch.as_tensor(d[key]).round().long()[0]
+            channels = [torch.isin(values, torch.tensor(r, dtype=torch.long)) for r in self.regions]
+            d[key] = _like(torch.stack(channels).to(torch.float32), d[key])
+        return d

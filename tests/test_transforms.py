@@ -1,0 +1,124 @@
+"""Label-convention transforms on hand-made tensors and on the real JSRT/SCR and BraTS files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor, PILReader
+from monai.transforms import Compose, ConvertToMultiChannelBasedOnBratsClasses, EnsureChannelFirstd, LoadImaged
+
+from medseg_monai.data import DatasetError, get_dataset, load_datalist
+from medseg_monai.io import apply_palette
+from medseg_monai.transforms import LabelToRegionsd, MasksToLabeld, RemapLabelsd, ResizeToMatchd
+
+
+def test_remap_brats_values_to_classes() -> None:
+    label = torch.tensor([[[0, 1], [2, 4]]], dtype=torch.float32)
+    out = RemapLabelsd("label", get_dataset("brats2018").label_mapping())({"label": label})["label"]
+    assert out.tolist() == [[[0, 1], [2, 3]]]
+    assert out.dtype == torch.float32
+
+
+def test_remap_ignores_wmh_other_pathology_and_flags_it() -> None:
+    spec = get_dataset("wmh2017")
+    label = MetaTensor(torch.tensor([[[0, 1, 2], [2, 1, 0]]]), meta={"filename_or_obj": "wmh.nii.gz"})
+    out = RemapLabelsd("label", spec.label_mapping(), spec.ignore_values(), ignore_key="ignore")({"label": label})
+    assert out["label"].tolist() == [[[0, 1, 0], [0, 1, 0]]]
+    assert out["ignore"].tolist() == [[[0, 0, 1], [1, 0, 0]]]
+    assert out["label"].meta["filename_or_obj"] == "wmh.nii.gz"
+
+
+def test_remap_rejects_unknown_values_naming_the_file() -> None:
+    label = MetaTensor(torch.tensor([[[0, 3]]]), meta={"filename_or_obj": "/data/case_seg.nii.gz"})
+    with pytest.raises(DatasetError, match=r"/data/case_seg.nii.gz: unexpected label values \[3\]"):
+        RemapLabelsd("label", {0: 0, 1: 1, 2: 2, 4: 3})({"label": label})
+
+
+def test_masks_to_label_paints_classes_in_order() -> None:
+    masks = torch.zeros(3, 2, 4)
+    masks[0, :, 0:2] = 255  # right lung
+    masks[1, :, 2:4] = 255  # left lung
+    masks[2, 0, 1:3] = 255  # heart, overlapping both lungs
+    out = MasksToLabeld("label", [[0, 1], [2]])({"label": masks})["label"]
+    assert out.shape == (1, 2, 4)
+    assert out[0].tolist() == [[1, 2, 2, 1], [1, 1, 1, 1]]
+
+
+def test_resize_to_match_and_aspect_check() -> None:
+    data = {"image": torch.zeros(1, 8, 6), "label": torch.zeros(1, 4, 3)}
+    data["label"][0, 1, 1] = 1
+    out = ResizeToMatchd("label", "image")(data)["label"]
+    assert out.shape == (1, 8, 6) and set(out.unique().tolist()) == {0.0, 1.0} and out.sum() == 4
+    bad = {"image": torch.zeros(1, 8, 6), "label": MetaTensor(torch.zeros(1, 4, 4), meta={"filename_or_obj": "m.gif"})}
+    with pytest.raises(DatasetError, match=r"m.gif: size \(4, 4\) does not have the aspect ratio of its image"):
+        ResizeToMatchd("label", "image")(bad)
+
+
+def test_regions_generalise_monai_brats_conversion() -> None:
+    label = torch.tensor([[[0, 1, 2], [3, 4, 4]]], dtype=torch.float32)
+    regions = get_dataset("brats2018").regions()
+    out = LabelToRegionsd("label", regions)({"label": label})["label"]
+    assert out.shape == (3, 2, 3)
+    assert out[0].tolist() == [[0, 1, 1], [0, 1, 1]]  # wt = 1, 2, 4
+    monai_tc_wt_et = ConvertToMultiChannelBasedOnBratsClasses()(label)
+    np.testing.assert_array_equal(out[[1, 0, 2]].numpy(), np.asarray(monai_tc_wt_et, dtype=np.float32)[:, 0])
+    core_2015 = LabelToRegionsd("label", get_dataset("brats2015-4class").regions())({"label": label})["label"][1]
+    assert core_2015.tolist() == [[0, 1, 0], [1, 1, 1]]  # 2015 value 3 (non-enhancing) is core
+
+
+def _jsrt_pipeline(class_set: str = "default") -> Compose:
+    spec = get_dataset("jsrt-scr")
+    return Compose(
+        [
+            LoadImaged(["image", "label"], reader=PILReader(converter=apply_palette), image_only=True),
+            EnsureChannelFirstd(["image", "label"]),
+            MasksToLabeld("label", spec.mask_classes(class_set)),
+            ResizeToMatchd("label", "image"),
+        ]
+    )
+
+
+def test_jsrt_scr_label_map_polarity_and_sides(shared_data: Path) -> None:
+    items = load_datalist("jsrt-scr", data_root=shared_data / "jsrt-scr", split="all")
+    for item in items[:3] + items[-2:]:
+        out = _jsrt_pipeline()(item)
+        image, label = out["image"], out["label"]
+        assert image.shape == (1, 2048, 2048) and label.shape == (1, 2048, 2048)
+        assert set(label.unique().tolist()) == {0.0, 1.0, 2.0}
+        lungs, heart = image[label == 1].mean(), image[label == 2].mean()
+        assert lungs < heart - 30, "the palette must be applied: raw JSRT indices are a negative"
+        lungs_fraction = float((label == 1).float().mean())
+        assert 0.15 < lungs_fraction < 0.45
+    # SCR sides are the patient's: left_lung lies on the image's right (MONAI's first axis is x).
+    first = _jsrt_pipeline()(items[0])["label"][0]
+    raw = LoadImaged("image", reader="PILReader", image_only=True)(items[0])["image"]
+    assert raw[first == 1].mean() > raw[first == 2].mean(), "raw indices are the negative"
+    masks = LoadImaged("label", reader="PILReader", image_only=True)(items[0])["label"]
+    left = int(get_dataset("jsrt-scr").mask_names.index("left_lung"))
+    columns = torch.nonzero(masks[left] > 0)[:, 0].float()
+    assert columns.mean() > masks.shape[1] / 2
+
+
+def test_jsrt_clavicles_option(shared_data: Path) -> None:
+    item = load_datalist("jsrt-scr", data_root=shared_data / "jsrt-scr", split="all")[0]
+    label = _jsrt_pipeline("clavicles")(item)["label"]
+    assert set(label.unique().tolist()) == {0.0, 1.0, 2.0, 3.0}
+
+
+def test_brats2018_real_labels_to_classes_and_regions(shared_data: Path) -> None:
+    spec = get_dataset("brats2018")
+    item = load_datalist("brats2018", data_root=shared_data / "brats2018", split="all")[0]
+    out = Compose(
+        [
+            LoadImaged("label", image_only=True),
+            EnsureChannelFirstd("label"),
+            RemapLabelsd("label", spec.label_mapping()),
+        ]
+    )(item)
+    assert set(out["label"].unique().tolist()) == {0.0, 1.0, 2.0, 3.0}
+    regions = LabelToRegionsd("label", [[1, 2, 3], [1, 3], [3]])(out)["label"]
+    wt, tc, et = (float(r.sum()) for r in regions)
+    assert wt > tc > et > 0
