@@ -1,0 +1,48 @@
+# medseg-monai: every target here works; `make help` lists them.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 5000
+PYTEST_ARGS ?=
+
+.PHONY: help install test lint format data mlflow-ui clean
+
+help:
+	@echo "make install    create $(VENV) (torch==2.13.0 first when none is importable), pip install -e .[dev]"
+	@echo "make test       run the test suite (real-sample tests read ../shared/data, or skip saying why)"
+	@echo "make lint       ruff check and format check"
+	@echo "make data       generate every synthetic dataset into the cache (\$$MEDSEG_CACHE)"
+	@echo "make mlflow-ui  serve the tracking store on http://$(HOST):$(PORT)"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+install: $(PY)
+	@# A bare or newer torch requirement would pull GBs of CUDA wheels: pin the local CPU build first.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@$(PY) -c "import torch, monai, mlflow; print(f'installed: torch {torch.__version__}, monai {monai.__version__}, mlflow {mlflow.__version__}')"
+
+test: $(PY)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(PY)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(PY)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+data: $(PY)
+	$(PY) -m medseg_monai.data generate
+
+mlflow-ui: $(PY)
+	@mkdir -p mlflow/artifacts
+	$(VENV)/bin/mlflow ui --host $(HOST) --port $(PORT) \
+		--backend-store-uri "$$($(PY) -c 'from medseg_monai.tracking import tracking_uri; print(tracking_uri())')" \
+		--default-artifact-root "$(CURDIR)/mlflow/artifacts"
+
+clean:
+	rm -rf .pytest_cache .ruff_cache build dist *.egg-info
