@@ -40,7 +40,8 @@ data: $(PY)
 
 mlflow-ui: $(PY)
 	@mkdir -p mlflow/artifacts
-	$(VENV)/bin/mlflow ui --host $(HOST) --port $(PORT) \
+	@# no background job runners: the UI only browses the store
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --host $(HOST) --port $(PORT) \
 		--backend-store-uri "$$($(PY) -c 'from medseg_monai.tracking import tracking_uri; print(tracking_uri())')" \
 		--default-artifact-root "$(CURDIR)/mlflow/artifacts"
 

@@ -76,7 +76,9 @@ class RemapLabelsd(MapTransform):
             bad |= self.lut[values.clamp(0, len(self.lut) - 1)] < 0
             if bad.any():
                 found = sorted({int(v) for v in torch.unique(values[bad])})
-                raise DatasetError(f"{_source(img, key)}: unexpected label values {found} (known: {sorted(self.mapping)})")
+                raise DatasetError(
+                    f"{_source(img, key)}: unexpected label values {found} (known: {sorted(self.mapping)})"
+                )
             d[key] = _like(self.lut[values].to(torch.as_tensor(img).dtype), img)
             if self.ignore_key is not None:
                 ignored = torch.isin(values, torch.tensor(self.ignore_values, dtype=torch.long))
@@ -142,7 +144,7 @@ class ResizeToMatchd(MapTransform):
             shape = tuple(d[key].shape[1:])
             if shape == target:
                 continue
-            scales = [t / s for t, s in zip(target, shape)]
+            scales = [t / s for t, s in zip(target, shape, strict=True)]
             if len(shape) != len(target) or max(scales) / min(scales) > 1 + self.aspect_tolerance:
                 raise DatasetError(
                     f"{_source(d[key], key)}: size {shape} does not have the aspect ratio of its image {target}"

@@ -23,7 +23,13 @@ from medseg_monai.data import (
     write_datalist,
 )
 
-REAL_SAMPLES = {"brats2018": 6, "brats2015-4class": 3, "wmh-clinical-flair": 3, "ms-lesions-mni": 2, "jsrt-scr": 40}
+REAL_SAMPLES = {
+    "brats2018": 6,
+    "brats2015-4class": 3,
+    "wmh-clinical-flair": 3,
+    "ms-lesions-mni": 2,
+    "jsrt-scr": 40,
+}
 REGISTRY = Path(__file__).resolve().parents[1] / "datasets.json"
 
 
@@ -115,7 +121,7 @@ def test_real_volumes_shape_spacing_labels(shared_data: Path, dataset_id: str, s
             img = nib.load(path)
             assert img.shape == shape
             np.testing.assert_allclose(img.affine, label.affine, atol=1e-3)
-            for z, expected in zip(img.header.get_zooms(), zooms):
+            for z, expected in zip(img.header.get_zooms(), zooms, strict=True):
                 if expected is None:  # the clinical FLAIR slices are 7.5-8 mm thick
                     assert 7.4 < z < 8.1
                 else:
@@ -132,7 +138,9 @@ def test_brats2015_groups_timepoints_by_patient(shared_data: Path) -> None:
 
 
 def test_channel_selection(shared_data: Path) -> None:
-    items = load_datalist("ms-lesions-mni", data_root=shared_data / "ms-lesions-mni", split="all", channels=["flair"])
+    items = load_datalist(
+        "ms-lesions-mni", data_root=shared_data / "ms-lesions-mni", split="all", channels=["flair"]
+    )
     assert all(len(it["image"]) == 1 and "FLAIR" in it["image"][0] for it in items)
     with pytest.raises(DatasetError, match="no channel t3"):
         load_datalist("ms-lesions-mni", data_root=shared_data / "ms-lesions-mni", channels=["t3"])
@@ -165,7 +173,9 @@ def test_real_split_and_decathlon_datalist(shared_data: Path, tmp_path: Path) ->
     train = load_datalist("jsrt-scr", data_root=root, split="train")
     val = load_datalist("jsrt-scr", data_root=root, split="val")
     assert (len(train), len(val)) == (32, 8)
-    assert [it["case_id"] for it in train] == [it["case_id"] for it in load_datalist("jsrt-scr", root, "train")]
+    assert [it["case_id"] for it in train] == [
+        it["case_id"] for it in load_datalist("jsrt-scr", root, "train")
+    ]
     with pytest.raises(DatasetError, match="split 'test' is empty"):
         load_datalist("jsrt-scr", data_root=root, split="test")
     out = write_datalist("jsrt-scr", tmp_path / "run" / "datalist.json", data_root=root)
@@ -194,7 +204,10 @@ def _write_registry(tmp_path: Path, entry_changes: dict | None = None) -> Path:
             "images": {"flair": "{site}/{subject}/flair.nii.gz", "t1": "{site}/{subject}/t1.nii.gz"},
             "label": "{site}/{subject}/wmh.nii.gz",
         },
-        "labels": {"structures": {"0": "background", "1": "wmh"}, "classes": {"default": {"background": [], "wmh": ["wmh"]}}},
+        "labels": {
+            "structures": {"0": "background", "1": "wmh"},
+            "classes": {"default": {"background": [], "wmh": ["wmh"]}},
+        },
         "intensity": {"bit_depth": 16, "normalised": False},
         "split": {"fractions": [0.7, 0.15, 0.15], "seed": 0},
     }
@@ -224,14 +237,18 @@ def test_unknown_id_lists_known_ones() -> None:
 
 
 def test_missing_root_says_where_to_get_the_data(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match=r"data root .*nowhere does not exist\. Get it from https://www.med"):
+    with pytest.raises(
+        DatasetError, match=r"data root .*nowhere does not exist\. Get it from https://www.med"
+    ):
         load_datalist("brats2018", data_root=tmp_path / "nowhere")
     with pytest.raises(DatasetError, match="no data root is set: pass data_root or set MEDSEG_DATA_ROOT"):
         load_datalist("wmh2017")
 
 
 def test_no_case_found_shows_the_pattern(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match=r"no case found under .* matching '\{case\}/\{case\}_flair.nii.gz'"):
+    with pytest.raises(
+        DatasetError, match=r"no case found under .* matching '\{case\}/\{case\}_flair.nii.gz'"
+    ):
         load_datalist("brats2018", data_root=tmp_path)
 
 
@@ -248,7 +265,9 @@ def test_case_missing_a_modality_or_label_is_named(toy: Path) -> None:
 
 def test_duplicate_case_ids(toy: Path) -> None:
     _touch(toy, "B/1/flair.nii.gz", "B/1/t1.nii.gz", "B/1/wmh.nii.gz")
-    with pytest.raises(DatasetError, match=r"duplicate case id '1' \(.*A/1/flair.nii.gz and .*B/1/flair.nii.gz\)"):
+    with pytest.raises(
+        DatasetError, match=r"duplicate case id '1' \(.*A/1/flair.nii.gz and .*B/1/flair.nii.gz\)"
+    ):
         load_datalist("toy", data_root=toy, split="all")
 
 
@@ -256,10 +275,21 @@ def test_duplicate_case_ids(toy: Path) -> None:
     ("changes", "message"),
     [
         ({"kind": "imaginary"}, r"\$\.datasets\[0\]\.kind: 'imaginary' is not one of"),
-        ({"split": {"fractions": [0.7, 0.3], "seed": 0}}, r"\$\.datasets\[0\]\.split\.fractions: .* too short"),
-        ({"layout": {"case": "x", "images": {}, "label": "y"}}, r"\$\.datasets\[0\]\.layout\.images: \{\} should be non-empty"),
         (
-            {"labels": {"structures": {"0": "background"}, "classes": {"default": {"background": [], "wmh": ["wmh"]}}}},
+            {"split": {"fractions": [0.7, 0.3], "seed": 0}},
+            r"\$\.datasets\[0\]\.split\.fractions: .* too short",
+        ),
+        (
+            {"layout": {"case": "x", "images": {}, "label": "y"}},
+            r"\$\.datasets\[0\]\.layout\.images: \{\} should be non-empty",
+        ),
+        (
+            {
+                "labels": {
+                    "structures": {"0": "background"},
+                    "classes": {"default": {"background": [], "wmh": ["wmh"]}},
+                }
+            },
             r"\$\.datasets\[0\]\.labels\.classes\.default\.wmh: unknown structure 'wmh'",
         ),
         ({"layout_of": "toy"}, r"\$\.datasets\[0\]"),
@@ -306,9 +336,52 @@ def test_cli_bad_input_is_one_line_and_nonzero(args: tuple[str, ...], needle: st
 def test_cli_malformed_registry(tmp_path: Path) -> None:
     path = _write_registry(tmp_path, {"study": 7})
     result = _cli("list", env={"MEDSEG_REGISTRY": str(path)})
-    assert result.returncode == 2 and "$.datasets[0].study" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        result.returncode == 2 and "$.datasets[0].study" in result.stderr and "Traceback" not in result.stderr
+    )
 
 
 def test_cli_lists_case_ids(shared_data: Path) -> None:
     result = _cli("datalist", "wmh-clinical-flair", "--data_root", str(shared_data / "wmh-clinical-flair"))
     assert result.returncode == 0 and result.stdout.split() == ["2516038876", "2516041494", "2516043217"]
+
+
+# --- synthetic datasets through the registry -----------------------------------------------------
+
+
+def test_default_dataset_prefers_configured_real_data(
+    shared_data: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from medseg_monai.data import default_dataset
+
+    with caplog.at_level("INFO", logger="medseg_monai"):
+        assert default_dataset("wmh") == "wmh-synthetic"
+    assert [r.message for r in caplog.records] == [
+        "no real wmh data under MEDSEG_DATA_ROOT: using synthetic dataset 'wmh-synthetic'"
+    ]
+    monkeypatch.setenv("MEDSEG_DATA_ROOT", str(shared_data))
+    assert default_dataset("wmh") == "wmh-clinical-flair"
+    assert default_dataset("xray") == "jsrt-scr"
+    assert default_dataset("lv") == "lv-synthetic"
+
+
+def test_synthetic_generated_on_first_use_then_cached(caplog: pytest.LogCaptureFixture) -> None:
+    from medseg_monai.data import resolve_data_root
+
+    with caplog.at_level("INFO", logger="medseg_monai"):
+        items = load_datalist("xray-synthetic", split="all")
+        root = resolve_data_root("xray-synthetic")
+        assert load_datalist("xray-synthetic", split="all") == items
+    generating = [r.message for r in caplog.records if "generating" in r.message]
+    assert len(generating) <= 1  # once, unless an earlier test already filled the session cache
+    marker = json.loads((root / ".medseg-synthetic.json").read_text())
+    assert marker["id"] == "xray-synthetic" and marker["generator"]["name"] == "xray"
+    assert not [p for p in root.parent.iterdir() if p.name.startswith(".xray-synthetic")]  # no temp dirs left
+    assert len(items) == 24 and all(len(it["label"]) == 5 for it in items)
+    parts = {s: load_datalist("xray-synthetic", split=s) for s in ("train", "val")}
+    assert sum(len(v) for v in parts.values()) == 24 and len(parts["val"]) >= 4
+
+
+def test_synthetic_into_explicit_root(tmp_path: Path) -> None:
+    items = load_datalist("xray-synthetic", data_root=tmp_path / "xr", split="all")
+    assert len(items) == 24 and Path(items[0]["image"][0]).is_relative_to(tmp_path / "xr")

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor, PILReader
-from monai.transforms import Compose, ConvertToMultiChannelBasedOnBratsClasses, EnsureChannelFirstd, LoadImaged
+from monai.transforms import (
+    Compose,
+    ConvertToMultiChannelBasedOnBratsClasses,
+    EnsureChannelFirstd,
+    LoadImaged,
+)
 
 from medseg_monai.data import DatasetError, get_dataset, load_datalist
 from medseg_monai.io import apply_palette
@@ -25,7 +30,9 @@ def test_remap_brats_values_to_classes() -> None:
 def test_remap_ignores_wmh_other_pathology_and_flags_it() -> None:
     spec = get_dataset("wmh2017")
     label = MetaTensor(torch.tensor([[[0, 1, 2], [2, 1, 0]]]), meta={"filename_or_obj": "wmh.nii.gz"})
-    out = RemapLabelsd("label", spec.label_mapping(), spec.ignore_values(), ignore_key="ignore")({"label": label})
+    out = RemapLabelsd("label", spec.label_mapping(), spec.ignore_values(), ignore_key="ignore")(
+        {"label": label}
+    )
     assert out["label"].tolist() == [[[0, 1, 0], [0, 1, 0]]]
     assert out["ignore"].tolist() == [[[0, 0, 1], [1, 0, 0]]]
     assert out["label"].meta["filename_or_obj"] == "wmh.nii.gz"
@@ -52,8 +59,13 @@ def test_resize_to_match_and_aspect_check() -> None:
     data["label"][0, 1, 1] = 1
     out = ResizeToMatchd("label", "image")(data)["label"]
     assert out.shape == (1, 8, 6) and set(out.unique().tolist()) == {0.0, 1.0} and out.sum() == 4
-    bad = {"image": torch.zeros(1, 8, 6), "label": MetaTensor(torch.zeros(1, 4, 4), meta={"filename_or_obj": "m.gif"})}
-    with pytest.raises(DatasetError, match=r"m.gif: size \(4, 4\) does not have the aspect ratio of its image"):
+    bad = {
+        "image": torch.zeros(1, 8, 6),
+        "label": MetaTensor(torch.zeros(1, 4, 4), meta={"filename_or_obj": "m.gif"}),
+    }
+    with pytest.raises(
+        DatasetError, match=r"m.gif: size \(4, 4\) does not have the aspect ratio of its image"
+    ):
         ResizeToMatchd("label", "image")(bad)
 
 
@@ -65,7 +77,9 @@ def test_regions_generalise_monai_brats_conversion() -> None:
     assert out[0].tolist() == [[0, 1, 1], [0, 1, 1]]  # wt = 1, 2, 4
     monai_tc_wt_et = ConvertToMultiChannelBasedOnBratsClasses()(label)
     np.testing.assert_array_equal(out[[1, 0, 2]].numpy(), np.asarray(monai_tc_wt_et, dtype=np.float32)[:, 0])
-    core_2015 = LabelToRegionsd("label", get_dataset("brats2015-4class").regions())({"label": label})["label"][1]
+    core_2015 = LabelToRegionsd("label", get_dataset("brats2015-4class").regions())({"label": label})[
+        "label"
+    ][1]
     assert core_2015.tolist() == [[0, 1, 0], [1, 1, 1]]  # 2015 value 3 (non-enhancing) is core
 
 

@@ -15,7 +15,9 @@ from medseg_monai.data.registry import DatasetError, get_dataset, load_registry
 def _list(args: argparse.Namespace) -> None:
     for spec in load_registry().values():
         if args.study in (None, spec.study):
-            print(f"{spec.id:20} {spec.study:6} {spec.kind:9} {', '.join(spec.channels):28} {spec.description[:60]}")
+            print(
+                f"{spec.id:20} {spec.study:6} {spec.kind:9} {', '.join(spec.channels):28} {spec.description[:60]}"
+            )
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -28,7 +30,10 @@ def _generate(args: argparse.Namespace) -> None:
         t = time.perf_counter()
         root = resolve_data_root(dataset_id, args.data_root if len(ids) == 1 else None)
         n = len(find_cases(spec, root))
-        print(f"[{i}/{len(ids)}] {dataset_id}: {n} cases in {root} ({time.perf_counter() - t:.1f} s)", flush=True)
+        print(
+            f"[{i}/{len(ids)}] {dataset_id}: {n} cases in {root} ({time.perf_counter() - t:.1f} s)",
+            flush=True,
+        )
     print(f"done in {time.perf_counter() - start:.1f} s")
 
 
