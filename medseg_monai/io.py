@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+from typing import Any
+
 import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
 from PIL import Image
 
-__all__ = ["apply_palette"]
+__all__ = ["SaveLabelPNGd", "apply_palette"]
 
 
 def apply_palette(image: Image.Image) -> Image.Image:
@@ -23,3 +30,45 @@ def apply_palette(image: Image.Image) -> Image.Image:
         raise ValueError(f"{getattr(image, 'filename', 'image')}: colour palette, expected a grayscale one")
     gray = palette[np.asarray(image), 0]
     return Image.fromarray(gray, mode="L")
+
+
+class SaveLabelPNGd(MapTransform):
+    """Write a 2D prediction as ``<case_id>_label.png`` (uint8 class indices, 0 = background) and
+    ``<case_id>_overlay.png`` (the image with classes in colour) into ``output_dir``.
+
+    ``pred`` is (C, H, W) probabilities/one-hot or (1, H, W) indices, at the size the files should
+    have; ``image_key`` the (1, H, W) image of the same size. Arrays from ``PILReader`` are (x, y),
+    so ``transpose=True`` writes them upright, as the input was stored.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_dir: str,
+        image_key: str = "image",
+        id_key: str = "case_id",
+        transpose: bool = True,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.output_dir = Path(output_dir)
+        self.image_key = image_key
+        self.id_key = id_key
+        self.transpose = transpose
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from medseg_monai.visualize import blend_labels
+
+        d = dict(data)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        image = torch.as_tensor(d[self.image_key]).detach().cpu().float()[0].numpy()
+        for key in self.key_iterator(d):
+            pred = torch.as_tensor(d[key]).detach().cpu()
+            classes = (pred.argmax(0) if pred.shape[0] > 1 else pred[0]).numpy().astype(np.uint8)
+            img = image
+            if self.transpose:
+                classes, img = classes.T, img.T
+            stem = self.output_dir / str(d[self.id_key])
+            Image.fromarray(classes, mode="L").save(f"{stem}_label.png")
+            Image.fromarray(blend_labels(img, classes)).save(f"{stem}_overlay.png")
+        return d

@@ -427,6 +427,7 @@ def start_run(
     device: str | torch.device | None = None,
     params: Mapping[str, Any] | None = None,
     extra_tags: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
     """Open a tagged MLflow run in experiment ``experiment`` and yield the ``mlflow.ActiveRun``.
 
@@ -434,6 +435,7 @@ def start_run(
     run exists, so a failure there creates no run. ``params`` are flattened (:func:`flatten_params`)
     and logged in batches. The run ends FINISHED when the block completes and FAILED when an
     exception escapes (the exception is re-raised), including failures while logging the params.
+    With ``run_id`` an existing run is continued (e.g. evaluation after training) and re-tagged.
     """
     import mlflow
     from mlflow.entities import Param
@@ -448,7 +450,11 @@ def start_run(
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(tracking_uri=uri)
     experiment_id = ensure_experiment(experiment, client)
-    active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+    if run_id is not None:
+        active = mlflow.start_run(run_id=run_id, tags=tags)
+        flat = {k: v for k, v in flat.items() if k not in client.get_run(run_id).data.params}
+    else:
+        active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
     run_id = active.info.run_id
 
     def owns_active_run() -> bool:

@@ -18,7 +18,14 @@ from monai.transforms import MapTransform, Resize
 
 from medseg_monai.data.registry import DatasetError
 
-__all__ = ["LabelToRegionsd", "MasksToLabeld", "RemapLabelsd", "ResizeToMatchd"]
+__all__ = [
+    "CaseGaussianNoised",
+    "LabelToRegionsd",
+    "MasksToLabeld",
+    "RemapLabelsd",
+    "ResizeToMatchd",
+    "ScaleByBitDepthd",
+]
 
 
 def _source(img: Any, key: Hashable) -> str:
@@ -119,9 +126,10 @@ class ResizeToMatchd(MapTransform):
     """Resize ``keys`` (C, *spatial) to the spatial size of ``reference_key`` (C', *spatial').
 
     For annotations stored at another resolution than their image, e.g. SCR masks at half the
-    JSRT resolution (1024 vs 2048 pixels). ``mode="nearest"`` keeps labels labels. Since only a
-    uniform rescale is meaningful, an aspect-ratio mismatch above ``aspect_tolerance`` stops with
-    one line naming the file.
+    JSRT resolution (1024 vs 2048 pixels), and for predictions made at the network's size.
+    ``mode="nearest"`` keeps labels labels. For annotations only a uniform rescale is meaningful,
+    so an aspect-ratio mismatch above ``aspect_tolerance`` stops with one line naming the file;
+    ``aspect_tolerance=None`` allows any rescale (a prediction back to its image's size).
     """
 
     def __init__(
@@ -129,7 +137,7 @@ class ResizeToMatchd(MapTransform):
         keys: KeysCollection,
         reference_key: str,
         mode: str = "nearest",
-        aspect_tolerance: float = 0.02,
+        aspect_tolerance: float | None = 0.02,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -144,12 +152,48 @@ class ResizeToMatchd(MapTransform):
             shape = tuple(d[key].shape[1:])
             if shape == target:
                 continue
+            if len(shape) != len(target):
+                raise DatasetError(
+                    f"{_source(d[key], key)}: {len(shape)}-D, but its image is {len(target)}-D"
+                )
             scales = [t / s for t, s in zip(target, shape, strict=True)]
-            if len(shape) != len(target) or max(scales) / min(scales) > 1 + self.aspect_tolerance:
+            if self.aspect_tolerance is not None and max(scales) / min(scales) > 1 + self.aspect_tolerance:
                 raise DatasetError(
                     f"{_source(d[key], key)}: size {shape} does not have the aspect ratio of its image {target}"
                 )
             d[key] = Resize(spatial_size=target, mode=self.mode)(d[key])
+        return d
+
+
+class ScaleByBitDepthd(MapTransform):
+    """Scale stored integer intensities to [0, 1] by their bit depth: x / (2**bits - 1).
+
+    With ``bit_depth=None`` the depth is read from the loaded image's metadata (PIL mode "L"/"P"
+    -> 8 bits, "I;16" -> 16; a dtype otherwise), so an 8-bit JSRT PNG and a 16-bit radiograph
+    land on the same scale and a noise sigma given on the 16-bit scale means the same for both.
+    """
+
+    _MODE_BITS = {"1": 1, "L": 8, "P": 8, "LA": 8, "I;16": 16, "I;16B": 16, "I;16L": 16}
+
+    def __init__(
+        self, keys: KeysCollection, bit_depth: int | None = None, allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.bit_depth = bit_depth
+
+    def _bits(self, img: Any, key: Hashable) -> int:
+        if self.bit_depth is not None:
+            return int(self.bit_depth)
+        mode = (getattr(img, "meta", {}) or {}).get("mode")
+        if mode in self._MODE_BITS:
+            return self._MODE_BITS[mode]
+        raise DatasetError(f"{_source(img, key)}: unknown bit depth (image mode {mode!r}); set bit_depth")
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            scale = float(2 ** self._bits(d[key], key) - 1)
+            d[key] = _like(torch.as_tensor(d[key]).float() / scale, d[key])
         return d
 
 
@@ -177,4 +221,54 @@ class LabelToRegionsd(MapTransform):
             values = torch.as_tensor(d[key]).round().long()[0]
             channels = [torch.isin(values, torch.tensor(r, dtype=torch.long)) for r in self.regions]
             d[key] = _like(torch.stack(channels).to(torch.float32), d[key])
+        return d
+
+
+class CaseGaussianNoised(MapTransform):
+    """Add Gaussian noise to a fixed, seeded subset of cases; the same noise every epoch.
+
+    The X-ray poster's noise experiments (Olander et al., DTU poster P28) add noise of standard
+    deviation 5000 on the 16-bit scale to part of the images once, as a fixed noisy copy of the
+    data. Here a case is noisy when a hash of (``seed``, case id) falls below ``fraction``, and its
+    noise is drawn from a generator seeded by the same hash, so the choice and the noise are
+    reproducible, do not depend on loading order, and survive caching.
+
+    ``image`` (C, *spatial) must already be scaled to [0, 1] by its bit depth
+    (:class:`ScaleByBitDepthd`); ``std`` is in those units, so sigma 5000 on the
+    16-bit scale is ``std = 5000 / 65535`` whatever the stored bit depth. The result is clipped to
+    [0, 1] as a 16-bit image saturates. Sets ``noisy`` (0 or 1) in the data dict.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        std: float,
+        fraction: float = 1.0,
+        seed: int = 0,
+        id_key: str = "case_id",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.std = float(std)
+        self.fraction = float(fraction)
+        self.seed = int(seed)
+        self.id_key = id_key
+
+    def _draw(self, case_id: str) -> tuple[bool, int]:
+        import hashlib
+
+        digest = int.from_bytes(hashlib.sha256(f"{self.seed}:{case_id}".encode()).digest()[:8], "big")
+        return digest / 2**64 < self.fraction, digest
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        noisy, digest = self._draw(str(d[self.id_key]))
+        d["noisy"] = int(noisy and self.std > 0)
+        if not d["noisy"]:
+            return d
+        generator = torch.Generator().manual_seed(digest % 2**63)
+        for key in self.key_iterator(d):
+            img = torch.as_tensor(d[key])
+            noise = torch.randn(img.shape, generator=generator, dtype=torch.float32) * self.std
+            d[key] = _like((img.float() + noise).clamp(0, 1), d[key])
         return d

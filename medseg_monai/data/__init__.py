@@ -5,8 +5,10 @@ from medseg_monai.data.datalist import (
     default_dataset,
     find_cases,
     load_datalist,
+    load_splits,
     resolve_data_root,
     split_cases,
+    take,
     write_datalist,
 )
 from medseg_monai.data.registry import DatasetError, DatasetSpec, get_dataset, list_datasets, load_registry
@@ -20,8 +22,10 @@ __all__ = [
     "get_dataset",
     "list_datasets",
     "load_datalist",
+    "load_splits",
     "load_registry",
     "resolve_data_root",
     "split_cases",
+    "take",
     "write_datalist",
 ]

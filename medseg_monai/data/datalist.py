@@ -26,8 +26,10 @@ __all__ = [
     "default_dataset",
     "find_cases",
     "load_datalist",
+    "load_splits",
     "resolve_data_root",
     "split_cases",
+    "take",
     "write_datalist",
 ]
 
@@ -131,6 +133,14 @@ def split_cases(
     return out
 
 
+def take(items: list[dict[str, Any]], n: int | None, seed: int = 0) -> list[dict[str, Any]]:
+    """The first ``n`` cases of a seeded permutation of ``items`` (all when ``n`` is None or larger):
+    for a fixed seed, smaller subsets are nested in larger ones, as a training-size sweep needs."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    return [items[i] for i in sorted(order[: len(items) if n is None else n])]
+
+
 def _params_hash(spec: DatasetSpec) -> str:
     from medseg_monai.synthetic import default_params
 
@@ -189,6 +199,19 @@ def resolve_data_root(dataset_id: str, data_root: str | Path | None = None) -> P
     return root
 
 
+def load_splits(
+    dataset_id: str,
+    data_root: str | Path | None = None,
+    seed: int | None = None,
+    channels: list[str] | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """All cases of ``dataset_id`` split into ``train``/``val``/``test`` in one scan of its files
+    (arguments as in :func:`load_datalist`)."""
+    spec = get_dataset(dataset_id)
+    items = find_cases(spec, resolve_data_root(dataset_id, data_root), channels)
+    return split_cases(items, spec.split["fractions"], spec.split["seed"] if seed is None else seed)
+
+
 def load_datalist(
     dataset_id: str,
     data_root: str | Path | None = None,
@@ -207,14 +230,14 @@ def load_datalist(
     """
     if split not in SPLITS:
         raise DatasetError(f"unknown split '{split}'; use one of {', '.join(SPLITS)}")
-    spec = get_dataset(dataset_id)
-    items = find_cases(spec, resolve_data_root(dataset_id, data_root), channels)
+    parts = load_splits(dataset_id, data_root, seed, channels)
     if split == "all":
-        return items
-    parts = split_cases(items, spec.split["fractions"], spec.split["seed"] if seed is None else seed)
+        return sorted((it for part in parts.values() for it in part), key=lambda it: it["case_id"])
     if not parts[split]:
+        n = sum(len(v) for v in parts.values())
+        fractions = get_dataset(dataset_id).split["fractions"]
         raise DatasetError(
-            f"dataset '{spec.id}': split '{split}' is empty ({len(items)} cases, fractions {spec.split['fractions']})"
+            f"dataset '{dataset_id}': split '{split}' is empty ({n} cases, fractions {fractions})"
         )
     return parts[split]
 
@@ -230,9 +253,8 @@ def write_datalist(
     ``load_decathlon_datalist`` reads; returns its path."""
     spec = get_dataset(dataset_id)
     root = resolve_data_root(dataset_id, data_root)
-    items = find_cases(spec, root, channels)
     seed = spec.split["seed"] if seed is None else seed
-    parts = split_cases(items, spec.split["fractions"], seed)
+    parts = load_splits(dataset_id, root, seed, channels)
     doc = {
         "name": spec.id,
         "description": spec.description,

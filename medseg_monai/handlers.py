@@ -1,0 +1,303 @@
+"""Ignite handlers the bundles attach (in ``train#handlers`` / ``validate#handlers``).
+
+- :class:`GradientClipping`: clip by norm between backward and optimiser step (AMP-aware).
+- :class:`CaseMetrics`: per-case and mean metrics with class names, the ``metrics.json`` contract.
+- :class:`MLflowTracker`: one tagged MLflow run per training (or evaluation), per-epoch curves,
+  artifacts, FINISHED or FAILED.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from contextlib import ExitStack
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from monai.engines.utils import IterationEvents
+
+from medseg_monai.data import get_dataset, resolve_data_root
+from medseg_monai.tracking import start_run, tracking_uri
+
+__all__ = ["CaseMetrics", "GradientClipping", "MLflowTracker", "summarise_cases"]
+
+logger = logging.getLogger(__name__)
+
+
+class GradientClipping:
+    """Clip the gradient norm of ``engine.network`` after backward, before the optimiser step.
+
+    With AMP the gradients are unscaled first, so ``max_norm`` is in true gradient units.
+    """
+
+    def __init__(self, max_norm: float, norm_type: float = 2.0) -> None:
+        self.max_norm = max_norm
+        self.norm_type = norm_type
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        scaler = getattr(engine, "scaler", None)
+        if getattr(engine, "amp", False) and scaler is not None:
+            scaler.unscale_(engine.optimizer)
+        torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm, self.norm_type)
+
+
+def _case_id(item: Any) -> str:
+    if isinstance(item, dict) and "case_id" in item:
+        cid = item["case_id"]
+        return str(cid[0] if isinstance(cid, (list, tuple)) else cid)
+    meta = getattr(item.get("image"), "meta", {}) if isinstance(item, dict) else {}
+    return Path(str(meta.get("filename_or_obj", "case"))).name
+
+
+def summarise_cases(
+    details: dict[str, torch.Tensor], case_ids: list[str], class_names: list[str]
+) -> dict[str, dict[str, Any]]:
+    """Per-case metric tables -> ``{"mean": {...}, "cases": {id: {...}}}``.
+
+    ``details[name]`` is (N cases, K) with one column per class in ``class_names`` (or K = 1 for a
+    case-level metric). Each case gets ``<name>_<class>`` and ``<name>`` (mean over its classes);
+    ``mean`` averages cases, skipping NaN (a class absent from both reference and prediction).
+    """
+    cases: dict[str, dict[str, float]] = {cid: {} for cid in case_ids}
+    for name, table in details.items():
+        table = torch.as_tensor(table, dtype=torch.float64).reshape(len(case_ids), -1)
+        if table.shape[1] > 1 and table.shape[1] != len(class_names):
+            raise ValueError(f"metric '{name}' has {table.shape[1]} columns for classes {class_names}")
+        for row, cid in zip(table, case_ids, strict=True):
+            if table.shape[1] > 1:
+                cases[cid].update({f"{name}_{c}": float(v) for c, v in zip(class_names, row, strict=True)})
+            cases[cid][name] = float(torch.nanmean(row)) if not torch.isnan(row).all() else math.nan
+    keys = list(dict.fromkeys(k for c in cases.values() for k in c))
+    mean = {}
+    for k in keys:
+        values = [c[k] for c in cases.values() if k in c and not math.isnan(c[k])]
+        mean[k] = sum(values) / len(values) if values else math.nan
+    return {"mean": mean, "cases": cases}
+
+
+class CaseMetrics:
+    """Collect the case ids an evaluator sees and turn its metrics' per-case details
+    (``save_details=True`` metric handlers) into :func:`summarise_cases` form.
+
+    The summary is stored as ``engine.state.case_metrics`` at each epoch end and, when
+    ``output_path`` is given, written there as JSON (the evaluate contract's ``metrics.json``).
+
+    Args:
+        metrics: metric handler name -> reported name, e.g. ``{"val_dice": "dice", "val_iou": "iou"}``.
+        class_names: the classes of the metric columns (background excluded when the metrics exclude it).
+    """
+
+    def __init__(
+        self, metrics: dict[str, str], class_names: list[str], output_path: str | None = None
+    ) -> None:
+        self.metrics = dict(metrics)
+        self.class_names = list(class_names)
+        self.output_path = output_path
+        self._ids: list[str] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self._ids.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._summarise)
+
+    def _collect(self, engine: Engine) -> None:
+        batch = engine.state.batch
+        if isinstance(batch, dict):  # not decollated: one list of ids per key
+            ids = batch.get("case_id")
+            self._ids.extend(str(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids]))
+        else:
+            self._ids.extend(_case_id(item) for item in batch)
+
+    def _summarise(self, engine: Engine) -> None:
+        details = getattr(engine.state, "metric_details", {})
+        missing = [m for m in self.metrics if m not in details]
+        if missing:
+            raise RuntimeError(f"metrics {missing} have no per-case details: set save_details=True on them")
+        summary = summarise_cases(
+            {self.metrics[m]: details[m] for m in self.metrics}, self._ids, self.class_names
+        )
+        engine.state.case_metrics = summary
+        if self.output_path:
+            path = Path(self.output_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(summary, indent=1, allow_nan=True))
+            os.replace(tmp, path)
+
+
+def _scalar(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor):
+        return float(value) if value.numel() == 1 else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+class MLflowTracker:
+    """Own the MLflow run of a training or evaluation engine (see ``medseg_monai.tracking``).
+
+    On the engine's start it opens a run tagged with commit, dataset id, content hash and kind,
+    profile, device and versions, and logs ``params``. Each epoch it logs the mean training loss
+    and the learning rate; each epoch of ``evaluator`` (if given) its scalar metrics and the means
+    of its ``case_metrics``, at the training epoch as step. On completion it logs the files of
+    ``output_dir`` matching ``artifacts`` and ends the run FINISHED; an exception ends it FAILED and
+    propagates. The run id is written to ``<output_dir>/mlflow_run.json`` so that a later
+    evaluation in the same output folder continues the same run.
+
+    Attach it before other handlers that re-raise exceptions (e.g. ``StatsHandler``), so that a
+    failure is always recorded.
+    """
+
+    def __init__(
+        self,
+        experiment: str,
+        run_name: str,
+        dataset: str,
+        output_dir: str,
+        data_root: str | None = None,
+        profile: str = "default",
+        params: dict[str, Any] | None = None,
+        evaluator: Engine | None = None,
+        artifacts: tuple[str, ...] | list[str] = ("*.json", "*.yaml", "*.csv", "*.png", "*.log"),
+        tags: dict[str, str] | None = None,
+        device: Any = None,
+        metric_prefix: str = "",
+    ) -> None:
+        self.experiment = experiment
+        self.run_name = run_name
+        self.dataset = dataset
+        self.data_root = data_root
+        self.output_dir = Path(output_dir)
+        self.profile = profile
+        self.params = params or {}
+        self.evaluator = evaluator
+        self.artifacts = list(artifacts)
+        self.tags = dict(tags or {})
+        self.device = device
+        self.metric_prefix = metric_prefix
+        self._stack: ExitStack | None = None
+        self._loss_sum = 0.0
+        self._loss_n = 0
+        self.run_id: str | None = None
+
+    def attach(self, engine: Engine) -> None:
+        self._engine = engine
+        engine.add_event_handler(Events.STARTED, self._open)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._log_epoch)
+        engine.add_event_handler(Events.COMPLETED, self._close)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._fail)
+        if self.evaluator is not None and self.evaluator is not engine:
+            self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._log_evaluation)
+
+    def _previous_run(self) -> str | None:
+        record = self.output_dir / "mlflow_run.json"
+        if not record.is_file():
+            return None
+        info = json.loads(record.read_text())
+        return info["run_id"] if info.get("tracking_uri") == tracking_uri() else None
+
+    def _open(self, engine: Engine) -> None:
+        spec = get_dataset(self.dataset)
+        root = resolve_data_root(self.dataset, self.data_root)
+        self._stack = ExitStack()
+        run = self._stack.enter_context(
+            start_run(
+                self.experiment,
+                self.run_name,
+                dataset_id=spec.id,
+                dataset_kind=spec.kind,
+                data_paths=[root],
+                profile=self.profile,
+                device=self.device,
+                params=self.params,
+                extra_tags={"output_dir": str(self.output_dir), **self.tags},
+                run_id=self._previous_run(),
+            )
+        )
+        self.run_id = run.info.run_id
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        record = {"run_id": self.run_id, "experiment": self.experiment, "tracking_uri": tracking_uri()}
+        (self.output_dir / "mlflow_run.json").write_text(json.dumps(record, indent=1))
+        logger.info(
+            "MLflow run %s (%s / %s) at %s", self.run_id, self.experiment, self.run_name, tracking_uri()
+        )
+
+    def _accumulate(self, engine: Engine) -> None:
+        output = engine.state.output
+        items = output if isinstance(output, list) else [output]
+        for item in items:
+            loss = item.get("loss") if isinstance(item, dict) else None
+            if loss is not None:
+                self._loss_sum += float(loss)
+                self._loss_n += 1
+                break  # decollated outputs repeat the batch loss
+
+    def _log_epoch(self, engine: Engine) -> None:
+        import mlflow
+
+        step = engine.state.epoch
+        metrics = {}
+        if self._loss_n:
+            metrics["train_loss"] = self._loss_sum / self._loss_n
+        self._loss_sum, self._loss_n = 0.0, 0
+        optimizer = getattr(engine, "optimizer", None)
+        if optimizer is not None:
+            metrics["lr"] = float(optimizer.param_groups[0]["lr"])
+        if self.evaluator is None or self.evaluator is engine:
+            metrics.update(self._engine_metrics(engine))
+        if metrics:
+            mlflow.log_metrics(metrics, step=step)
+
+    def _engine_metrics(self, engine: Engine) -> dict[str, float]:
+        metrics = {
+            f"{self.metric_prefix}{k}": v for k, v in engine.state.metrics.items() if _scalar(v) is not None
+        }
+        summary = getattr(engine.state, "case_metrics", None)
+        if summary:
+            metrics.update({f"{self.metric_prefix}{k}": v for k, v in summary["mean"].items()})
+        return {k: float(_scalar(v)) for k, v in metrics.items() if not math.isnan(float(_scalar(v)))}
+
+    def _log_evaluation(self, evaluator: Engine) -> None:
+        import mlflow
+
+        if self.run_id is None:
+            return
+        step = self._engine.state.epoch if self._engine.state.epoch else evaluator.state.epoch
+        mlflow.log_metrics(self._engine_metrics(evaluator), step=step)
+
+    def _log_artifacts(self) -> None:
+        import mlflow
+
+        for path in sorted(self.output_dir.rglob("*")):
+            rel = path.relative_to(self.output_dir)
+            if path.is_file() and any(fnmatch(path.name, pattern) for pattern in self.artifacts):
+                mlflow.log_artifact(
+                    str(path), artifact_path=str(rel.parent) if rel.parent != Path(".") else None
+                )
+
+    def _close(self, engine: Engine) -> None:
+        if self._stack is None:
+            return
+        try:
+            self._log_artifacts()
+        except BaseException as e:
+            self._fail(engine, e)
+        stack, self._stack = self._stack, None
+        stack.close()
+
+    def _fail(self, engine: Engine, e: BaseException) -> None:
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            try:
+                stack.__exit__(type(e), e, e.__traceback__)
+            except BaseException as inner:
+                if inner is not e:
+                    logger.error("could not mark MLflow run %s as FAILED: %s", self.run_id, inner)
+        raise e

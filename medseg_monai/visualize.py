@@ -1,0 +1,105 @@
+"""Overlay figures: image, reference, prediction and errors side by side (PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from PIL import Image, ImageDraw
+
+__all__ = ["CLASS_COLOURS", "OverlaySaver", "blend_labels", "colour_labels", "overlay_panels"]
+
+# background black, then red, green, blue, yellow, magenta, cyan: class c of the poster's fig. 6 is
+# (R, G, B)[c - 1] for the first three classes.
+CLASS_COLOURS = np.array(
+    [[0, 0, 0], [230, 40, 40], [40, 200, 40], [50, 90, 255], [240, 220, 30], [220, 40, 220], [30, 220, 220]],
+    dtype=np.uint8,
+)
+
+
+def _gray(image: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(image, [0.5, 99.5])
+    scaled = np.clip((image - lo) / max(hi - lo, 1e-8), 0, 1)
+    return np.repeat((scaled * 255).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def colour_labels(label: np.ndarray) -> np.ndarray:
+    """(H, W) class indices -> (H, W, 3) uint8 colours."""
+    return CLASS_COLOURS[np.asarray(label, dtype=np.int64) % len(CLASS_COLOURS)]
+
+
+def _blend(gray: np.ndarray, label: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    colour = colour_labels(label).astype(np.float32)
+    mask = (label > 0)[..., None]
+    return np.where(mask, (1 - alpha) * gray + alpha * colour, gray).astype(np.uint8)
+
+
+def blend_labels(image: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """(H, W) image and class indices -> (H, W, 3) uint8: the image in gray, classes in colour."""
+    return _blend(_gray(np.asarray(image, dtype=np.float32)), np.asarray(label).astype(np.int64))
+
+
+def overlay_panels(image: np.ndarray, label: np.ndarray, pred: np.ndarray, title: str = "") -> Image.Image:
+    """Four panels of one 2D image (H, W): image, reference, prediction, errors.
+
+    The error panel marks every misclassified pixel in the colour of its true class (background
+    as white), as in the X-ray poster's fig. 6; correct pixels stay gray.
+    """
+    gray = _gray(np.asarray(image, dtype=np.float32))
+    label, pred = np.asarray(label).astype(np.int64), np.asarray(pred).astype(np.int64)
+    errors = gray.copy() // 2
+    wrong = label != pred
+    errors[wrong] = colour_labels(label)[wrong]
+    errors[wrong & (label == 0)] = 255
+    panels = [gray, _blend(gray, label), _blend(gray, pred), errors]
+    names = ["image", "reference", "prediction", f"errors ({int(wrong.sum())} px)"]
+    zoom = max(1, 256 // max(gray.shape[:2]))  # small validation images stay legible
+    if zoom > 1:
+        panels = [np.kron(p, np.ones((zoom, zoom, 1), dtype=np.uint8)) for p in panels]
+    h, w = panels[0].shape[:2]
+    canvas = Image.new("RGB", (4 * w, h + 16), "black")
+    draw = ImageDraw.Draw(canvas)
+    for i, (panel, name) in enumerate(zip(panels, names, strict=True)):
+        canvas.paste(Image.fromarray(panel), (i * w, 16))
+        draw.text((i * w + 4, 2), name if i or not title else f"{name}: {title}", fill="white")
+    return canvas
+
+
+def _class_map(t: Any) -> np.ndarray:
+    """(C, H, W) one-hot/probabilities or (1, H, W) indices -> (H, W) class indices."""
+    t = torch.as_tensor(t).detach().cpu()
+    return (t.argmax(0) if t.shape[0] > 1 else t[0]).numpy()
+
+
+class OverlaySaver:
+    """Save :func:`overlay_panels` of the first case an evaluator sees each epoch to ``output_dir/filename``.
+
+    Expects decollated 2D items with, in the output, ``pred`` and ``label`` (one-hot (C, H, W) or
+    indices (1, H, W)) and ``image_key`` (C, H, W) of the same size (from the output, else the
+    batch). ``transpose`` shows MONAI's (x, y) arrays (e.g. from ``PILReader``) upright.
+    """
+
+    def __init__(
+        self, output_dir: str, filename: str = "overlay.png", transpose: bool = True, image_key: str = "image"
+    ) -> None:
+        self.path = Path(output_dir) / filename
+        self.transpose = transpose
+        self.image_key = image_key
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if (engine.state.iteration - 1) % engine.state.epoch_length:
+            return
+        item, output = engine.state.batch[0], engine.state.output[0]
+        source = output if self.image_key in output else item
+        image = torch.as_tensor(source[self.image_key]).detach().cpu()[0].float().numpy()
+        label, pred = _class_map(output["label"]), _class_map(output["pred"])
+        if self.transpose:
+            image, label, pred = image.T, label.T, pred.T
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        overlay_panels(image, label, pred, title=str(item.get("case_id", ""))).save(self.path)
