@@ -15,7 +15,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from medseg_monai.data import DatasetError, get_dataset, resolve_data_root, write_datalist
+from medseg_monai.data import (
+    DatasetError,
+    decathlon_doc,
+    get_dataset,
+    load_splits,
+    resolve_data_root,
+    write_json,
+)
 from medseg_monai.paths import project_root
 from medseg_monai.tracking import content_hash, device_description, git_state
 
@@ -45,10 +52,14 @@ def install_error_hook() -> None:
     """End a bundle run on bad input with one ``error:`` line instead of a traceback maze.
 
     MONAI wraps what fails in a config or a transform in its own exceptions; when the chain holds
-    a :class:`~medseg_monai.data.DatasetError` (a message that names the file or key at fault),
-    only that message is printed. Anything else keeps Python's full traceback. Called first in a
-    bundle's ``initialize``; a no-op when already installed.
+    a :class:`~medseg_monai.data.DatasetError` (a message that names the file or key at fault) or
+    a file that could not be read (``OSError``, e.g. PIL's "cannot identify image file '<path>'",
+    nibabel's ``ImageFileError``), only that message is printed. Anything else keeps Python's full
+    traceback. Called first in a bundle's ``initialize``; a no-op when already installed.
     """
+    from nibabel.filebasedimages import ImageFileError
+
+    input_errors = (DatasetError, OSError, ImageFileError)
     if getattr(sys.excepthook, "medseg_error_hook", False):
         return
     previous = sys.excepthook
@@ -57,7 +68,7 @@ def install_error_hook() -> None:
         err: BaseException | None = exc
         seen: set[int] = set()
         while err is not None and id(err) not in seen:
-            if isinstance(err, DatasetError):
+            if isinstance(err, input_errors):
                 print(f"error: {err}", file=sys.stderr)
                 return
             seen.add(id(err))
@@ -111,20 +122,23 @@ def prepare_run(
     data_root: str | None,
     seed: int,
     device: Any = None,
-    channels: list[str] | None = None,
+    splits: dict[str, list[dict[str, Any]]] | None = None,
     config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Create ``output_dir`` and write ``config.json``, ``datalist.json`` and ``run.json``; returns run.json's content."""
+    """Create ``output_dir`` and write what the run decided: ``config.json`` (merged config),
+    ``datalist.json`` (the cases actually used, Decathlon style, from ``splits``: ``train``/``val``/
+    ``test`` item lists, default the registry split) and ``run.json`` (data fingerprint, case ids,
+    device, command, commit, versions). Returns run.json's content."""
+    from importlib.metadata import version
+
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec = get_dataset(dataset)
     root = resolve_data_root(dataset, data_root)
-    datalist = write_datalist(dataset, out / "datalist.json", root, None, channels)
-    splits = json.loads(datalist.read_text())
+    parts = splits if splits is not None else load_splits(dataset, root)
+    write_json(decathlon_doc(dataset, root, parts), out / "datalist.json")
     if config is not None:
-        (out / "config.json").write_text(json.dumps(config, indent=1))
-    from importlib.metadata import version
-
+        write_json(config, out / "config.json")
     record = {
         "study": study,
         "experiment": experiment,
@@ -135,7 +149,7 @@ def prepare_run(
             "root": str(root),
             "hash": content_hash([root]),
             "split_seed": spec.split["seed"],
-            "cases": {k: [c["case_id"] for c in splits[k]] for k in ("training", "validation", "test")},
+            "cases": {k: [c["case_id"] for c in v] for k, v in parts.items()},
         },
         "device": device_description(device),
         "command": sys.argv,
@@ -148,7 +162,7 @@ def prepare_run(
             },
         },
     }
-    (out / "run.json").write_text(json.dumps(record, indent=1))
+    write_json(record, out / "run.json")
     return record
 
 

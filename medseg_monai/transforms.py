@@ -9,18 +9,21 @@ that ``medseg_monai.data.DatasetSpec`` provides (``label_mapping``, ``ignore_val
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Resize
+from monai.transforms import LoadImage, MapTransform, Resize
 
 from medseg_monai.data.registry import DatasetError
 
 __all__ = [
     "CaseGaussianNoised",
+    "CheckFilesd",
     "LabelToRegionsd",
+    "LoadMasksd",
     "MasksToLabeld",
     "RemapLabelsd",
     "ResizeToMatchd",
@@ -90,6 +93,68 @@ class RemapLabelsd(MapTransform):
             if self.ignore_key is not None:
                 ignored = torch.isin(values, torch.tensor(self.ignore_values, dtype=torch.long))
                 d[self.ignore_key] = _like(ignored.to(torch.float32), img)
+        return d
+
+
+class CheckFilesd(MapTransform):
+    """Check that the files named under ``keys`` (a path or a list of paths) can be read, before
+    loading: one line naming the first bad file, instead of MONAI trying and logging every reader.
+
+    PNG/GIF/JPEG/BMP/TIFF are verified with PIL, NIfTI headers read with nibabel; other formats
+    are only checked to exist and be non-empty.
+    """
+
+    _PIL = (".png", ".gif", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            for path in [d[key]] if isinstance(d[key], (str, Path)) else d[key]:
+                self._check(str(path))
+        return d
+
+    def _check(self, path: str) -> None:
+        import nibabel
+        from PIL import Image
+
+        try:
+            if Path(path).stat().st_size == 0:
+                raise DatasetError(f"{path}: empty file")
+            if path.lower().endswith(self._PIL):
+                with Image.open(path) as img:
+                    img.verify()
+            elif path.lower().endswith((".nii", ".nii.gz")):
+                nibabel.load(path)
+        except DatasetError:
+            raise
+        except Exception as e:
+            raise DatasetError(f"{path}: cannot read this file ({type(e).__name__}: {e})") from e
+
+
+class LoadMasksd(MapTransform):
+    """Load the per-structure mask files listed under each key into one (M, *spatial) stack.
+
+    For layouts with one binary mask file per structure (SCR: ``masks/<structure>/<id>.gif``).
+    Unlike loading the list with ``LoadImaged``, a mask whose size differs from the case's other
+    masks stops with one line naming that file (check readability first with :class:`CheckFilesd`).
+    """
+
+    def __init__(self, keys: KeysCollection, reader: Any = None, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.loader = LoadImage(reader=reader, image_only=True)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            paths = [d[key]] if isinstance(d[key], (str, Path)) else list(d[key])
+            masks = []
+            for path in paths:
+                masks.append(self.loader(path))
+                if masks[-1].shape != masks[0].shape:
+                    raise DatasetError(
+                        f"{path}: mask size {tuple(masks[-1].shape)} differs from {tuple(masks[0].shape)} of {paths[0]}"
+                    )
+            d[key] = MetaTensor(torch.stack([torch.as_tensor(m) for m in masks]), meta=dict(masks[0].meta))
         return d
 
 

@@ -17,7 +17,7 @@ from monai.transforms import (
 
 from medseg_monai.data import DatasetError, get_dataset, load_datalist
 from medseg_monai.io import apply_palette
-from medseg_monai.transforms import LabelToRegionsd, MasksToLabeld, RemapLabelsd, ResizeToMatchd
+from medseg_monai.transforms import LabelToRegionsd, LoadMasksd, MasksToLabeld, RemapLabelsd, ResizeToMatchd
 
 
 def test_remap_brats_values_to_classes() -> None:
@@ -87,8 +87,9 @@ def _jsrt_pipeline(class_set: str = "default") -> Compose:
     spec = get_dataset("jsrt-scr")
     return Compose(
         [
-            LoadImaged(["image", "label"], reader=PILReader(converter=apply_palette), image_only=True),
-            EnsureChannelFirstd(["image", "label"]),
+            LoadImaged("image", reader=PILReader(converter=apply_palette), image_only=True),
+            EnsureChannelFirstd("image"),
+            LoadMasksd("label", reader="PILReader"),
             MasksToLabeld("label", spec.mask_classes(class_set)),
             ResizeToMatchd("label", "image"),
         ]
@@ -110,7 +111,8 @@ def test_jsrt_scr_label_map_polarity_and_sides(shared_data: Path) -> None:
     first = _jsrt_pipeline()(items[0])["label"][0]
     raw = LoadImaged("image", reader="PILReader", image_only=True)(items[0])["image"]
     assert raw[first == 1].mean() > raw[first == 2].mean(), "raw indices are the negative"
-    masks = LoadImaged("label", reader="PILReader", image_only=True)(items[0])["label"]
+    masks = LoadMasksd("label", reader="PILReader")(items[0])["label"]
+    assert masks.shape == (5, 1024, 1024)  # SCR masks are half the JSRT resolution
     left = int(get_dataset("jsrt-scr").mask_names.index("left_lung"))
     columns = torch.nonzero(masks[left] > 0)[:, 0].float()
     assert columns.mean() > masks.shape[1] / 2

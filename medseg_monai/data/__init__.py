@@ -2,6 +2,7 @@
 
 from medseg_monai.data.datalist import (
     SPLITS,
+    decathlon_doc,
     default_dataset,
     find_cases,
     load_datalist,
@@ -10,11 +11,13 @@ from medseg_monai.data.datalist import (
     split_cases,
     take,
     write_datalist,
+    write_json,
 )
 from medseg_monai.data.registry import DatasetError, DatasetSpec, get_dataset, list_datasets, load_registry
 
 __all__ = [
     "SPLITS",
+    "decathlon_doc",
     "DatasetError",
     "DatasetSpec",
     "default_dataset",
@@ -28,4 +31,5 @@ __all__ = [
     "split_cases",
     "take",
     "write_datalist",
+    "write_json",
 ]

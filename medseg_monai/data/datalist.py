@@ -23,6 +23,7 @@ from medseg_monai.paths import cache_dir, data_root_env
 
 __all__ = [
     "SPLITS",
+    "decathlon_doc",
     "default_dataset",
     "find_cases",
     "load_datalist",
@@ -31,6 +32,7 @@ __all__ = [
     "split_cases",
     "take",
     "write_datalist",
+    "write_json",
 ]
 
 logger = logging.getLogger(__name__)
@@ -242,6 +244,39 @@ def load_datalist(
     return parts[split]
 
 
+def decathlon_doc(
+    dataset_id: str, root: str | Path, parts: dict[str, list[dict[str, Any]]], seed: int | None = None
+) -> dict[str, Any]:
+    """A Decathlon-style datalist document for ``parts`` (``train``/``val``/``test`` item lists)."""
+    spec = get_dataset(dataset_id)
+    channels = [c for c in spec.channels if parts.get("train") and c in parts["train"][0]] or spec.channels
+    return {
+        "name": spec.id,
+        "description": spec.description,
+        "reference": spec.citation,
+        "licence": spec.licence,
+        "synthetic": spec.synthetic,
+        "data_root": str(root),
+        "split_seed": spec.split["seed"] if seed is None else seed,
+        "modality": dict(enumerate(channels)),
+        "labels": {str(v): n for v, n in spec.structures.items()},
+        "numTraining": len(parts.get("train", [])),
+        "training": parts.get("train", []),
+        "validation": parts.get("val", []),
+        "test": parts.get("test", []),
+    }
+
+
+def write_json(doc: Any, path: str | Path) -> Path:
+    """Write ``doc`` as JSON atomically (temp file, then rename): no half-written file is left."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, out)
+    return out
+
+
 def write_datalist(
     dataset_id: str,
     path: str | Path,
@@ -251,31 +286,9 @@ def write_datalist(
 ) -> Path:
     """Write the Decathlon-style datalist JSON (``training``/``validation``/``test``) that MONAI's
     ``load_decathlon_datalist`` reads; returns its path."""
-    spec = get_dataset(dataset_id)
     root = resolve_data_root(dataset_id, data_root)
-    seed = spec.split["seed"] if seed is None else seed
     parts = load_splits(dataset_id, root, seed, channels)
-    doc = {
-        "name": spec.id,
-        "description": spec.description,
-        "reference": spec.citation,
-        "licence": spec.licence,
-        "synthetic": spec.synthetic,
-        "data_root": str(root),
-        "split_seed": seed,
-        "modality": dict(enumerate(channels or spec.channels)),
-        "labels": {str(v): n for v, n in spec.structures.items()},
-        "numTraining": len(parts["train"]),
-        "training": parts["train"],
-        "validation": parts["val"],
-        "test": parts["test"],
-    }
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, out)
-    return out
+    return write_json(decathlon_doc(dataset_id, root, parts, seed), path)
 
 
 def default_dataset(study: str) -> str:

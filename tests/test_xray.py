@@ -1,0 +1,288 @@
+"""X-ray bundle: losses against their formulas, the 16-bit noise, configs, and the quick profile end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from bundle_utils import ROOT, error_lines, mlflow_client, run_bundle
+from monai.bundle import ConfigParser
+from monai.data import PILReader
+from monai.losses import DiceLoss
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+from PIL import Image
+
+from medseg_monai.losses import ForegroundBackgroundDiceLoss, SumOfLosses
+from medseg_monai.networks import ClassicUNet
+from medseg_monai.transforms import CaseGaussianNoised, ScaleByBitDepthd
+
+CONFIGS = ROOT / "bundles" / "xray" / "configs"
+EXPERIMENTS = sorted((CONFIGS / "experiments").glob("*.yaml"))
+
+
+# --- losses ---------------------------------------------------------------------------------------
+
+
+def _probs() -> tuple[torch.Tensor, torch.Tensor]:
+    p = torch.tensor([[[[0.9, 0.2], [0.6, 0.1]], [[0.1, 0.8], [0.4, 0.9]]]])  # (1, 2, 2, 2), sums to 1
+    r = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]]])
+    return p, r
+
+
+def test_dl2_against_its_formula() -> None:
+    p, r = _probs()
+    eps = 1e-6
+    expected = []
+    for c in range(2):
+        pc, rc = p[:, c].flatten(), r[:, c].flatten()
+        fg = ((pc * rc).sum() + eps) / ((pc + rc).sum() + eps)
+        bg = (((1 - pc) * (1 - rc)).sum() + eps) / ((2 - pc - rc).sum() + eps)
+        expected.append(1 - fg - bg)
+    loss = ForegroundBackgroundDiceLoss(to_onehot_y=False, softmax=False)(p, r)
+    assert loss.item() == pytest.approx(float(torch.stack(expected).mean()), abs=1e-6)
+    # by hand for class 0: p = (.9, .2, .6, .1), r = (1, 0, 1, 0): fg = 1.5 / 3.8, bg = 1.7 / 4.2
+    assert float(expected[0]) == pytest.approx(1 - 1.5 / 3.8 - 1.7 / 4.2, abs=1e-5)
+    assert ForegroundBackgroundDiceLoss(to_onehot_y=False, softmax=False)(r, r).item() == pytest.approx(
+        0, abs=1e-6
+    )
+
+
+def test_dl2_from_logits_and_indices_has_gradients() -> None:
+    logits = torch.randn(2, 3, 8, 8, requires_grad=True)
+    target = torch.randint(0, 3, (2, 1, 8, 8))
+    loss = ForegroundBackgroundDiceLoss()(logits, target)
+    loss.backward()
+    assert 0 < loss.item() < 1 and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_multiclass_soft_dice_against_its_formula() -> None:
+    p, r = _probs()
+    per_class = [1 - 2 * (p[:, c] * r[:, c]).sum() / (p[:, c].sum() + r[:, c].sum()) for c in range(2)]
+    loss = DiceLoss(include_background=True, batch=True, smooth_nr=0, smooth_dr=0)(p, r)
+    assert loss.item() == pytest.approx(float(torch.stack(per_class).mean()), abs=1e-6)
+
+
+def test_sum_of_losses_weights() -> None:
+    p, r = _probs()
+    a, b = ForegroundBackgroundDiceLoss(to_onehot_y=False, softmax=False), DiceLoss(batch=True)
+    total = SumOfLosses([a, b], [2.0, 0.5])(p, r)
+    assert total.item() == pytest.approx(2 * a(p, r).item() + 0.5 * b(p, r).item(), abs=1e-6)
+
+
+def test_classic_unet_shape_and_gradients() -> None:
+    net = ClassicUNet(in_channels=1, out_channels=3, features=(8, 16, 32, 64, 128))
+    x = torch.randn(2, 1, 64, 48, requires_grad=True)
+    y = net(x)
+    assert y.shape == (2, 3, 64, 48)
+    y.mean().backward()
+    assert all(p.grad is not None for p in net.parameters())
+    # every up-step halves the channels, as in the reference implementation
+    assert net.upcat_1.upsample.deconv.out_channels == 8
+    assert sum(p.numel() for p in ClassicUNet(out_channels=2).parameters()) == pytest.approx(
+        31.04e6, rel=0.01
+    )
+
+
+# --- sigma 5000 on the 16-bit scale, whatever the stored depth -------------------------------------
+
+
+@pytest.mark.parametrize(("mode", "value", "dtype"), [("L", 128, np.uint8), ("I;16", 32768, np.uint16)])
+def test_noise_sigma_is_on_the_16bit_scale(tmp_path: Path, mode: str, value: int, dtype: type) -> None:
+    path = tmp_path / "flat.png"
+    Image.fromarray(np.full((256, 256), value, dtype=dtype)).save(path)
+    assert Image.open(path).mode == mode
+    load = Compose([LoadImaged("image", reader=PILReader(), image_only=True), EnsureChannelFirstd("image")])
+    clean = ScaleByBitDepthd("image")(load({"image": str(path), "case_id": "a"}))
+    noisy = CaseGaussianNoised("image", std=5000 / 65535, fraction=1.0, seed=0)(clean)
+    sigma = float(((noisy["image"] - clean["image"]) * 65535).std())
+    assert sigma == pytest.approx(5000, rel=0.03)
+    assert noisy["noisy"] == 1
+
+
+def test_noise_subset_is_fixed_per_case_and_seed() -> None:
+    noise = CaseGaussianNoised("image", std=0.1, fraction=0.5, seed=3)
+    items = [{"image": torch.full((1, 4, 4), 0.5), "case_id": f"c{i}"} for i in range(200)]
+    first = [noise(it) for it in items]
+    again = [noise(it) for it in reversed(items)][::-1]
+    assert 70 < sum(o["noisy"] for o in first) < 130
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(first, again, strict=True))
+    other_seed = [CaseGaussianNoised("image", std=0.1, fraction=0.5, seed=4)(it)["noisy"] for it in items]
+    assert other_seed != [o["noisy"] for o in first]
+
+
+# --- configs --------------------------------------------------------------------------------------
+
+
+def test_experiment_grid_is_complete() -> None:
+    names = {p.stem for p in EXPERIMENTS}
+    sizes = {f"train_size_{n:03d}" for n in (5, 10, 15, 20, 25, 45, 65, 85, 105)}
+    assert {"baseline", "noise_train_val", "noise_val_only"} | sizes == names
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: p.stem)
+def test_every_experiment_parses_and_builds(experiment: Path) -> None:
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.yaml"), str(experiment), str(CONFIGS / "quick.yaml")])
+    assert parser["experiment"] == experiment.stem
+    parser["dataset"] = "jsrt-scr"  # the registry entry only: nothing is read
+    net = parser.get_parsed_content("network_def")
+    assert isinstance(net, ClassicUNet) and net.final_conv.out_channels == 3
+    assert parser.get_parsed_content("noise_sigma_16bit") == 5000
+
+
+def test_deployment_configs_parse() -> None:
+    for name in ("evaluate", "inference", "multi_gpu_train"):
+        parser = ConfigParser()
+        parser.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / f"{name}.yaml")])
+        assert parser["run"], name
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {
+        "0": "background",
+        "1": "lungs",
+        "2": "heart",
+    }
+
+
+# --- the bundle end to end (quick profile) ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One quick-profile training on synthetic radiographs, shared by the tests below."""
+    out = tmp_path_factory.mktemp("xray-run")
+    store = tmp_path_factory.mktemp("xray-mlflow")
+    result = run_bundle("xray", ["train", "quick"], store, dataset="xray-synthetic", output_dir=out, seed=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, store
+
+
+@pytest.mark.slow
+def test_quick_profile_trains_and_improves(trained: tuple[Path, Path]) -> None:
+    out, store = trained
+    for name in ("model.pt", "model_final.pt", "config.json", "datalist.json", "run.json", "val_overlay.png"):
+        assert (out / name).is_file(), name
+    client = mlflow_client(store)
+    run = client.search_runs([client.get_experiment_by_name("xray").experiment_id])[0]
+    assert run.info.status == "FINISHED" and run.info.run_name == "baseline seed1"
+    assert run.data.tags["dataset.kind"] == "synthetic" and run.data.tags["profile"] == "quick"
+    dice = [
+        m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_dice"), key=lambda m: m.step)
+    ]
+    assert len(dice) == 8
+    assert max(dice[-3:]) > dice[0] + 0.25 and max(dice) > 0.6, dice
+    assert {"val_dice_lungs", "val_dice_heart", "train_loss", "lr"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.json", "run.json", "datalist.json", "val_overlay.png"} <= artifacts
+
+
+@pytest.mark.slow
+def test_evaluate_writes_metrics_json(trained: tuple[Path, Path], shared_data: Path) -> None:
+    out, store = trained
+    result = run_bundle(
+        "xray",
+        ["train", "quick", "evaluate"],
+        store,
+        dataset="xray-synthetic",
+        output_dir=out,
+        seed=1,
+        split="val",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"dice", "dice_lungs", "dice_heart", "iou", "iou_lungs", "iou_heart"} <= set(metrics["mean"])
+    val = json.loads((out / "datalist.json").read_text())["validation"]
+    assert set(metrics["cases"]) == {c["case_id"] for c in val}
+    assert 0 < metrics["mean"]["dice_lungs"] <= 1
+    # a real JSRT folder: --split all --data_root <folder> --ckpt_path
+    real = run_bundle(
+        "xray",
+        ["train", "quick", "evaluate"],
+        store,
+        dataset="jsrt-scr",
+        data_root=shared_data / "jsrt-scr",
+        split="all",
+        ckpt_path=out / "model.pt",
+        output_dir=out / "eval-jsrt",
+    )
+    assert real.returncode == 0, real.stderr[-3000:]
+    assert len(json.loads((out / "eval-jsrt" / "metrics.json").read_text())["cases"]) == 40
+
+
+@pytest.mark.slow
+def test_inference_keeps_each_inputs_size(
+    trained: tuple[Path, Path], tmp_path: Path, shared_data: Path
+) -> None:
+    out, store = trained
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 65535, (300, 420), dtype=np.uint16)).save(
+        inputs / "wide16.png"
+    )
+    shutil.copy(shared_data / "jsrt-scr" / "images" / "JPCLN001.IMG.png", inputs / "JPCLN001.IMG.png")
+    result = run_bundle(
+        "xray",
+        ["train", "quick", "inference"],
+        store,
+        input_path=inputs,
+        ckpt_path=out / "model.pt",
+        output_dir=tmp_path / "pred",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name, size in (("wide16", (420, 300)), ("JPCLN001", (2048, 2048))):
+        label = Image.open(tmp_path / "pred" / f"{name}_label.png")
+        assert label.size == size and set(np.unique(np.array(label))) <= {0, 1, 2}
+        assert Image.open(tmp_path / "pred" / f"{name}_overlay.png").size == size
+
+
+def _jsrt_copy(shared_data: Path, dest: Path, cases: int = 6) -> Path:
+    src = shared_data / "jsrt-scr"
+    names = sorted(p.name.split(".")[0] for p in (src / "images").iterdir())[:cases]
+    for name in names:
+        (dest / "images").mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / "images" / f"{name}.IMG.png", dest / "images")
+        for s in ("heart", "left_lung", "right_lung", "left_clavicle", "right_clavicle"):
+            (dest / "masks" / s).mkdir(parents=True, exist_ok=True)
+            shutil.copy(src / "masks" / s / f"{name}.gif", dest / "masks" / s)
+    return dest
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["missing_mask", "aspect_ratio", "mask_sizes", "unreadable"])
+def test_bad_input_is_one_line_and_nonzero(shared_data: Path, tmp_path: Path, fault: str) -> None:
+    root = _jsrt_copy(shared_data, tmp_path / "jsrt")
+    if fault == "missing_mask":
+        (root / "masks" / "heart" / "JPCLN002.gif").unlink()
+        expected = "case 'JPCLN002' is missing its 'heart' mask"
+    elif fault == "aspect_ratio":
+        for s in ("heart", "left_lung", "right_lung", "left_clavicle", "right_clavicle"):
+            Image.new("L", (1024, 700)).save(root / "masks" / s / "JPCLN002.gif")
+        expected = "JPCLN002.gif: size (1024, 700) does not have the aspect ratio of its image"
+    elif fault == "mask_sizes":
+        Image.new("L", (1024, 700)).save(root / "masks" / "heart" / "JPCLN002.gif")
+        expected = "heart/JPCLN002.gif: mask size (1024, 700) differs from (1024, 1024)"
+    else:
+        (root / "images" / "JPCLN002.IMG.png").write_bytes(b"not a png")
+        expected = "JPCLN002.IMG.png: cannot read this file (UnidentifiedImageError"
+    result = run_bundle(
+        "xray",
+        ["train", "quick"],
+        tmp_path / "mlflow",
+        dataset="jsrt-scr",
+        data_root=root,
+        output_dir=tmp_path / "o",
+        max_epochs=1,
+    )
+    assert result.returncode != 0
+    lines = error_lines(result)
+    assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    store = tmp_path / "mlflow" / "mlflow.db"
+    if store.exists():  # a run, if one was opened, must not be left FINISHED
+        client = mlflow_client(tmp_path / "mlflow")
+        exp = client.get_experiment_by_name("xray")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        assert all(r.info.status != "FINISHED" for r in runs)
