@@ -6,13 +6,14 @@ HOST ?= 127.0.0.1
 PORT ?= 5000
 PYTEST_ARGS ?=
 
-.PHONY: help install test lint format data mlflow-ui clean
+.PHONY: help install test lint format data bench mlflow-ui clean
 
 help:
 	@echo "make install    create $(VENV) (torch==2.13.0 first when none is importable), pip install -e .[dev]"
 	@echo "make test       run the test suite (real-sample tests read ../shared/data, or skip saying why)"
 	@echo "make lint       ruff check and format check"
 	@echo "make data       generate every synthetic dataset into the cache (\$$MEDSEG_CACHE)"
+	@echo "make bench      training/inference throughput vs a plain PyTorch loop -> bench.json"
 	@echo "make mlflow-ui  serve the tracking store on http://$(HOST):$(PORT)"
 
 $(PY):
@@ -37,6 +38,9 @@ format: $(PY)
 
 data: $(PY)
 	$(PY) -m medseg_monai.data generate
+
+bench: $(PY)
+	$(PY) -m medseg_monai.bench --output bench.json
 
 mlflow-ui: $(PY)
 	@mkdir -p mlflow/artifacts

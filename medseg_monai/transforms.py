@@ -52,9 +52,9 @@ class RemapLabelsd(MapTransform):
 
     ``label`` (1, *spatial) of file values (e.g. BraTS {0, 1, 2, 4}, WMH 2017 {0, 1, 2}) becomes
     (1, *spatial) class indices via ``mapping``. Voxels whose file value is in ``ignore_values``
-    (WMH 2017 label 2, other pathology; Kuijf et al., IEEE TMI 2019) become 0 and, when
-    ``ignore_key`` is given, are flagged 1 in a mask of the same shape written there so that
-    losses and metrics can exclude them. A value that is neither mapped nor ignored stops with
+    (WMH 2017 label 2, other pathology; Kuijf et al., IEEE TMI 2019) become ``ignore_index``
+    (default 0, i.e. background; e.g. -1 for losses and metrics that skip that value) and, when
+    ``ignore_key`` is given, are flagged 1 in a mask of the same shape written there. A value that is neither mapped nor ignored stops with
     one line naming the file, since it means the data does not follow its registry entry.
     """
 
@@ -64,6 +64,7 @@ class RemapLabelsd(MapTransform):
         mapping: Mapping[int | str, int],
         ignore_values: Sequence[int] = (),
         ignore_key: str | None = None,
+        ignore_index: int = 0,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -71,11 +72,12 @@ class RemapLabelsd(MapTransform):
         self.ignore_values = [int(v) for v in ignore_values]
         self.ignore_key = ignore_key
         top = max([*self.mapping, *self.ignore_values, 0])
-        self.lut = torch.full((top + 1,), -1, dtype=torch.long)
+        self.lut = torch.full((top + 1,), 0, dtype=torch.long)
+        self.known = torch.zeros(top + 1, dtype=torch.bool)
         for k, v in self.mapping.items():
-            self.lut[k] = v
+            self.lut[k], self.known[k] = v, True
         for v in self.ignore_values:
-            self.lut[v] = 0
+            self.lut[v], self.known[v] = int(ignore_index), True
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -83,7 +85,7 @@ class RemapLabelsd(MapTransform):
             img = d[key]
             values = torch.as_tensor(img).round().long()
             bad = (values < 0) | (values >= len(self.lut))
-            bad |= self.lut[values.clamp(0, len(self.lut) - 1)] < 0
+            bad |= ~self.known[values.clamp(0, len(self.lut) - 1)]
             if bad.any():
                 found = sorted({int(v) for v in torch.unique(values[bad])})
                 raise DatasetError(
