@@ -5,14 +5,21 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 5000
 PYTEST_ARGS ?=
+PROFILE ?= quick
+STUDIES ?=
+SEEDS ?=
+FORCE ?=
 
-.PHONY: help install test lint format data bench mlflow-ui clean
+.PHONY: help install test lint format data reproduce-all report bench mlflow-ui clean
 
 help:
 	@echo "make install    create $(VENV) (torch==2.13.0 first when none is importable), pip install -e .[dev]"
 	@echo "make test       run the test suite (real-sample tests read ../shared/data, or skip saying why)"
 	@echo "make lint       ruff check and format check"
 	@echo "make data       generate every synthetic dataset into the cache (\$$MEDSEG_CACHE)"
+	@echo "make reproduce-all [PROFILE=quick|paper] [STUDIES=\"wmh xray\"] [SEEDS=\"0 1\"] [FORCE=1]"
+	@echo "                 every bundle's experiment grid (train + evaluate), resumable; then the report"
+	@echo "make report     rebuild mlflow/reports/report.md and report.html from the MLflow store"
 	@echo "make bench      training/inference throughput vs a plain PyTorch loop -> bench.json"
 	@echo "make mlflow-ui  serve the tracking store on http://$(HOST):$(PORT)"
 
@@ -38,6 +45,13 @@ format: $(PY)
 
 data: $(PY)
 	$(PY) -m medseg_monai.data generate
+
+reproduce-all: $(PY)
+	$(PY) -m medseg_monai.reproduce --profile $(PROFILE) $(if $(STUDIES),--studies $(STUDIES)) \
+		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(FORCE),--force)
+
+report: $(PY)
+	$(PY) -m medseg_monai.report
 
 bench: $(PY)
 	$(PY) -m medseg_monai.bench --output bench.json

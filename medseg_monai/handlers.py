@@ -147,8 +147,8 @@ class MLflowTracker:
     and the learning rate; each epoch of ``evaluator`` (if given) its scalar metrics and the means
     of its ``case_metrics``, at the training epoch as step. On completion it logs the files of
     ``output_dir`` matching ``artifacts`` and ends the run FINISHED; an exception ends it FAILED and
-    propagates. The run id is written to ``<output_dir>/mlflow_run.json`` so that a later
-    evaluation in the same output folder continues the same run.
+    propagates. The run id is written to ``<output_dir>/mlflow_run.json``; with ``resume=True``
+    (evaluation) the run recorded there is continued instead of a new one being opened.
 
     Attach it before other handlers that re-raise exceptions (e.g. ``StatsHandler``), so that a
     failure is always recorded.
@@ -168,6 +168,7 @@ class MLflowTracker:
         tags: dict[str, str] | None = None,
         device: Any = None,
         metric_prefix: str = "",
+        resume: bool = False,
     ) -> None:
         self.experiment = experiment
         self.run_name = run_name
@@ -181,6 +182,7 @@ class MLflowTracker:
         self.tags = dict(tags or {})
         self.device = device
         self.metric_prefix = metric_prefix
+        self.resume = resume
         self._stack: ExitStack | None = None
         self._loss_sum = 0.0
         self._loss_n = 0
@@ -198,7 +200,7 @@ class MLflowTracker:
 
     def _previous_run(self) -> str | None:
         record = self.output_dir / "mlflow_run.json"
-        if not record.is_file():
+        if not self.resume or not record.is_file():
             return None
         info = json.loads(record.read_text())
         return info["run_id"] if info.get("tracking_uri") == tracking_uri() else None

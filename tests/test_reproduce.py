@@ -1,0 +1,127 @@
+"""make reproduce-all end to end on a tiny grid: report from MLflow, skipping, failures."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from bundle_utils import ROOT, mlflow_client
+
+from medseg_monai.reproduce import plan
+
+GRID = {
+    "study": "xray",
+    "split": "val",
+    "metrics": ["dice"],
+    "seeds": {"quick": [0, 1], "paper": [0]},
+    "profiles": {"quick": ["quick.yaml", "tiny.yaml"], "paper": []},
+    "experiments": [
+        {"name": "baseline", "config": "experiments/baseline.yaml", "paper": {"dice": 0.99105}},
+        {"name": "noise_val_only", "config": "experiments/noise_val_only.yaml", "paper": {"dice": 0.6648}},
+    ],
+    "figures": [{"kind": "curves", "title": "Validation Dice per epoch", "metric": "val_dice"}],
+}
+
+
+@pytest.fixture
+def bundles(tmp_path: Path) -> Path:
+    """A copy of the X-ray bundle whose reproduce.yaml is the tiny grid above."""
+    configs = tmp_path / "bundles" / "xray" / "configs"
+    shutil.copytree(ROOT / "bundles" / "xray" / "configs", configs)
+    (configs / "tiny.yaml").write_text("max_epochs: 2\nimage_size: 32\n")
+    (configs / "reproduce.yaml").write_text(yaml.safe_dump(GRID))
+    return tmp_path / "bundles"
+
+
+def _reproduce(bundles: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MEDSEG_MLFLOW_DIR": str(tmp_path / "mlflow"), "PYTHONWARNINGS": "ignore"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [
+        sys.executable,
+        "-m",
+        "medseg_monai.reproduce",
+        "--profile",
+        "quick",
+        "--bundles_dir",
+        str(bundles),
+    ]
+    cmd += ["--runs_dir", str(tmp_path / "runs"), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+
+
+def test_every_bundle_grid_plans(tmp_path: Path) -> None:
+    jobs = plan("quick", runs_dir=tmp_path)
+    studies = {j.study for j in jobs}
+    assert "xray" in studies
+    xray = [j for j in jobs if j.study == "xray"]
+    assert len(xray) == 12 and {j.experiment for j in xray} >= {
+        "baseline",
+        "noise_val_only",
+        "train_size_105",
+    }
+    assert all(Path(c).is_file() for j in jobs for c in j.configs)
+    assert len(plan("paper", studies=["xray"], runs_dir=tmp_path)) == 36
+
+
+@pytest.mark.slow
+def test_tiny_grid_end_to_end(bundles: Path, tmp_path: Path) -> None:
+    first = _reproduce(bundles, tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "[4/4] xray/noise_val_only seed 1: epoch 2/2" in first.stdout  # progress with run k of n
+    assert "ETA" in first.stdout
+    client = mlflow_client(tmp_path / "mlflow")
+    exp = client.get_experiment_by_name("xray")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    report = (tmp_path / "mlflow" / "reports" / "report.md").read_text()
+    for run in runs:
+        value = run.data.metrics["eval_val_dice"]
+        assert f"{value:.4f}" in report or run.info.run_id[:8] in report
+    rows = [
+        line
+        for line in report.splitlines()
+        if line.startswith("| baseline") or line.startswith("| noise_val_only")
+    ]
+    assert len(rows) == 2 and "0.99105" in rows[0] and "0.6648" in rows[1]
+    assert all("| 2 |" in r and "synthetic" in r for r in rows)
+    assert "check the pipeline and reproduce nothing" in report
+    html = (tmp_path / "mlflow" / "reports" / "report.html").read_text()
+    assert "data:image/png;base64," in html
+
+    second = _reproduce(bundles, tmp_path)
+    assert second.returncode == 0 and second.stdout.count("skipped") >= 4, second.stdout[-2000:]
+    assert "0 ran, 4 skipped, 0 failed" in second.stdout
+    assert len(client.search_runs([exp.experiment_id])) == 4
+
+    # the report is rebuilt from the store alone
+    (tmp_path / "mlflow" / "reports" / "report.md").unlink()
+    env = {**os.environ, "MEDSEG_MLFLOW_DIR": str(tmp_path / "mlflow")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    rebuilt = subprocess.run(
+        [sys.executable, "-m", "medseg_monai.report"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert rebuilt.returncode == 0 and (tmp_path / "mlflow" / "reports" / "report.md").read_text() == report
+
+
+@pytest.mark.slow
+def test_failed_experiment_is_reported_and_the_rest_complete(bundles: Path, tmp_path: Path) -> None:
+    configs = bundles / "xray" / "configs"
+    (configs / "experiments" / "broken.yaml").write_text("experiment: broken\ndataset: no-such-dataset\n")
+    grid = dict(
+        GRID, experiments=[*GRID["experiments"][:1], {"name": "broken", "config": "experiments/broken.yaml"}]
+    )
+    (configs / "reproduce.yaml").write_text(yaml.safe_dump(grid))
+    result = _reproduce(bundles, tmp_path, "--seeds", "0")
+    assert result.returncode == 1
+    assert "xray/broken seed 0" in result.stderr and "unknown dataset 'no-such-dataset'" in result.stderr
+    client = mlflow_client(tmp_path / "mlflow")
+    runs = client.search_runs([client.get_experiment_by_name("xray").experiment_id])
+    status = {r.data.tags["variant"]: r.info.status for r in runs}
+    assert status == {"baseline": "FINISHED", "broken": "FAILED"}
+    report = (tmp_path / "mlflow" / "reports" / "report.md").read_text()
+    assert "Failed runs:" in report and "broken seed 0" in report
