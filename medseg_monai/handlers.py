@@ -24,7 +24,7 @@ from monai.engines.utils import IterationEvents
 from medseg_monai.data import get_dataset, resolve_data_root
 from medseg_monai.tracking import start_run, tracking_uri
 
-__all__ = ["CaseMetrics", "GradientClipping", "MLflowTracker", "summarise_cases"]
+__all__ = ["CaseMetrics", "GradientClipping", "LesionTableWriter", "MLflowTracker", "summarise_cases"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,17 +58,27 @@ def _case_id(item: Any) -> str:
 
 
 def summarise_cases(
-    details: dict[str, torch.Tensor], case_ids: list[str], class_names: list[str]
+    details: dict[str, torch.Tensor],
+    case_ids: list[str],
+    class_names: list[str],
+    columns: dict[str, list[str]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per-case metric tables -> ``{"mean": {...}, "cases": {id: {...}}}``.
 
     ``details[name]`` is (N cases, K) with one column per class in ``class_names`` (or K = 1 for a
     case-level metric). Each case gets ``<name>_<class>`` and ``<name>`` (mean over its classes);
     ``mean`` averages cases, skipping NaN (a class absent from both reference and prediction).
+    A metric named in ``columns`` has its own column names instead (e.g. the many columns of
+    ``medseg_monai.metrics.LesionMetrics``), reported as they are.
     """
     cases: dict[str, dict[str, float]] = {cid: {} for cid in case_ids}
+    columns = columns or {}
     for name, table in details.items():
         table = torch.as_tensor(table, dtype=torch.float64).reshape(len(case_ids), -1)
+        if name in columns:
+            for row, cid in zip(table, case_ids, strict=True):
+                cases[cid].update({c: float(v) for c, v in zip(columns[name], row, strict=True)})
+            continue
         if table.shape[1] > 1 and table.shape[1] != len(class_names):
             raise ValueError(f"metric '{name}' has {table.shape[1]} columns for classes {class_names}")
         for row, cid in zip(table, case_ids, strict=True):
@@ -93,14 +103,23 @@ class CaseMetrics:
     Args:
         metrics: metric handler name -> reported name, e.g. ``{"val_dice": "dice", "val_iou": "iou"}``.
         class_names: the classes of the metric columns (background excluded when the metrics exclude it).
+        columns: reported name -> column names, for metrics whose columns are not classes.
+        aliases: extra names for reported values, e.g. ``{"dice": "dice_wmh"}`` for a one-class study.
     """
 
     def __init__(
-        self, metrics: dict[str, str], class_names: list[str], output_path: str | None = None
+        self,
+        metrics: dict[str, str],
+        class_names: list[str],
+        output_path: str | None = None,
+        columns: dict[str, list[str]] | None = None,
+        aliases: dict[str, str] | None = None,
     ) -> None:
         self.metrics = dict(metrics)
         self.class_names = list(class_names)
         self.output_path = output_path
+        self.columns = {k: list(v) for k, v in (columns or {}).items()}
+        self.aliases = dict(aliases or {})
         self._ids: list[str] = []
 
     def attach(self, engine: Engine) -> None:
@@ -117,13 +136,20 @@ class CaseMetrics:
             self._ids.extend(_case_id(item) for item in batch)
 
     def _summarise(self, engine: Engine) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # metric details are gathered across ranks in rank order; gather the ids the same way
+            gathered: list[list[str]] = [[] for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather_object(gathered, self._ids)
+            self._ids = [cid for ids in gathered for cid in ids]
         details = getattr(engine.state, "metric_details", {})
         missing = [m for m in self.metrics if m not in details]
         if missing:
             raise RuntimeError(f"metrics {missing} have no per-case details: set save_details=True on them")
         summary = summarise_cases(
-            {self.metrics[m]: details[m] for m in self.metrics}, self._ids, self.class_names
+            {self.metrics[m]: details[m] for m in self.metrics}, self._ids, self.class_names, self.columns
         )
+        for values in (summary["mean"], *summary["cases"].values()):
+            values.update({alias: values[name] for name, alias in self.aliases.items() if name in values})
         engine.state.case_metrics = summary
         if self.output_path:
             path = Path(self.output_path)
@@ -131,6 +157,56 @@ class CaseMetrics:
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(summary, indent=1, allow_nan=True))
             os.replace(tmp, path)
+
+
+class LesionTableWriter:
+    """Write the pooled lesion-wise table of a ``medseg_monai.metrics.LesionMetrics`` handler at each
+    evaluator epoch end: ``<prefix>lesion_table.csv`` (per size bracket TP/FN/FP, lesion precision
+    and recall, average recall) and ``<prefix>lesion_brackets.png`` (detected and missed reference
+    lesions and false positives per bracket, as the WMH thesis's fig. 8.24)."""
+
+    def __init__(self, metric: Any, output_dir: str, prefix: str = "") -> None:
+        self.metric = getattr(metric, "metric_fn", metric)
+        self.output_dir = Path(output_dir)
+        self.prefix = prefix
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        import csv
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        table = self.metric.table()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        fields = list(next(iter(table.values())))
+        with (self.output_dir / f"{self.prefix}lesion_table.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["bracket", *fields])
+            writer.writerows([b, *(row[c] for c in fields)] for b, row in table.items())
+        brackets = [b for b in table if b != "all"]
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        x = range(len(brackets))
+        for offset, (col, colour) in enumerate(
+            (("tp", "tab:green"), ("fn", "tab:red"), ("fp", "tab:orange"))
+        ):
+            ax.bar(
+                [i + (offset - 1) * 0.27 for i in x],
+                [table[b][col] for b in brackets],
+                0.27,
+                label=col.upper(),
+                color=colour,
+            )
+        ax.set_xticks(list(x), [f"[{b}) voxels" for b in brackets])
+        ax.set_ylabel("lesions")
+        ax.set_title(f"lesion detection per size bracket (recall {table['all']['lesion_recall']:.2f})")
+        ax.legend()
+        fig.savefig(self.output_dir / f"{self.prefix}lesion_brackets.png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
 
 
 def _scalar(value: Any) -> float | None:
@@ -258,13 +334,14 @@ class MLflowTracker:
             mlflow.log_metrics(metrics, step=step)
 
     def _engine_metrics(self, engine: Engine) -> dict[str, float]:
-        metrics = {
-            f"{self.metric_prefix}{k}": v for k, v in engine.state.metrics.items() if _scalar(v) is not None
-        }
+        """The engine's scalar metrics and its case summary means, named ``<prefix><name>``; the
+        bundles' ``val_`` handler names lose that part first (``val_loss`` -> ``<prefix>loss``)."""
+        values = {k.removeprefix("val_"): _scalar(v) for k, v in engine.state.metrics.items()}
         summary = getattr(engine.state, "case_metrics", None)
         if summary:
-            metrics.update({f"{self.metric_prefix}{k}": v for k, v in summary["mean"].items()})
-        return {k: float(_scalar(v)) for k, v in metrics.items() if not math.isnan(float(_scalar(v)))}
+            values.update(summary["mean"])
+        p = self.metric_prefix
+        return {p + k: float(v) for k, v in values.items() if v is not None and not math.isnan(float(v))}
 
     def _log_evaluation(self, evaluator: Engine) -> None:
         import mlflow

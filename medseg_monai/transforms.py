@@ -22,6 +22,8 @@ from medseg_monai.data.registry import DatasetError
 __all__ = [
     "CaseGaussianNoised",
     "CheckFilesd",
+    "CheckGeometryd",
+    "CheckIntensityd",
     "LabelToRegionsd",
     "LoadMasksd",
     "MasksToLabeld",
@@ -131,6 +133,72 @@ class CheckFilesd(MapTransform):
             raise
         except Exception as e:
             raise DatasetError(f"{path}: cannot read this file ({type(e).__name__}: {e})") from e
+
+
+class CheckGeometryd(MapTransform):
+    """Before loading: every NIfTI under ``keys`` (paths or lists of paths, e.g. FLAIR and T1 and
+    the label) of a case must share one shape and, within ``atol`` mm, one affine. A mismatch
+    stops with one line naming the case and both files, instead of a failed stack or a silently
+    misaligned label."""
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        id_key: str = "case_id",
+        atol: float = 1e-3,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.id_key = id_key
+        self.atol = atol
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        import nibabel
+        import numpy as np
+
+        d = dict(data)
+        paths = [
+            str(p)
+            for key in self.key_iterator(d)
+            for p in ([d[key]] if isinstance(d[key], (str, Path)) else d[key])
+        ]
+        first = nibabel.load(paths[0])
+        case = d.get(self.id_key, paths[0])
+        for path in paths[1:]:
+            other = nibabel.load(path)
+            if other.shape[:3] != first.shape[:3]:
+                raise DatasetError(
+                    f"case '{case}': {path} has shape {other.shape[:3]} but {paths[0]} has {first.shape[:3]}"
+                )
+            if not np.allclose(other.affine, first.affine, atol=self.atol):
+                raise DatasetError(f"case '{case}': the affine of {path} differs from that of {paths[0]}")
+        return d
+
+
+class CheckIntensityd(MapTransform):
+    """After loading: no NaN or infinite voxel, and no all-zero channel, in ``keys`` (C, *spatial);
+    otherwise one line naming the case and the file."""
+
+    def __init__(
+        self, keys: KeysCollection, id_key: str = "case_id", allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.id_key = id_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = torch.as_tensor(d[key])
+            names = (getattr(d[key], "meta", {}) or {}).get("filename_or_obj", key)
+            names = names if isinstance(names, (list, tuple)) else [names] * img.shape[0]
+            case = d.get(self.id_key, "?")
+            for c in range(img.shape[0]):
+                if not torch.isfinite(img[c]).all():
+                    n = int((~torch.isfinite(img[c])).sum())
+                    raise DatasetError(f"case '{case}': {names[c]} has {n} NaN or infinite voxels")
+                if not img[c].any():
+                    raise DatasetError(f"case '{case}': {names[c]} is all zero")
+        return d
 
 
 class LoadMasksd(MapTransform):

@@ -69,9 +69,10 @@ def overlay_panels(image: np.ndarray, label: np.ndarray, pred: np.ndarray, title
 
 
 def _class_map(t: Any) -> np.ndarray:
-    """(C, H, W) one-hot/probabilities or (1, H, W) indices -> (H, W) class indices."""
-    t = torch.as_tensor(t).detach().cpu()
-    return (t.argmax(0) if t.shape[0] > 1 else t[0]).numpy()
+    """(C, *spatial) one-hot/probabilities or (1, *spatial) indices/probabilities -> class indices
+    (one channel: >= 0.5 is foreground; negative values, e.g. ignored voxels, count as background)."""
+    t = torch.as_tensor(t).detach().cpu().float()
+    return (t.argmax(0) if t.shape[0] > 1 else (t[0] >= 0.5).long()).numpy()
 
 
 class OverlaySaver:
@@ -83,11 +84,17 @@ class OverlaySaver:
     """
 
     def __init__(
-        self, output_dir: str, filename: str = "overlay.png", transpose: bool = True, image_key: str = "image"
+        self,
+        output_dir: str,
+        filename: str = "overlay.png",
+        transpose: bool = True,
+        image_key: str = "image",
+        slice_axis: int = -1,
     ) -> None:
         self.path = Path(output_dir) / filename
         self.transpose = transpose
         self.image_key = image_key
+        self.slice_axis = slice_axis
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
@@ -99,6 +106,11 @@ class OverlaySaver:
         source = output if self.image_key in output else item
         image = torch.as_tensor(source[self.image_key]).detach().cpu()[0].float().numpy()
         label, pred = _class_map(output["label"]), _class_map(output["pred"])
+        if image.ndim == 3:  # a volume: show the slice with the most reference foreground
+            axis = self.slice_axis % 3
+            counts = (label > 0).sum(axis=tuple(a for a in range(3) if a != axis))
+            z = int(counts.argmax()) if counts.any() else image.shape[axis] // 2
+            image, label, pred = (np.take(a, z, axis=axis) for a in (image, label, pred))
         if self.transpose:
             image, label, pred = image.T, label.T, pred.T
         self.path.parent.mkdir(parents=True, exist_ok=True)
