@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from bundle_utils import ROOT, mlflow_client
 
+from bundle_utils import ROOT, mlflow_client
 from medseg_monai.reproduce import plan
 
 GRID = {

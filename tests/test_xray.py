@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bundle_utils import ROOT, error_lines, mlflow_client, run_bundle
 from monai.bundle import ConfigParser
 from monai.data import PILReader
 from monai.losses import DiceLoss
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from PIL import Image
 
+from bundle_utils import ROOT, error_lines, mlflow_client, run_bundle
 from medseg_monai.losses import ForegroundBackgroundDiceLoss, SumOfLosses
 from medseg_monai.networks import ClassicUNet
 from medseg_monai.transforms import CaseGaussianNoised, ScaleByBitDepthd

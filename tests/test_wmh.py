@@ -1,0 +1,258 @@
+"""WMH bundle: every experiment builds, the quick profile learns on synthetic data, real samples
+train, evaluate writes the lesion metrics, inference keeps the input's grid, bad input fails clearly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from bundle_utils import ROOT, error_lines, mlflow_client, run_bundle
+from medseg_monai.networks import AttentionUNet, ClassicUNet
+
+CONFIGS = ROOT / "bundles" / "wmh" / "configs"
+EXPERIMENTS = sorted((CONFIGS / "experiments").glob("*.yaml"))
+
+
+def _parser(*names: str, **overrides: object) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.yaml"), *(str(CONFIGS / n) for n in names)])
+    parser.update({"dataset": "wmh2017", **overrides})  # the registry entry only: nothing is read
+    return parser
+
+
+def test_default_is_the_thesis_best_model() -> None:
+    p = _parser()
+    net, loss = p.get_parsed_content("network_def"), p.get_parsed_content("loss")
+    assert isinstance(net, ClassicUNet) and net.conv_0.conv_0.conv.in_channels == 3
+    assert type(net.conv_0.conv_0.adn.A).__name__ == "Mish" and isinstance(
+        net.conv_0.conv_0.adn.N, torch.nn.BatchNorm2d
+    )
+    assert (loss.alpha, loss.beta, loss.gamma, loss.smooth) == (0.85, 0.15, pytest.approx(4 / 3), 2.0)
+    opt = p.get_parsed_content("optimizer")
+    assert isinstance(opt, torch.optim.Adam) and opt.defaults["lr"] == 1e-4
+    assert (p["batch_size"], p["max_epochs"], p["seed"], p["min_entropy"], p["flip_prob"]) == (
+        12,
+        50,
+        123,
+        2.0,
+        0.5,
+    )
+    sched = p.get_parsed_content("lr_scheduler")
+    assert (sched.factor, sched.patience, sched.mode) == (0.2, 5, "min")
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: p.stem)
+def test_every_experiment_parses_and_builds(experiment: Path) -> None:
+    p = _parser(f"experiments/{experiment.name}", "quick.yaml")
+    assert p["experiment"] == experiment.stem
+    net = p.get_parsed_content("network_def")
+    expected = type(net) is AttentionUNet if "attention" in experiment.stem else type(net) is ClassicUNet
+    assert expected
+    x = torch.randn(2, p.get_parsed_content("in_channels"), 32, 32)
+    assert net(x).shape == (2, 1, 32, 32)
+    assert len(p.get_parsed_content("spatial_size")) == 3
+
+
+def test_experiment_grid_matches_chapter_8() -> None:
+    names = {p.stem for p in EXPERIMENTS}
+    assert names == {
+        "best_model",
+        "unet256_alpha070",
+        "unet256_alpha085",
+        "attention_unet",
+        "attention_unet_pyramid",
+        "three_slices_alpha070",
+        "three_slices_alpha085",
+        "three_slices_flips",
+        "three_slices_flair_only",
+        "mish_groupnorm4",
+        "mish_groupnorm32",
+        "sagittal",
+    }
+    pyramid = _parser("experiments/attention_unet_pyramid.yaml").get_parsed_content("network_def")
+    assert pyramid.pyramid_input
+    t1 = _parser("experiments/three_slices_alpha070.yaml")
+    assert t1["channels"] == ["flair", "t1"] and t1.get_parsed_content("in_channels") == 6
+    sag = _parser("experiments/sagittal.yaml")
+    assert sag.get_parsed_content("spatial_size") == [-1, 256, 256]
+
+
+def test_deployment_configs_parse() -> None:
+    for name in ("evaluate", "inference", "multi_gpu_train"):
+        assert _parser(f"{name}.yaml")["run"], name
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 3
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    out = tmp_path_factory.mktemp("wmh-run")
+    store = tmp_path_factory.mktemp("wmh-mlflow")
+    result = run_bundle("wmh", ["train", "quick"], store, dataset="wmh-synthetic", output_dir=out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, store
+
+
+@pytest.mark.slow
+def test_quick_profile_trains_on_synthetic_and_dice_rises(trained: tuple[Path, Path]) -> None:
+    out, store = trained
+    client = mlflow_client(store)
+    run = client.search_runs([client.get_experiment_by_name("wmh").experiment_id])[0]
+    assert run.info.status == "FINISHED" and run.data.tags["dataset.id"] == "wmh-synthetic"
+    dice = [
+        m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_dice"), key=lambda m: m.step)
+    ]
+    assert max(dice[-2:]) > dice[0] + 0.2, dice
+    assert {"val_f3", "val_recall", "val_precision", "val_lesion_recall", "val_loss", "train_loss"} <= set(
+        run.data.metrics
+    )
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {
+        "val_lesion_table.csv",
+        "val_lesion_brackets.png",
+        "val_overlay.png",
+        "config.json",
+        "run.json",
+    } <= artifacts
+    assert int(run.data.params["n_train_slices"]) < 40 * int(
+        run.data.params["n_train_volumes"]
+    )  # entropy filter
+
+
+@pytest.mark.slow
+def test_evaluate_writes_lesion_metrics(trained: tuple[Path, Path]) -> None:
+    out, store = trained
+    result = run_bundle(
+        "wmh", ["train", "quick", "evaluate"], store, dataset="wmh-synthetic", output_dir=out, split="test"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    mean = metrics["mean"]
+    assert {
+        "dice",
+        "dice_wmh",
+        "recall",
+        "precision",
+        "f3",
+        "lesion_recall",
+        "lesion_precision",
+        "average_recall",
+    } <= set(mean)
+    assert {"tp_0-10", "fn_10-400", "fp_400-1000", "n_ref_1000-inf"} <= set(mean)
+    assert all(not np.isnan(v) for v in mean.values())
+    assert len(metrics["cases"]) == 2
+    assert (out / "eval_test_lesion_table.csv").read_text().startswith("bracket,")
+
+
+@pytest.mark.slow
+def test_inference_keeps_the_input_grid(
+    trained: tuple[Path, Path], tmp_path: Path, shared_data: Path
+) -> None:
+    out, store = trained
+    flair = shared_data / "wmh-clinical-flair" / "2516043217" / "t2flair-stripped.nii.gz"
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(flair, folder / "a.nii.gz")
+    result = run_bundle(
+        "wmh",
+        ["train", "quick", "inference"],
+        store,
+        input_path=folder,
+        ckpt_path=out / "model.pt",
+        output_dir=tmp_path / "pred",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    src, pred = nib.load(flair), nib.load(tmp_path / "pred" / "a_wmh.nii.gz")
+    assert pred.shape == src.shape and np.allclose(pred.affine, src.affine, atol=1e-3)
+    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("dataset", "extra"), [("wmh-clinical-flair", {}), ("ms-lesions-mni", {"channels": "['flair','t1']"})]
+)
+def test_trains_on_real_samples(shared_data: Path, tmp_path: Path, dataset: str, extra: dict) -> None:
+    result = run_bundle(
+        "wmh",
+        ["train", "quick"],
+        tmp_path / "mlflow",
+        dataset=dataset,
+        data_root=shared_data / dataset,
+        output_dir=tmp_path / "out",
+        max_epochs=1,
+        **extra,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["dataset"]["kind"] == "real" and record["dataset"]["cases"]["train"]
+
+
+def _write(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, affine), path)
+
+
+def _wmh2017_case(
+    root: Path, subject: str, flair: np.ndarray, t1: np.ndarray | None, label: np.ndarray, affines=None
+) -> None:
+    a = affines or [np.diag([1.0, 1.0, 3.0, 1.0])] * 3
+    _write(root / "SiteA" / subject / "pre" / "FLAIR.nii.gz", flair, a[0])
+    if t1 is not None:
+        _write(root / "SiteA" / subject / "pre" / "T1.nii.gz", t1, a[1])
+    _write(root / "SiteA" / subject / "wmh.nii.gz", label, a[2])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["shape", "affine", "nan", "zero", "missing_t1"])
+def test_bad_input_is_one_line_and_leaves_no_finished_run(tmp_path: Path, fault: str) -> None:
+    rng = np.random.default_rng(0)
+    root = tmp_path / "wmh2017"
+    vol = rng.random((32, 32, 8)).astype(np.float32) + 0.1  # one good case + the bad one: train 1, val 1
+    _wmh2017_case(root, "0", vol, vol.copy(), (rng.random((32, 32, 8)) > 0.97).astype(np.uint8))
+    flair = rng.random((32, 32, 8)).astype(np.float32) + 0.1
+    label = np.zeros((32, 32, 8), np.uint8)
+    if fault == "shape":
+        _wmh2017_case(root, "9", flair, flair, np.zeros((32, 30, 8), np.uint8))
+        expected = "case 'SiteA_9'"
+    elif fault == "affine":
+        _wmh2017_case(
+            root, "9", flair, flair, label, [np.eye(4), np.eye(4) * 2 + np.diag([0, 0, 0, -1.0]), np.eye(4)]
+        )
+        expected = "the affine of"
+    elif fault == "nan":
+        flair[3, 3, 3] = np.nan
+        _wmh2017_case(root, "9", flair, flair, label)
+        expected = "has 1 NaN or infinite voxels"
+    elif fault == "zero":
+        _wmh2017_case(root, "9", np.zeros_like(flair), flair, label)
+        expected = "is all zero"
+    else:
+        _wmh2017_case(root, "9", flair, None, label)
+        expected = "case 'SiteA_9' is missing its 't1' image"
+    result = run_bundle(
+        "wmh",
+        ["train", "quick", "experiments/three_slices_alpha070"],
+        tmp_path / "mlflow",
+        dataset="wmh2017",
+        data_root=root,
+        output_dir=tmp_path / "out",
+        max_epochs=1,
+        cache_rate=1.0,
+    )
+    assert result.returncode != 0
+    lines = error_lines(result)
+    assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    if (tmp_path / "mlflow" / "mlflow.db").exists():
+        client = mlflow_client(tmp_path / "mlflow")
+        exp = client.get_experiment_by_name("wmh")
+        assert all(
+            r.info.status != "FINISHED" for r in (client.search_runs([exp.experiment_id]) if exp else [])
+        )
