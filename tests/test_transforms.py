@@ -36,7 +36,9 @@ def test_remap_ignores_wmh_other_pathology_and_flags_it() -> None:
     assert out["label"].tolist() == [[[0, 1, 0], [0, 1, 0]]]
     assert out["ignore"].tolist() == [[[0, 0, 1], [1, 0, 0]]]
     assert out["label"].meta["filename_or_obj"] == "wmh.nii.gz"
-    skip = RemapLabelsd("label", spec.label_mapping(), spec.ignore_values(), ignore_index=-1)({"label": label})
+    skip = RemapLabelsd("label", spec.label_mapping(), spec.ignore_values(), ignore_index=-1)(
+        {"label": label}
+    )
     assert skip["label"].tolist() == [[[0, 1, -1], [-1, 1, 0]]]
 
 

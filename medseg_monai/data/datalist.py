@@ -144,12 +144,21 @@ def take(items: list[dict[str, Any]], n: int | None, seed: int = 0) -> list[dict
 
 
 def _params_hash(spec: DatasetSpec) -> str:
-    from medseg_monai.synthetic import default_params
+    """Hash of the generator's name, seed, parameters (with defaults) and source code, so that a
+    change to any of them generates the dataset anew instead of reusing a stale cache."""
+    import inspect
+
+    from medseg_monai import synthetic
+    from medseg_monai.synthetic import GENERATORS, default_params
 
     gen = dict(spec.generator or {})
     gen.pop("expected_fractions", None)
     gen["params"] = {**default_params(gen["name"]), **gen["params"]}
-    return hashlib.sha256(json.dumps(gen, sort_keys=True).encode()).hexdigest()[:10]
+    code = inspect.getsource(inspect.getmodule(GENERATORS[gen["name"]])) + inspect.getsource(
+        synthetic._common
+    )
+    digest = hashlib.sha256(json.dumps(gen, sort_keys=True).encode() + code.encode())
+    return digest.hexdigest()[:10]
 
 
 def _ensure_synthetic(spec: DatasetSpec, root: Path) -> None:

@@ -9,11 +9,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from medseg_monai.synthetic import knee, xray
+from medseg_monai.synthetic import brats, knee, lv, wmh, xray
 
 __all__ = ["GENERATORS", "default_params", "generate"]
 
-GENERATORS: dict[str, Callable[..., None]] = {"knee": knee.generate, "xray": xray.generate}
+GENERATORS: dict[str, Callable[..., None]] = {
+    "knee": knee.generate,
+    "brats": brats.generate,
+    "wmh": wmh.generate,
+    "lv": lv.generate,
+    "xray": xray.generate,
+}
 
 
 def _generator(name: str) -> Callable[..., None]:

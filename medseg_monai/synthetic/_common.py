@@ -70,10 +70,14 @@ class SmoothField:
         return cls(rng.standard_normal(tuple(int(c) for c in ctrl)))
 
     def at(self, shape: Sequence[int]) -> np.ndarray:
+        # one axis at a time, the last first, so that only the final product (axis 0) is full-size; einsum
+        # rather than BLAS: a multi-threaded BLAS call costs a scheduler tick when the CPUs are busy
         out = self.coarse
-        for axis, n in enumerate(shape):
-            w = _weights(int(n), self.coarse.shape[axis])
-            out = np.moveaxis(np.tensordot(w, out, axes=([1], [axis])), 0, axis)
+        for axis in reversed(range(out.ndim)):
+            n, c = int(shape[axis]), out.shape[axis]
+            lead, trail = out.shape[:axis], out.shape[axis + 1 :]
+            block = out.reshape(int(np.prod(lead)), c, int(np.prod(trail)))
+            out = np.einsum("nc,lct->lnt", _weights(n, c), block).reshape(*lead, n, *trail)
         return out.astype(F32)
 
 
@@ -95,7 +99,10 @@ class Deformation:
 
     def apply(self, coords: Coords, shape: Sequence[int]) -> Coords:
         """Deformed coordinates (full arrays): shapes evaluated on them are elastically deformed."""
-        return tuple((c + F32(self.amplitude) * f.at(shape)).astype(F32) for c, f in zip(coords, self.fields))
+        return tuple(
+            (c + F32(self.amplitude) * f.at(shape)).astype(F32)
+            for c, f in zip(coords, self.fields, strict=True)
+        )
 
 
 def bias_field(
@@ -217,9 +224,11 @@ def brain_anatomy(
     spacing: Sequence[float],
     ventricle_scale: float = 1.0,
     pv: float = 1.0,
+    sulcal_width: float = 1.0,
 ) -> Brain:
     """Cerebrum + cerebellum + brainstem, folded cortex, sulcal/surface CSF, midline fissure, lateral and
     third ventricles and deep grey nuclei; ``coords`` = (left-right, posterior-anterior, inferior-superior).
+    ``sulcal_width`` (mm) widens the sulci (atrophy).
     """
     x, y, z = coords
     shape = x.shape
@@ -229,12 +238,17 @@ def brain_anatomy(
     stem = ellipsoid(coords, (0, -16 * size, -44 * size), (11, 11, 26))
     brain = smooth_union(smooth_union(cerebrum, cerebellum, 6.0), stem, 5.0)
 
-    # cortical folding: the grey-matter depth follows a random field with ~12 mm correlation length
-    ctrl = [max(3, round(n * sp / 12.0) + 1) for n, sp in zip(shape, spacing, strict=True)]
+    # cortical folding: sulci are sheets along the zero set of a random field (gyri ~10 mm wide) that
+    # reach 10-25 mm deep; the grey matter is a ~3 mm ribbon along the brain surface and the sulci
+    ctrl = [max(3, round(n * sp / 6.0) + 1) for n, sp in zip(shape, spacing, strict=True)]
     fold = smooth_field(rng, shape, ctrl)
-    depth = np.maximum(F32(3.5) + F32(2.5) * fold, F32(2.0))
-    wm = brain + depth
-    sulci = soft(np.maximum((F32(1.0) - fold) * F32(4.0), -brain - depth + F32(1.5)), pv)
+    slope = np.sqrt(sum(g * g for g in np.gradient(fold, *[float(s) for s in spacing])))
+    depth = -brain
+    reach = F32(17.0) + F32(5.0) * smooth_field(rng, shape, [max(2, c // 4) for c in ctrl])
+    sulcus = np.maximum(np.abs(fold) / np.maximum(slope, F32(0.04)), depth - reach)  # mm to the sheet
+    thickness = F32(rng.uniform(3.2, 3.8))
+    wm = thickness - np.minimum(depth, sulcus)
+    sulci = soft(sulcus - F32(0.5 * sulcal_width), pv) * soft(brain, pv)
     surface = soft(brain, pv) - soft(brain + F32(1.2), pv)
     mid = np.abs(x - F32(rng.normal(0, 1.5))) - F32(1.2)
     above = np.maximum(soft(F32(12.0) - z, 4.0), soft(F32(45.0) - np.abs(y), 4.0))
@@ -255,3 +269,82 @@ def brain_anatomy(
         ellipsoid(coords, (-15 * vs, 4, -2), (9, 16, 10)), ellipsoid(coords, (15 * vs, 4, -2), (9, 16, 10))
     )
     return Brain(brain=brain, wm=wm, deep_gm=deep, ventricles=vents, csf=csf)
+
+
+# --- MR image formation and brain phantoms (brats, wmh) ---------------------------------------------------
+
+Layers = list[tuple[str, np.ndarray]]  # (tissue name, occupancy in [0, 1]) in painting order
+
+# array axes -> world left, posterior, superior (nibabel's RAS affine reads 'L', 'P', 'S'), as BraTS
+LPS = ((-1.0, 0.0, 0.0), (0.0, -1.0, 0.0), (0.0, 0.0, 1.0))
+
+
+def lps_affine(spacing: Sequence[float], shape: Sequence[int]) -> np.ndarray:
+    """LPS-ordered voxel-to-world affine with the volume centre at world (0, 0, 0)."""
+    return centred_origin(make_affine(spacing, LPS), shape)
+
+
+def head_coords(
+    rng: np.random.Generator,
+    shape: Sequence[int],
+    spacing: Sequence[float],
+    amplitude: float,
+    ctrl: Sequence[int] = (5, 5, 4),
+    shift: Sequence[float] = (0.0, 0.0, 0.0),
+) -> Coords:
+    """Elastically deformed (right, anterior, superior) coordinates (mm) of an LPS-ordered volume, as
+    :func:`brain_anatomy` takes them; ``shift`` moves the head's origin (mm) in that frame."""
+    left, post, sup = grid(shape, spacing)
+    pts = (-left - F32(shift[0]), -post - F32(shift[1]), sup - F32(shift[2]))
+    return Deformation.draw(rng, ctrl, amplitude).apply(pts, shape)
+
+
+def brain_layers(brain: Brain, pv: float) -> Layers:
+    """Tissue occupancies of :class:`Brain` in painting order: cortex (grey matter over the whole brain),
+    white matter, deep grey nuclei, sulcal/surface CSF, ventricles."""
+    return [
+        ("gm", soft(brain.brain, pv)),
+        ("wm", soft(brain.wm, pv)),
+        ("deep_gm", soft(brain.deep_gm, 2.0 * pv)),
+        ("csf", brain.csf),
+        ("ventricles", soft(brain.ventricles, pv)),
+    ]
+
+
+def render(shape: Sequence[int], layers: Layers, values: dict[str, float | np.ndarray]) -> np.ndarray:
+    """Paint ``layers`` in order, each with its tissue's intensity in ``values`` (one modality's contrast);
+    tissues missing from ``values`` keep what lies below them."""
+    img = np.zeros(tuple(shape), F32)
+    for name, occ in layers:
+        if name in values:
+            paint(img, occ, values[name])
+    return img
+
+
+def mr_acquire(
+    rng: np.random.Generator,
+    img: np.ndarray,
+    psf: float | Sequence[float],
+    bias: float,
+    noise: float,
+    bias_ctrl: Sequence[int] = (3, 3, 3),
+    gain: np.ndarray | None = None,
+) -> np.ndarray:
+    """Image formation of one MR acquisition: point-spread blur (voxels), a receive-coil ``gain`` profile
+    (optional), its own multiplicative bias field exp(``bias`` * smooth field), then Rician noise."""
+    out = blur(img, psf) * bias_field(rng, img.shape, bias, bias_ctrl)
+    if gain is not None:
+        out *= gain
+    return rician_noise(rng, out, noise)
+
+
+def ctrl_points(
+    shape: Sequence[int], spacing: Sequence[float], length: float, minimum: int = 4
+) -> tuple[int, ...]:
+    """Control grid of a :class:`SmoothField` whose features are about ``length`` mm across."""
+    return tuple(max(minimum, round(n * sp / length)) for n, sp in zip(shape, spacing, strict=True))
+
+
+def jitter(rng: np.random.Generator, table: dict[str, float], rel: float) -> dict[str, float]:
+    """A contrast table with every intensity scaled by its own factor in [1 - rel, 1 + rel]."""
+    return {k: float(v) * float(rng.uniform(1 - rel, 1 + rel)) for k, v in table.items()}

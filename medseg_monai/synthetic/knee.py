@@ -108,9 +108,9 @@ def _case(rng: np.random.Generator, shape: tuple[int, int, int], spacing: tuple[
     paint(img, soft(tibia - F32(2.0), 1.0) * soft(F32(tib0 - 4) - s, 3.0), CARTILAGE)
     paint(img, soft(patella - F32(2.5), 1.0) * soft(F32(30 * sc) - a, 2.0), CARTILAGE)
     texture = F32(0.05) * smooth_field(rng, shape, (28, 28, 12))
-    wave = smooth_field(rng, (shape[0], 1, shape[2]), (5, 1, 4))
-    phys_f = F32(fem0 + 17 * sc) + F32(2.5) * wave
-    phys_t = F32(tib0 - 15 * sc) - F32(2.0) * wave
+    wave = smooth_field(rng, (shape[0], 1, shape[2]), (7, 1, 5))
+    phys_f = F32(fem0 + 17 * sc) + F32(3.0) * wave
+    phys_t = F32(tib0 - 15 * sc) - F32(2.5) * wave
     for bone, plate, up in ((femur, phys_f, 1), (tibia, phys_t, -1), (fibula, None, 0), (patella, None, 0)):
         cortex = rng.uniform(1.4, 2.2)
         paint(img, soft(bone, 0.9), CORTEX)
