@@ -139,6 +139,23 @@ def _figure(client: Any, spec: dict[str, Any], variants: dict[str, list[Any]]) -
     return spec.get("title", spec["kind"]), data
 
 
+def _log_figures(client: Any, figures: dict[tuple[str, str], list[Path]]) -> None:
+    """Put each study's report figures (e.g. Dice vs training-set size) into MLflow too: one run
+    per (study, profile) named ``report (<profile>)``, reused and refreshed at every rebuild."""
+    for (study, profile), paths in figures.items():
+        exp = client.get_experiment_by_name(study)
+        query = f"tags.`reproduce.report` = '{profile}'"
+        found = client.search_runs([exp.experiment_id], filter_string=query, max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+        else:
+            tags = {"mlflow.runName": f"report ({profile})", "reproduce.report": profile, "profile": profile}
+            run_id = client.create_run(exp.experiment_id, tags=tags).info.run_id
+            client.set_terminated(run_id, "FINISHED")
+        for path in paths:
+            client.log_artifact(run_id, str(path), artifact_path="figures")
+
+
 def build_report(output_dir: str | Path | None = None) -> Path:
     """Write ``report.md``, ``report.html`` and ``figures/*.png``; returns the Markdown path."""
     from mlflow.tracking import MlflowClient
@@ -147,6 +164,7 @@ def build_report(output_dir: str | Path | None = None) -> Path:
     out = Path(output_dir) if output_dir else mlflow_dir() / "reports"
     (out / "figures").mkdir(parents=True, exist_ok=True)
     groups = collect(client)
+    figures: dict[tuple[str, str], list[Path]] = {}
     md = ["# Reproduction report", "", f"From MLflow store `{tracking_uri()}`.", ""]
     parts_html = [
         "<h1>Reproduction report</h1>",
@@ -205,6 +223,7 @@ def build_report(output_dir: str | Path | None = None) -> Path:
             title, png = made
             name = f"{study}-{profile}-{i}.png"
             (out / "figures" / name).write_bytes(png)
+            figures.setdefault((study, profile), []).append(out / "figures" / name)
             md += [f"![{title}](figures/{name})", ""]
             parts_html.append(
                 f"<h3>{html.escape(title)}</h3><img alt='{html.escape(title)}' "
@@ -224,6 +243,7 @@ def build_report(output_dir: str | Path | None = None) -> Path:
             md.append("")
             parts_html.append("</ul>")
     (out / "report.md").write_text("\n".join(md))
+    _log_figures(client, figures)
     style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}img{max-width:100%}"
     (out / "report.html").write_text(
         f"<!doctype html><html><head><meta charset='utf-8'><title>Reproduction report</title><style>{style}</style></head><body>"
