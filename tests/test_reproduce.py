@@ -54,6 +54,12 @@ def _reproduce(bundles: Path, tmp_path: Path, *extra: str) -> subprocess.Complet
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
 
 
+def _grid_runs(client, experiment: str) -> list:
+    """The reproduction runs (not the report's figure run) of an MLflow experiment."""
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], filter_string="tags.`reproduce.status` != ''")
+
+
 def test_every_bundle_grid_plans(tmp_path: Path) -> None:
     jobs = plan("quick", runs_dir=tmp_path)
     studies = {j.study for j in jobs}
@@ -75,9 +81,11 @@ def test_tiny_grid_end_to_end(bundles: Path, tmp_path: Path) -> None:
     assert "[4/4] xray/noise_val_only seed 1: epoch 2/2" in first.stdout  # progress with run k of n
     assert "ETA" in first.stdout
     client = mlflow_client(tmp_path / "mlflow")
-    exp = client.get_experiment_by_name("xray")
-    runs = client.search_runs([exp.experiment_id])
+    runs = _grid_runs(client, "xray")
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    exp = client.get_experiment_by_name("xray")
+    report_runs = client.search_runs([exp.experiment_id], filter_string="tags.`reproduce.report` = 'quick'")
+    assert len(report_runs) == 1  # the report's figures, in MLflow too
     report = (tmp_path / "mlflow" / "reports" / "report.md").read_text()
     for run in runs:
         value = run.data.metrics["eval_val_dice"]
@@ -96,7 +104,7 @@ def test_tiny_grid_end_to_end(bundles: Path, tmp_path: Path) -> None:
     second = _reproduce(bundles, tmp_path)
     assert second.returncode == 0 and second.stdout.count("skipped") >= 4, second.stdout[-2000:]
     assert "0 ran, 4 skipped, 0 failed" in second.stdout
-    assert len(client.search_runs([exp.experiment_id])) == 4
+    assert len(_grid_runs(client, "xray")) == 4
 
     # the report is rebuilt from the store alone
     (tmp_path / "mlflow" / "reports" / "report.md").unlink()
@@ -120,8 +128,7 @@ def test_failed_experiment_is_reported_and_the_rest_complete(bundles: Path, tmp_
     assert result.returncode == 1
     assert "xray/broken seed 0" in result.stderr and "unknown dataset 'no-such-dataset'" in result.stderr
     client = mlflow_client(tmp_path / "mlflow")
-    runs = client.search_runs([client.get_experiment_by_name("xray").experiment_id])
-    status = {r.data.tags["variant"]: r.info.status for r in runs}
+    status = {r.data.tags["variant"]: r.info.status for r in _grid_runs(client, "xray")}
     assert status == {"baseline": "FINISHED", "broken": "FAILED"}
     report = (tmp_path / "mlflow" / "reports" / "report.md").read_text()
     assert "Failed runs:" in report and "broken seed 0" in report

@@ -121,9 +121,6 @@ def test_quick_profile_trains_on_synthetic_and_dice_rises(trained: tuple[Path, P
         "config.json",
         "run.json",
     } <= artifacts
-    assert int(run.data.params["n_train_slices"]) < 40 * int(
-        run.data.params["n_train_volumes"]
-    )  # entropy filter
 
 
 @pytest.mark.slow
