@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from contextlib import ExitStack
 from fnmatch import fnmatch
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 
-from medseg_monai.data import get_dataset, resolve_data_root
+from medseg_monai.data import get_dataset, resolve_data_root, write_json
 from medseg_monai.tracking import start_run, tracking_uri
 
 __all__ = ["CaseMetrics", "GradientClipping", "LesionTableWriter", "MLflowTracker", "summarise_cases"]
@@ -152,11 +151,7 @@ class CaseMetrics:
             values.update({alias: values[name] for name, alias in self.aliases.items() if name in values})
         engine.state.case_metrics = summary
         if self.output_path:
-            path = Path(self.output_path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(summary, indent=1, allow_nan=True))
-            os.replace(tmp, path)
+            write_json(summary, self.output_path)
 
 
 class LesionTableWriter:
@@ -302,7 +297,7 @@ class MLflowTracker:
         self.run_id = run.info.run_id
         self.output_dir.mkdir(parents=True, exist_ok=True)
         record = {"run_id": self.run_id, "experiment": self.experiment, "tracking_uri": tracking_uri()}
-        (self.output_dir / "mlflow_run.json").write_text(json.dumps(record, indent=1))
+        write_json(record, self.output_dir / "mlflow_run.json")
         logger.info(
             "MLflow run %s (%s / %s) at %s", self.run_id, self.experiment, self.run_name, tracking_uri()
         )
