@@ -1,17 +1,25 @@
-"""Helpers that bundle configs call: where things go, and what a run records next to its results.
+"""Running the suite's bundles: the launcher, the run record, and the helpers the shared wiring calls.
 
-Following nnU-Net, a run writes into its ``output_dir`` everything it decided: the merged config
-(``config.json``), the datalist and split (``datalist.json``), and ``run.json`` with the data
-fingerprint, versions, commit, device and seed.
+The launcher builds the config-file list of a (study, mode, experiment, profile) and runs it with the
+bundle's ``metadata.json`` and ``logging.conf`` passed explicitly; reproduce, bench and the tests go
+through it. Following nnU-Net, every run writes into its ``output_dir`` what it decided, once:
+``config.json`` (the merged config), ``datalist.json`` (the cases and split) and ``run.json`` (dataset
+identity and content hash, git state, versions, device, the command). The MLflow tracker and
+``reproduce`` read ``run.json`` instead of computing any of it again.
+
+    python -m medseg_monai.bundle <study> [--mode train|evaluate|inference|multi_gpu_train]
+        [--experiment NAME] [--profile quick] [--dry_run] [--key value ...]
 """
 
 from __future__ import annotations
 
-import inspect
-import json
+import argparse
+import ast
+import contextlib
 import os
 import platform
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +27,41 @@ from medseg_monai.data import (
     DatasetError,
     decathlon_doc,
     get_dataset,
-    load_splits,
     resolve_data_root,
-    write_json,
 )
+from medseg_monai.errors import InputError
+from medseg_monai.io import write_json
 from medseg_monai.paths import project_root
-from medseg_monai.tracking import content_hash, device_description, git_state
 
 __all__ = [
+    "MODES",
     "bundle_root",
-    "current_config",
+    "command_line",
+    "config_files",
+    "default_device",
     "default_output_dir",
-    "hyperparameters",
+    "distributed_sampler",
+    "end_distributed",
+    "for_this_rank",
     "image_files",
+    "init_distributed",
     "install_error_hook",
+    "is_distributed",
+    "merged_config",
+    "metric_cmp_fn",
     "prepare_run",
+    "read_run_record",
     "require_file",
+    "run",
+    "run_params",
+    "studies",
+    "wrap_ddp",
 ]
+
+MODES = ("train", "evaluate", "inference", "multi_gpu_train")
+
+
+# ----------------------------------------------------------------------------- where things are
 
 
 def bundle_root(study: str) -> str:
@@ -48,18 +74,232 @@ def default_output_dir(study: str, experiment: str, seed: int) -> str:
     return str(project_root() / "runs" / study / experiment / f"seed{seed}")
 
 
+def studies() -> list[str]:
+    """The studies with a bundle: every ``bundles/<study>/configs/train.yaml`` (not the shared wiring)."""
+    return sorted(p.parent.parent.name for p in (project_root() / "bundles").glob("*/configs/train.yaml")
+                  if p.parent.parent.name != "common")
+
+
+# ----------------------------------------------------------------------------- the launcher
+
+
+def config_files(
+    study: str, mode: str = "train", experiment: str | None = None, profile: str | None = None
+) -> list[str]:
+    """The ``--config_file`` list of a run, in layering order: the study's ``train.yaml``, the
+    experiment (``configs/experiments/<experiment>.yaml``), the profile (``configs/<profile>.yaml``,
+    e.g. ``quick``), then the mode's layer (``evaluate.yaml``, ``inference.yaml``,
+    ``multi_gpu_train.yaml``). Paths are relative to the repository root, where bundles run."""
+    if mode not in MODES:
+        raise InputError(f"unknown mode '{mode}'; use one of {', '.join(MODES)}")
+    configs = Path("bundles") / study / "configs"
+    files = [configs / "train.yaml"]
+    if experiment:
+        files.append(configs / "experiments" / f"{experiment}.yaml")
+    if profile and profile not in ("default", "paper"):
+        files.append(configs / f"{profile}.yaml")
+    if mode != "train":
+        files.append(configs / f"{mode}.yaml")
+    root = project_root()
+    for f in files:
+        if not (root / f).is_file():
+            known = ", ".join(studies())
+            raise InputError(f"no config {f} (studies: {known})")
+    return [f.as_posix() for f in files]
+
+
+def _cli_value(value: Any) -> str:
+    return value if isinstance(value, str) else repr(value)
+
+
+def command_line(files: Sequence[str], **overrides: Any) -> list[str]:
+    """The ``python -m monai.bundle run`` command of ``files`` and ``overrides``, with the bundle's
+    metadata and logging files named explicitly (the first file's folder holds them)."""
+    configs = Path(files[0]).parent
+    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "[" + ",".join(f"'{f}'" for f in files) + "]"]
+    args += ["--meta_file", (configs / "metadata.json").as_posix(), "--logging_file", (configs / "logging.conf").as_posix()]
+    for key, value in overrides.items():
+        args += [f"--{key}", _cli_value(value)]
+    return args
+
+
+@contextlib.contextmanager
+def _at_root(argv: list[str]) -> Iterator[None]:
+    """Run with the repository root as working directory (macros name the shared wiring relative to
+    it) and ``sys.argv`` set to the equivalent command line, which the run record keeps."""
+    old_cwd, old_argv = os.getcwd(), sys.argv
+    os.chdir(project_root())
+    sys.argv = argv[2:]  # ["monai.bundle", "run", ...]
+    try:
+        yield
+    finally:
+        os.chdir(old_cwd)
+        sys.argv = old_argv
+
+
+def run(files: Sequence[str], **overrides: Any) -> None:
+    """Run a bundle in this process, as ``python -m monai.bundle run`` would (see :func:`command_line`)."""
+    from monai.bundle import run as bundle_run
+
+    argv = command_line(files, **overrides)
+    configs = Path(files[0]).parent
+    with _at_root(argv):
+        bundle_run(
+            config_file=list(files),
+            meta_file=(configs / "metadata.json").as_posix(),
+            logging_file=(configs / "logging.conf").as_posix(),
+            **overrides,
+        )
+
+
+# ----------------------------------------------------------------------------- the run record
+
+
+def _parse_cli(argv: Sequence[str]) -> tuple[list[str], list[str], dict[str, Any]]:
+    """Config files, meta files and overrides of a ``monai.bundle run`` command line (``--k v`` pairs,
+    values read as Python literals where they are one, as MONAI's CLI does)."""
+    files: list[str] = []
+    metas: list[str] = []
+    overrides: dict[str, Any] = {}
+    args = list(argv)
+    i = args.index("run") + 1 if "run" in args else 1
+    while i < len(args):
+        key = args[i]
+        if not key.startswith("--"):
+            i += 1
+            continue
+        key, eq, value = key[2:].partition("=")
+        if not eq:
+            value = args[i + 1] if i + 1 < len(args) else "True"
+            i += 1
+        i += 1
+        try:
+            parsed: Any = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed = value
+        if key == "config_file":
+            files = [str(f) for f in (parsed if isinstance(parsed, (list, tuple)) else str(parsed).split(","))]
+        elif key == "meta_file":
+            metas = [str(f) for f in (parsed if isinstance(parsed, (list, tuple)) else [parsed])]
+        elif key not in ("logging_file", "args_file", "tracking", "run_id", "init_id", "final_id"):
+            overrides[key] = parsed
+    return files, metas, overrides
+
+
+def merged_config(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """The merged raw config (files, then overrides, expressions unevaluated and macros expanded) of
+    the ``monai.bundle run`` command ``argv`` (default: this process's), as MONAI builds it; None when
+    ``argv`` is no such command (e.g. a bundle built from Python)."""
+    import json
+
+    from monai.bundle import ConfigParser
+
+    files, _, overrides = _parse_cli(sys.argv if argv is None else argv)
+    if not files:
+        return None
+    parser = ConfigParser()
+    parser.read_config(files)
+    parser.update(overrides)
+    parser.resolve_macro_and_relative_ids()
+    return json.loads(json.dumps(parser.get(), default=str))
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for p in ("torch", "monai", "mlflow", "numpy", "pytorch-ignite", "medseg-monai"):
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:
+            out[p] = "unknown"
+    return out
+
+
+def prepare_run(
+    output_dir: str,
+    *,
+    study: str,
+    experiment: str,
+    profile: str,
+    dataset: str,
+    data_root: str | None,
+    seed: int,
+    device: Any = None,
+    splits: dict[str, list[dict[str, Any]]],
+    prefix: str = "",
+) -> dict[str, Any]:
+    """Create ``output_dir`` and write what the run decided, once: ``config.json`` (the merged config
+    of the command that started the run), ``datalist.json`` (the cases of ``splits``, Decathlon style)
+    and ``run.json`` (dataset id, kind, root and content hash, case ids, device, command, git state,
+    versions), each name behind ``prefix`` (evaluation writes ``eval_<split>_run.json`` beside the
+    training's record). Only rank 0 writes under DDP. Returns run.json's content."""
+    from medseg_monai.tracking import content_hash, device_description, git_state
+
+    spec = get_dataset(dataset)
+    root = resolve_data_root(dataset, data_root)
+    record = {
+        "study": study,
+        "experiment": experiment,
+        "profile": profile,
+        "seed": seed,
+        "dataset": {
+            "id": spec.id,
+            "kind": spec.kind,
+            "root": str(root),
+            "hash": content_hash([root]),
+            "split_seed": spec.split["seed"],
+            "cases": {k: [c["case_id"] for c in v] for k, v in splits.items()},
+        },
+        "device": device_description(device),
+        "command": list(sys.argv),
+        "cwd": os.getcwd(),
+        "git": git_state(project_root()),
+        "versions": _versions(),
+    }
+    if is_distributed() and _rank() > 0:
+        return record
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(decathlon_doc(dataset, root, splits), out / f"{prefix}datalist.json")
+    config = merged_config()
+    if config is not None:
+        write_json(config, out / f"{prefix}config.json")
+    write_json(record, out / f"{prefix}run.json")
+    return record
+
+
+def read_run_record(output_dir: str | Path, prefix: str = "") -> dict[str, Any]:
+    """``<output_dir>/<prefix>run.json``, written by :func:`prepare_run` at the start of the run."""
+    import json
+
+    path = Path(output_dir) / f"{prefix}run.json"
+    if not path.is_file():
+        raise InputError(f"no run record at {path}: the run's initialize step writes it (prepare_run)")
+    return json.loads(path.read_text())
+
+
+def run_params(**extra: Any) -> dict[str, Any]:
+    """Resolved values to log as MLflow params besides the config's own settings (which the tracker
+    reads from ``config.json``), e.g. the number of training cases actually used."""
+    return extra
+
+
+# ----------------------------------------------------------------------------- errors
+
+
 def install_error_hook() -> None:
     """End a bundle run on bad input with one ``error:`` line instead of a traceback maze.
 
     MONAI wraps what fails in a config or a transform in its own exceptions; when the chain holds
-    a :class:`~medseg_monai.data.DatasetError` (a message that names the file or key at fault) or
+    a :class:`~medseg_monai.errors.InputError` (a message that names the file or key at fault) or
     a file that could not be read (``OSError``, e.g. PIL's "cannot identify image file '<path>'",
     nibabel's ``ImageFileError``), only that message is printed. Anything else keeps Python's full
-    traceback. Called first in a bundle's ``initialize``; a no-op when already installed.
+    traceback. Called first in the shared ``initialize``; a no-op when already installed.
     """
     from nibabel.filebasedimages import ImageFileError
 
-    input_errors = (DatasetError, OSError, ImageFileError)
+    input_errors = (InputError, OSError, ImageFileError)
     if getattr(sys.excepthook, "medseg_error_hook", False):
         return
     previous = sys.excepthook
@@ -80,9 +320,9 @@ def install_error_hook() -> None:
 
 
 def require_file(path: str, what: str) -> str:
-    """``path`` if it is a file, else a one-line ``DatasetError`` naming ``what`` it should be."""
+    """``path`` if it is a file, else a one-line ``InputError`` naming ``what`` it should be."""
     if not Path(path).is_file():
-        raise DatasetError(f"{what} not found: {path}")
+        raise InputError(f"{what} not found: {path}")
     return path
 
 
@@ -96,92 +336,120 @@ def image_files(path: str, suffixes: tuple[str, ...] = (".png",)) -> list[dict[s
     return [{"image": str(f), "case_id": f.name.split(".")[0]} for f in files]
 
 
-def current_config() -> dict[str, Any]:
-    """The merged raw config (files + CLI overrides, expressions unevaluated) of the bundle being run.
-
-    Called from a config expression (``"$medseg_monai.bundle.current_config()"``): the
-    ``ConfigParser`` evaluating it is on the call stack. MONAI gives a config no other handle on
-    itself, and recording exactly what ran is worth this one look up the stack.
-    """
-    from monai.bundle import ConfigParser
-
-    frame = inspect.currentframe()
-    while frame is not None:
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, ConfigParser):
-            return json.loads(json.dumps(candidate.get(), default=str))
-        frame = frame.f_back
-    raise RuntimeError("current_config() must be called from a MONAI bundle config expression")
+# ----------------------------------------------------------------------------- engine helpers
 
 
-def prepare_run(
-    output_dir: str,
-    study: str,
-    experiment: str,
-    dataset: str,
-    data_root: str | None,
-    seed: int,
-    device: Any = None,
-    splits: dict[str, list[dict[str, Any]]] | None = None,
-    config: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Create ``output_dir`` and write what the run decided: ``config.json`` (merged config),
-    ``datalist.json`` (the cases actually used, Decathlon style, from ``splits``: ``train``/``val``/
-    ``test`` item lists, default the registry split) and ``run.json`` (data fingerprint, case ids,
-    device, command, commit, versions). Returns run.json's content."""
-    from importlib.metadata import version
+def default_device() -> Any:
+    """``cuda:<LOCAL_RANK>`` under torchrun, ``cuda`` when a GPU is present, else ``cpu``."""
+    import torch
 
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    spec = get_dataset(dataset)
-    root = resolve_data_root(dataset, data_root)
-    parts = splits if splits is not None else load_splits(dataset, root)
-    write_json(decathlon_doc(dataset, root, parts), out / "datalist.json")
-    if config is not None:
-        write_json(config, out / "config.json")
-    record = {
-        "study": study,
-        "experiment": experiment,
-        "seed": seed,
-        "dataset": {
-            "id": spec.id,
-            "kind": spec.kind,
-            "root": str(root),
-            "hash": content_hash([root]),
-            "split_seed": spec.split["seed"],
-            "cases": {k: [c["case_id"] for c in v] for k, v in parts.items()},
-        },
-        "device": device_description(device),
-        "command": sys.argv,
-        "cwd": os.getcwd(),
-        **git_state(project_root()),
-        "versions": {
-            "python": platform.python_version(),
-            **{
-                p: version(p) for p in ("torch", "monai", "mlflow", "numpy", "pytorch-ignite", "medseg-monai")
-            },
-        },
-    }
-    write_json(record, out / "run.json")
-    return record
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
 
 
-_RECORDED_SECTIONS = ("network_def", "loss", "optimizer", "lr_scheduler")
-_WORKFLOW_KEYS = ("imports", "initialize", "run", "finalize")
+def is_distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
-def hyperparameters(**extra: Any) -> dict[str, Any]:
-    """What a run decided, for MLflow params: the config's top-level scalar settings (as written,
-    expressions included), its network, loss, optimiser and scheduler definitions, and ``extra``
-    resolved values (e.g. the actual training-set size)."""
-    config = current_config()
-    params: dict[str, Any] = {}
-    for key, value in config.items():
-        if key in _WORKFLOW_KEYS:
-            continue
-        scalar = isinstance(value, (str, int, float, bool)) or value is None
-        if scalar or (isinstance(value, list) and all(not isinstance(v, (dict, list)) for v in value)):
-            params[key] = value
-    params.update({k: config[k] for k in _RECORDED_SECTIONS if isinstance(config.get(k), dict)})
-    params.update(extra)
-    return params
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if is_distributed() else 0
+
+
+def init_distributed(device: Any) -> bool:
+    """Join the process group when started by torchrun with several processes (``WORLD_SIZE`` > 1):
+    NCCL on GPUs, gloo on CPU. Returns whether the run is distributed."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
+        return is_distributed()
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return True
+
+
+def end_distributed() -> None:
+    import torch.distributed as dist
+
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def wrap_ddp(network: Any, device: Any) -> Any:
+    """``network`` in ``DistributedDataParallel`` when the run is distributed, else unchanged."""
+    import torch
+
+    if not is_distributed():
+        return network
+    dev = torch.device(device)
+    return torch.nn.parallel.DistributedDataParallel(network, device_ids=[dev] if dev.type == "cuda" else None)
+
+
+def distributed_sampler(dataset: Any, shuffle: bool) -> Any:
+    """MONAI's ``DistributedSampler`` over ``dataset`` under DDP (training shards are padded to equal
+    length, validation shards are not), else None (the data loader's own order)."""
+    if not is_distributed():
+        return None
+    from monai.data import DistributedSampler
+
+    return DistributedSampler(dataset, shuffle=shuffle, even_divisible=shuffle)
+
+
+def _rank0_only() -> tuple[type, ...]:
+    from monai.handlers import CheckpointSaver, StatsHandler
+
+    from medseg_monai.handlers import LesionTableWriter, MLflowTracker
+    from medseg_monai.visualize import OverlaySaver
+
+    return (MLflowTracker, StatsHandler, CheckpointSaver, LesionTableWriter, OverlaySaver)
+
+
+def for_this_rank(handlers: Sequence[Any]) -> list[Any]:
+    """``handlers`` without those that log, track or write files on ranks > 0 of a DDP run; the
+    others (validation, LR stepping, per-case metrics, which gather across ranks) stay on every rank."""
+    handlers = [h for h in handlers if h is not None]
+    if _rank() == 0:
+        return handlers
+    return [h for h in handlers if not isinstance(h, _rank0_only())]
+
+
+def metric_cmp_fn(mode: str) -> Any:
+    """The evaluator's best-metric comparison for ``mode``: ``max`` (higher is better) or ``min``."""
+    if mode not in ("max", "min"):
+        raise InputError(f"key_metric_mode must be 'max' or 'min', got '{mode}'")
+    return (lambda current, best: current > best) if mode == "max" else (lambda current, best: current < best)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m medseg_monai.bundle", description=__doc__.split("\n\n")[0])
+    parser.add_argument("study")
+    parser.add_argument("--mode", default="train", choices=MODES)
+    parser.add_argument("--experiment")
+    parser.add_argument("--profile")
+    parser.add_argument("--dry_run", action="store_true", help="print the equivalent monai.bundle command")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        files = config_files(args.study, args.mode, args.experiment, args.profile)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _, _, overrides = _parse_cli(["run", *rest])
+    if args.dry_run:
+        import shlex
+
+        print(shlex.join(command_line(files, **overrides)))
+        return 0
+    install_error_hook()
+    run(files, **overrides)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,10 +20,18 @@ import torch
 from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 
-from medseg_monai.data import get_dataset, resolve_data_root, write_json
-from medseg_monai.tracking import start_run, tracking_uri
+from medseg_monai.io import write_json
+from medseg_monai.tracking import record_tags, start_run, tracking_uri
 
-__all__ = ["CaseMetrics", "GradientClipping", "LesionTableWriter", "MLflowTracker", "summarise_cases"]
+__all__ = [
+    "CaseMetrics",
+    "GradientClipping",
+    "LesionTableWriter",
+    "MLflowTracker",
+    "SchedulerStepper",
+    "config_params",
+    "summarise_cases",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +54,34 @@ class GradientClipping:
         if getattr(engine, "amp", False) and scaler is not None:
             scaler.unscale_(engine.optimizer)
         torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm, self.norm_type)
+
+
+class SchedulerStepper:
+    """Step a learning-rate scheduler: ``ReduceLROnPlateau`` after every validation run, with the
+    evaluator's key metric (so it follows validation however often that runs, and the scheduler's
+    ``mode`` says whether higher or lower is better); any other scheduler after every iteration (a
+    per-step schedule such as Keras's time-based ``decay``), or every epoch with ``epoch_level=True``.
+    """
+
+    def __init__(self, lr_scheduler: Any, evaluator: Engine | None = None, epoch_level: bool = False) -> None:
+        self.lr_scheduler = lr_scheduler
+        self.evaluator = evaluator
+        self.epoch_level = epoch_level
+        self.plateau = isinstance(lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        if self.plateau and evaluator is None:
+            raise ValueError("ReduceLROnPlateau needs the evaluator whose key metric it follows")
+
+    def attach(self, engine: Engine) -> None:
+        if self.plateau:
+            self.evaluator.add_event_handler(Events.COMPLETED, self._step_on_metric)
+        else:
+            engine.add_event_handler(Events.EPOCH_COMPLETED if self.epoch_level else Events.ITERATION_COMPLETED, self)
+
+    def _step_on_metric(self, evaluator: Engine) -> None:
+        self.lr_scheduler.step(float(evaluator.state.metrics[evaluator.state.key_metric_name]))
+
+    def __call__(self, engine: Engine) -> None:
+        self.lr_scheduler.step()
 
 
 def _case_id(item: Any) -> str:
@@ -210,16 +246,36 @@ def _scalar(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+_RECORDED_SECTIONS = ("network_def", "loss", "optimizer", "lr_scheduler")
+_WORKFLOW_KEYS = ("imports", "initialize", "run", "finalize", "_meta_")
+
+
+def config_params(config: dict[str, Any]) -> dict[str, Any]:
+    """MLflow params of a merged bundle config: its top-level scalar and flat-list settings and its
+    network, loss, optimiser and scheduler definitions (as written)."""
+    params: dict[str, Any] = {}
+    for key, value in config.items():
+        if key in _WORKFLOW_KEYS:
+            continue
+        scalar = isinstance(value, (str, int, float, bool)) or value is None
+        if scalar or (isinstance(value, list) and all(not isinstance(v, (dict, list)) for v in value)):
+            params[key] = value
+    params.update({k: config[k] for k in _RECORDED_SECTIONS if isinstance(config.get(k), dict)})
+    return params
+
+
 class MLflowTracker:
     """Own the MLflow run of a training or evaluation engine (see ``medseg_monai.tracking``).
 
-    On the engine's start it opens a run tagged with commit, dataset id, content hash and kind,
-    profile, device and versions, and logs ``params``. Each epoch it logs the mean training loss
-    and the learning rate; each epoch of ``evaluator`` (if given) its scalar metrics and the means
-    of its ``case_metrics``, at the training epoch as step. On completion it logs the files of
-    ``output_dir`` matching ``artifacts`` and ends the run FINISHED; an exception ends it FAILED and
-    propagates. The run id is written to ``<output_dir>/mlflow_run.json``; with ``resume=True``
-    (evaluation) the run recorded there is continued instead of a new one being opened.
+    On the engine's start it reads the run record in ``record_dir`` (``run.json``, written by
+    ``medseg_monai.bundle.prepare_run``: commit, dataset id, content hash and kind, profile, device,
+    versions) for the run's tags, and logs as params the settings of the run's ``config.json`` plus
+    ``params``. Each epoch it logs the mean training loss and the learning rate; each epoch of
+    ``evaluator`` (if given) its scalar metrics and the means of its ``case_metrics``, at the training
+    epoch as step. On completion it logs the files of ``record_dir`` matching ``artifacts`` and ends the
+    run FINISHED; an exception ends it FAILED and propagates. The run id is written to
+    ``<record_dir>/mlflow_run.json``; with ``resume=True`` (evaluation) the run recorded there is
+    continued instead of a new one being opened.
 
     Attach it before other handlers that re-raise exceptions (e.g. ``StatsHandler``), so that a
     failure is always recorded.
@@ -229,29 +285,23 @@ class MLflowTracker:
         self,
         experiment: str,
         run_name: str,
-        dataset: str,
-        output_dir: str,
-        data_root: str | None = None,
-        profile: str = "default",
+        record_dir: str,
         params: dict[str, Any] | None = None,
         evaluator: Engine | None = None,
         artifacts: tuple[str, ...] | list[str] = ("*.json", "*.yaml", "*.csv", "*.png", "*.log"),
         tags: dict[str, str] | None = None,
-        device: Any = None,
         metric_prefix: str = "",
         resume: bool = False,
+        record_prefix: str = "",
     ) -> None:
+        self.record_prefix = record_prefix
         self.experiment = experiment
         self.run_name = run_name
-        self.dataset = dataset
-        self.data_root = data_root
-        self.output_dir = Path(output_dir)
-        self.profile = profile
+        self.output_dir = Path(record_dir)
         self.params = params or {}
         self.evaluator = evaluator
         self.artifacts = list(artifacts)
         self.tags = dict(tags or {})
-        self.device = device
         self.metric_prefix = metric_prefix
         self.resume = resume
         self._stack: ExitStack | None = None
@@ -277,20 +327,26 @@ class MLflowTracker:
         return info["run_id"] if info.get("tracking_uri") == tracking_uri() else None
 
     def _open(self, engine: Engine) -> None:
-        spec = get_dataset(self.dataset)
-        root = resolve_data_root(self.dataset, self.data_root)
+        from medseg_monai.bundle import read_run_record
+
+        record = read_run_record(self.output_dir, self.record_prefix)
+        config_file = self.output_dir / f"{self.record_prefix}config.json"
+        params = config_params(json.loads(config_file.read_text())) if config_file.is_file() else {}
+        tags = {
+            **record_tags(record),
+            "output_dir": str(self.output_dir),
+            "study": record["study"],
+            "variant": record["experiment"],
+            "seed": str(record["seed"]),
+            **self.tags,
+        }
         self._stack = ExitStack()
         run = self._stack.enter_context(
             start_run(
                 self.experiment,
                 self.run_name,
-                dataset_id=spec.id,
-                dataset_kind=spec.kind,
-                data_paths=[root],
-                profile=self.profile,
-                device=self.device,
-                params=self.params,
-                extra_tags={"output_dir": str(self.output_dir), **self.tags},
+                tags=tags,
+                params={**params, **self.params},
                 run_id=self._previous_run(),
             )
         )

@@ -1,7 +1,9 @@
-"""Image-reading helpers for formats MONAI's readers take literally."""
+"""Files in and out: images MONAI's readers take literally, label PNGs, atomic JSON."""
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,17 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from PIL import Image
 
-__all__ = ["SaveLabelPNGd", "apply_palette"]
+__all__ = ["SaveLabelPNGd", "apply_palette", "write_json"]
+
+
+def write_json(doc: Any, path: str | Path) -> Path:
+    """Write ``doc`` as JSON atomically (temp file, then rename): no half-written file is left."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, out)
+    return out
 
 
 def apply_palette(image: Image.Image) -> Image.Image:

@@ -58,6 +58,7 @@ __all__ = [
     "git_state",
     "mlflow_dir",
     "project_root",
+    "record_tags",
     "run_tags",
     "start_run",
     "tracking_uri",
@@ -313,12 +314,30 @@ def _library_versions() -> dict[str, str]:
     from medseg_monai import __version__
 
     return {
-        "version.python": platform.python_version(),
-        "version.torch": _version("torch", "torch"),
-        "version.monai": _version("monai", "monai"),
-        "version.mlflow": _version("mlflow", "mlflow"),
-        "version.numpy": _version("numpy", "numpy"),
-        "version.medseg_monai": __version__,
+        "python": platform.python_version(),
+        "torch": _version("torch", "torch"),
+        "monai": _version("monai", "monai"),
+        "mlflow": _version("mlflow", "mlflow"),
+        "numpy": _version("numpy", "numpy"),
+        "medseg_monai": __version__,
+    }
+
+
+def record_tags(record: Mapping[str, Any]) -> dict[str, str]:
+    """The standard run tags of a run record (``medseg_monai.bundle.prepare_run``'s ``run.json``):
+    git state, dataset id, kind and content hash, profile, device and library versions."""
+    versions = record.get("versions", {})
+    dataset = record["dataset"]
+    if dataset["kind"] not in DATASET_KINDS:
+        raise ValueError(f"dataset kind must be one of {DATASET_KINDS}, got {dataset['kind']!r}")
+    return {
+        **record["git"],
+        "dataset.id": str(dataset["id"]),
+        "dataset.hash": str(dataset["hash"]),
+        "dataset.kind": dataset["kind"],
+        "profile": str(record.get("profile", "default")),
+        "device": str(record["device"]),
+        **{f"version.{k.replace('-', '_')}": str(v) for k, v in versions.items()},
     }
 
 
@@ -329,18 +348,18 @@ def run_tags(
     profile: str,
     device: str | torch.device | None = None,
 ) -> dict[str, str]:
-    """All standard run tags: git, dataset (id, kind, hash), profile, device and library versions."""
+    """The standard tags computed afresh, for a run that has no record (e.g. a job that failed before
+    its bundle started): as :func:`record_tags` of the record such a run would have written."""
     if dataset_kind not in DATASET_KINDS:
         raise ValueError(f"dataset_kind must be one of {DATASET_KINDS}, got {dataset_kind!r}")
-    return {
-        **git_state(),
-        "dataset.id": str(dataset_id),
-        "dataset.hash": content_hash(data_paths),
-        "dataset.kind": dataset_kind,
-        "profile": str(profile),
+    record = {
+        "git": git_state(),
+        "dataset": {"id": dataset_id, "kind": dataset_kind, "hash": content_hash(data_paths)},
+        "profile": profile,
         "device": device_description(device),
-        **_library_versions(),
+        "versions": _library_versions(),
     }
+    return record_tags(record)
 
 
 # ----------------------------------------------------------------------------- params
@@ -420,61 +439,32 @@ def start_run(
     experiment: str,
     run_name: str,
     *,
-    dataset_id: str,
-    dataset_kind: str,
-    data_paths: Iterable[str | Path],
-    profile: str = "default",
-    device: str | torch.device | None = None,
+    tags: Mapping[str, Any],
     params: Mapping[str, Any] | None = None,
-    extra_tags: Mapping[str, Any] | None = None,
     run_id: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """Open a tagged MLflow run in experiment ``experiment`` and yield the ``mlflow.ActiveRun``.
-
-    Tags (:func:`run_tags` plus ``extra_tags``, which win on conflicts) are computed before the
-    run exists, so a failure there creates no run. ``params`` are flattened (:func:`flatten_params`)
-    and logged in batches. The run ends FINISHED when the block completes and FAILED when an
-    exception escapes (the exception is re-raised), including failures while logging the params.
-    With ``run_id`` an existing run is continued (e.g. evaluation after training) and re-tagged.
-    """
+    """Open an MLflow run in experiment ``experiment`` with ``tags`` (e.g. :func:`record_tags`) and
+    yield the ``mlflow.ActiveRun``; MLflow's own context manager ends it FINISHED, or FAILED when an
+    exception escapes (including one while logging the params, which are flattened by
+    :func:`flatten_params` and logged in batches). With ``run_id`` an existing run is continued
+    (e.g. evaluation after training): params it already has are not logged again."""
     import mlflow
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
-    tags = run_tags(dataset_id, dataset_kind, data_paths, profile, device)
-    tags.update(extra_tags or {})
-    tags = _truncate_tags(tags)
     flat = flatten_params(params or {})
-
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(tracking_uri=uri)
     experiment_id = ensure_experiment(experiment, client)
     if run_id is not None:
-        active = mlflow.start_run(run_id=run_id, tags=tags)
         flat = {k: v for k, v in flat.items() if k not in client.get_run(run_id).data.params}
+        active = mlflow.start_run(run_id=run_id, tags=_truncate_tags(tags))
     else:
-        active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
-    run_id = active.info.run_id
-
-    def owns_active_run() -> bool:
-        current = mlflow.active_run()
-        return current is not None and current.info.run_id == run_id
-
-    try:
+        active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=_truncate_tags(tags))
+    with active:
         batch = _limits()[3]
         items = [Param(k, v) for k, v in flat.items()]
         for i in range(0, len(items), batch):
-            client.log_batch(run_id, params=items[i : i + batch])
+            client.log_batch(active.info.run_id, params=items[i : i + batch])
         yield active
-    except BaseException:
-        try:
-            if owns_active_run():
-                mlflow.end_run(status="FAILED")
-            else:  # the body ended or switched runs itself; still record the failure
-                client.set_terminated(run_id, status="FAILED")
-        except Exception:  # keep the original exception
-            log.exception("could not mark MLflow run %s as FAILED", run_id)
-        raise
-    if owns_active_run():
-        mlflow.end_run(status="FINISHED")

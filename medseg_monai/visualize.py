@@ -80,7 +80,7 @@ class OverlaySaver:
 
     Expects decollated 2D items with, in the output, ``pred`` and ``label`` (one-hot (C, H, W) or
     indices (1, H, W)) and ``image_key`` (C, H, W) of the same size (from the output, else the
-    batch). ``transpose`` shows MONAI's (x, y) arrays (e.g. from ``PILReader``) upright.
+    batch; with a list of keys, the first one present). ``transpose`` shows MONAI's (x, y) arrays (e.g. from ``PILReader``) upright.
     """
 
     def __init__(
@@ -88,12 +88,12 @@ class OverlaySaver:
         output_dir: str,
         filename: str = "overlay.png",
         transpose: bool = True,
-        image_key: str = "image",
+        image_key: str | list[str] = "image",
         slice_axis: int = -1,
     ) -> None:
         self.path = Path(output_dir) / filename
         self.transpose = transpose
-        self.image_key = image_key
+        self.image_keys = [image_key] if isinstance(image_key, str) else list(image_key)
         self.slice_axis = slice_axis
 
     def attach(self, engine: Engine) -> None:
@@ -103,8 +103,9 @@ class OverlaySaver:
         if (engine.state.iteration - 1) % engine.state.epoch_length:
             return
         item, output = engine.state.batch[0], engine.state.output[0]
-        source = output if self.image_key in output else item
-        image = torch.as_tensor(source[self.image_key]).detach().cpu()[0].float().numpy()
+        key = next((k for k in self.image_keys if k in output or k in item), self.image_keys[-1])
+        source = output if key in output else item
+        image = torch.as_tensor(source[key]).detach().cpu()[0].float().numpy()
         label, pred = _class_map(output["label"]), _class_map(output["pred"])
         if image.ndim == 3:  # a volume: show the slice with the most reference foreground
             axis = self.slice_axis % 3

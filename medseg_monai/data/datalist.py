@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg_monai.data.registry import DatasetError, DatasetSpec, get_dataset, list_datasets
+from medseg_monai.io import write_json
 from medseg_monai.paths import cache_dir, data_root_env
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "resolve_data_root",
     "split_cases",
     "take",
+    "select_split",
     "write_datalist",
     "write_json",
 ]
@@ -243,13 +245,22 @@ def load_datalist(
         raise DatasetError(f"unknown split '{split}'; use one of {', '.join(SPLITS)}")
     parts = load_splits(dataset_id, data_root, seed, channels)
     if split == "all":
-        return sorted((it for part in parts.values() for it in part), key=lambda it: it["case_id"])
+        return select_split(parts, split)
     if not parts[split]:
         n = sum(len(v) for v in parts.values())
         fractions = get_dataset(dataset_id).split["fractions"]
         raise DatasetError(
             f"dataset '{dataset_id}': split '{split}' is empty ({n} cases, fractions {fractions})"
         )
+    return parts[split]
+
+
+def select_split(parts: dict[str, list[dict[str, Any]]], split: str) -> list[dict[str, Any]]:
+    """One part of :func:`load_splits`' result, or ``all`` of them sorted by case id."""
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split '{split}'; use one of {', '.join(SPLITS)}")
+    if split == "all":
+        return sorted((it for part in parts.values() for it in part), key=lambda it: it["case_id"])
     return parts[split]
 
 
@@ -274,16 +285,6 @@ def decathlon_doc(
         "validation": parts.get("val", []),
         "test": parts.get("test", []),
     }
-
-
-def write_json(doc: Any, path: str | Path) -> Path:
-    """Write ``doc`` as JSON atomically (temp file, then rename): no half-written file is left."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, out)
-    return out
 
 
 def write_datalist(

@@ -19,12 +19,13 @@ from typing import Any
 
 import jsonschema
 
+from medseg_monai.errors import InputError
 from medseg_monai.paths import project_root
 
 __all__ = ["DatasetError", "DatasetSpec", "get_dataset", "list_datasets", "load_registry", "registry_path"]
 
 
-class DatasetError(Exception):
+class DatasetError(InputError):
     """Bad dataset input. The message is one line that names the dataset, file or key at fault."""
 
 
@@ -151,8 +152,20 @@ def _check_references(raw: dict[str, Any], where: Path) -> None:
 
 
 def load_registry(path: str | Path | None = None) -> dict[str, DatasetSpec]:
-    """Read, validate and resolve a registry file; ``DatasetError`` names the JSON path at fault."""
-    where = Path(path) if path is not None else registry_path()
+    """Read, validate and resolve a registry file; ``DatasetError`` names the JSON path at fault.
+
+    The result is cached per file and modification time: a run asks for it dozens of times, and
+    schema validation is the slow part."""
+    where = (Path(path) if path is not None else registry_path()).resolve()
+    try:
+        mtime = where.stat().st_mtime_ns
+    except FileNotFoundError:
+        raise DatasetError(f"dataset registry not found: {where}") from None
+    return _load_registry(where, mtime)
+
+
+@cache
+def _load_registry(where: Path, mtime_ns: int) -> dict[str, DatasetSpec]:
     try:
         raw = json.loads(where.read_text())
     except FileNotFoundError:
