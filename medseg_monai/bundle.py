@@ -326,11 +326,11 @@ def require_file(path: str, what: str) -> str:
     return path
 
 
-def image_files(path: str, suffixes: tuple[str, ...] = (".png",)) -> list[dict[str, str]]:
+def image_files(path: str, suffixes: Sequence[str] = (".png",)) -> list[dict[str, str]]:
     """Inference inputs: one file, or every file with one of ``suffixes`` in a folder, as
     ``{"image": path, "case_id": name}`` dicts (the name without its suffixes)."""
     p = Path(path).expanduser().resolve()
-    files = sorted(f for f in p.iterdir() if f.name.lower().endswith(suffixes)) if p.is_dir() else [p]
+    files = sorted(f for f in p.iterdir() if f.name.lower().endswith(tuple(suffixes))) if p.is_dir() else [p]
     if not files or not files[0].is_file():
         raise DatasetError(f"no input image at {p} (expected a file or a folder of {', '.join(suffixes)})")
     return [{"image": str(f), "case_id": f.name.split(".")[0]} for f in files]
