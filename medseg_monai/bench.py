@@ -1,11 +1,13 @@
 """``make bench``: throughput of each bundle's training step and inference, against a plain
 PyTorch loop over the same network, loss, optimiser and pre-loaded tensors.
 
-The engine's overhead (MONAI ``SupervisedTrainer`` with the bundle's gradient clipping, Ignite
-events, batch preparation) is the ratio ``engine_s / plain_s`` per step; the target is <= 1.2.
-Results go to JSON (``--output``, default ``bench.json``) with the device and versions.
+Each bundle says what to measure in ``configs/bench.yaml`` (overrides for its train.yaml, the shapes
+of one training batch and one inference input); this module builds the bundle through the launcher
+and times it. The engine's overhead (MONAI ``SupervisedTrainer`` with the bundle's own training
+handlers, Ignite events, batch preparation) is the ratio ``engine_s / plain_s`` per step. Results go
+to JSON (``--output``, default ``bench.json``) with the device and versions.
 
-    python -m medseg_monai.bench [--studies wmh xray] [--image_size 256] [--steps 5] [--output bench.json]
+    python -m medseg_monai.bench [--studies wmh xray] [--steps 5] [--warmup 2] [--output bench.json]
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
+from medseg_monai.bundle import at_repo_root, config_files, studies
 from medseg_monai.paths import project_root
 from medseg_monai.tracking import device_description
 
-__all__ = ["bench_wmh", "bench_xray", "main", "time_steps", "train_throughput"]
+__all__ = ["bench_study", "main", "time_steps", "train_throughput"]
 
 
 def time_steps(step: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> float:
@@ -40,14 +44,22 @@ def time_steps(step: Callable[[], Any], steps: int, warmup: int, device: torch.d
     return (time.perf_counter() - start) / steps
 
 
+def settings(study: str) -> dict[str, Any]:
+    """The bundle's ``configs/bench.yaml``."""
+    return yaml.safe_load((project_root() / "bundles" / study / "configs" / "bench.yaml").read_text())
+
+
 def _bundle_parts(study: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The bundle's own network, loss, optimiser, device and AMP flag, as its train.yaml builds them."""
+    """The bundle's own network, loss, optimiser, training handlers, inferer, device and AMP flag."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(str(project_root() / "bundles" / study / "configs" / "train.yaml"))
-    parser.update(overrides)
-    return {k: parser.get_parsed_content(k) for k in ("network", "loss", "optimizer", "device", "amp")}
+    with at_repo_root():
+        parser.read_config(config_files(study))
+        parser.update(overrides)
+        parser.parse()
+    keys = ("network", "loss", "optimizer", "train_handlers", "val_inferer", "device", "amp")
+    return {k: parser.get_parsed_content(k) for k in keys}
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -59,21 +71,18 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def train_throughput(
-    parts: dict[str, Any],
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    steps: int,
-    warmup: int,
-    clip_norm: float | None = None,
+    parts: dict[str, Any], images: torch.Tensor, labels: torch.Tensor, steps: int, warmup: int
 ) -> dict[str, float]:
-    """Seconds per step of a plain PyTorch loop and of MONAI's ``SupervisedTrainer`` (with the
-    bundle's gradient clipping when ``clip_norm``) over the same network, loss, optimiser and
-    pre-loaded batch."""
+    """Seconds per step of a plain PyTorch loop and of MONAI's ``SupervisedTrainer`` with the bundle's
+    training handlers, over the same network, loss, optimiser and pre-loaded batch. The plain loop
+    clips gradients as the bundle's ``GradientClipping`` handler does, when it has one."""
     from monai.engines import SupervisedTrainer
 
     from medseg_monai.handlers import GradientClipping
 
     net, loss_fn, opt, device, amp = (parts[k] for k in ("network", "loss", "optimizer", "device", "amp"))
+    handlers = [h for h in parts["train_handlers"] if h is not None]
+    clip = next((h.max_norm for h in handlers if isinstance(h, GradientClipping)), None)
     images, labels = images.to(device), labels.to(device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
@@ -82,9 +91,9 @@ def train_throughput(
         with torch.autocast(device.type, enabled=amp):
             loss = loss_fn(net(images), labels)
         scaler.scale(loss).backward()
-        if clip_norm is not None:
+        if clip is not None:
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), clip_norm)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
         scaler.step(opt)
         scaler.update()
 
@@ -97,7 +106,7 @@ def train_throughput(
             optimizer=opt,
             loss_function=loss_fn,
             amp=amp,
-            train_handlers=[GradientClipping(clip_norm)] if clip_norm is not None else None,
+            train_handlers=handlers,
         )
 
     net.train()
@@ -111,78 +120,43 @@ def train_throughput(
     }
 
 
-def bench_xray(image_size: int = 256, batch_size: int = 4, steps: int = 5, warmup: int = 2) -> dict[str, Any]:
-    """Training and inference images/s of the X-ray bundle's default network (classic U-Net)."""
-    parts = _bundle_parts("xray", {"dataset": "jsrt-scr", "image_size": image_size, "batch_size": batch_size})
+def bench_study(study: str, steps: int = 5, warmup: int = 2) -> dict[str, Any]:
+    """Training samples/s through the bundle vs a plain loop, and seconds per inference input through
+    the bundle's ``val_inferer``, with the tensors of the bundle's ``bench.yaml``."""
+    cfg = settings(study)
+    parts = _bundle_parts(study, cfg.get("overrides", {}))
     gen = torch.Generator().manual_seed(0)
-    images = torch.rand((batch_size, 1, image_size, image_size), generator=gen)
-    labels = torch.randint(0, 3, (batch_size, 1, image_size, image_size), generator=gen)
-    result = train_throughput(parts, images, labels, steps, warmup, clip_norm=1.0)
-    net, device, amp = parts["network"], parts["device"], parts["amp"]
-    net.eval()
-    images = images.to(device)
-
-    def infer_step() -> None:
-        with torch.no_grad(), torch.autocast(device.type, enabled=amp):
-            net(images)
-
-    infer = time_steps(infer_step, steps, warmup, device)
-    return {
-        "image_size": image_size,
-        "batch_size": batch_size,
-        "amp": bool(amp),
-        **result,
-        "train_images_per_s": batch_size / result["train_engine_s_per_step"],
-        "train_plain_images_per_s": batch_size / result["train_plain_s_per_step"],
-        "inference_images_per_s": batch_size / infer,
-        "peak_memory_mb": _peak_memory_mb(device),
-    }
-
-
-def bench_wmh(
-    image_size: int = 256, batch_size: int = 12, steps: int = 5, warmup: int = 2, depth: int = 40
-) -> dict[str, Any]:
-    """Training slices/s of the WMH bundle's default model (UNet256 on 3 neighbouring FLAIR slices,
-    focal Tversky, Adam) and seconds per volume of slice-by-slice inference (``depth`` slices)."""
-    from medseg_monai.slices import NeighbourSliceInferer
-
-    parts = _bundle_parts(
-        "wmh", {"dataset": "wmh2017", "in_plane_size": image_size, "batch_size": batch_size}
-    )
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randn((batch_size, 3, image_size, image_size), generator=gen)
-    labels = (torch.rand((batch_size, 1, image_size, image_size), generator=gen) > 0.98).float()
+    train = cfg["train"]
+    images = torch.randn(train["image"], generator=gen)
+    labels = torch.randint(0, train["classes"], train["label"], generator=gen).float()
     result = train_throughput(parts, images, labels, steps, warmup)
-    net, device, amp = parts["network"], parts["device"], parts["amp"]
+    net, device, amp, inferer = parts["network"], parts["device"], parts["amp"], parts["val_inferer"]
     net.eval()
-    volume = torch.randn((1, 1, image_size, image_size, depth), generator=gen).to(device)
-    inferer = NeighbourSliceInferer(axis=2, neighbours=3, sw_batch_size=batch_size)
+    volume = torch.randn(cfg["inference"]["image"], generator=gen).to(device)
 
-    def infer_volume() -> None:
+    def infer() -> None:
         with torch.no_grad(), torch.autocast(device.type, enabled=amp):
             inferer(volume, net)
 
-    per_volume = time_steps(infer_volume, max(1, steps // 2), 1, device)
+    per_call = time_steps(infer, max(1, steps // 2), 1, device)
+    batch, unit, per = train["image"][0], cfg.get("unit", "samples"), cfg["inference"].get("per", 1)
     return {
-        "image_size": image_size,
-        "batch_size": batch_size,
+        "overrides": cfg.get("overrides", {}),
         "amp": bool(amp),
+        "train_batch_shape": train["image"],
         **result,
-        "train_slices_per_s": batch_size / result["train_engine_s_per_step"],
-        "train_plain_slices_per_s": batch_size / result["train_plain_s_per_step"],
-        "inference_s_per_volume": per_volume,
-        "inference_volume_shape": list(volume.shape[2:]),
+        f"train_{unit}_per_s": batch / result["train_engine_s_per_step"],
+        f"train_plain_{unit}_per_s": batch / result["train_plain_s_per_step"],
+        "inference_input_shape": cfg["inference"]["image"],
+        "inference_s_per_input": per_call / per,
         "peak_memory_mb": _peak_memory_mb(device),
     }
 
 
-BENCHES: dict[str, Callable[..., dict[str, Any]]] = {"wmh": bench_wmh, "xray": bench_xray}
-
-
 def main(argv: list[str] | None = None) -> int:
+    benched = [s for s in studies() if (project_root() / "bundles" / s / "configs" / "bench.yaml").is_file()]
     parser = argparse.ArgumentParser(prog="medseg-bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--studies", nargs="*", default=list(BENCHES), choices=list(BENCHES))
-    parser.add_argument("--image_size", type=int, default=256)
+    parser.add_argument("--studies", nargs="*", default=benched, choices=benched)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--output", default="bench.json")
@@ -196,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for study in args.studies:
         print(f"bench {study} ...", flush=True)
-        results[study] = BENCHES[study](image_size=args.image_size, steps=args.steps, warmup=args.warmup)
+        results[study] = bench_study(study, steps=args.steps, warmup=args.warmup)
         print(json.dumps(results[study], indent=1), flush=True)
     Path(args.output).write_text(json.dumps(results, indent=1))
     print(f"wrote {args.output}")

@@ -35,6 +35,7 @@ from medseg_monai.paths import project_root
 
 __all__ = [
     "MODES",
+    "at_repo_root",
     "bundle_root",
     "command_line",
     "config_files",
@@ -74,38 +75,46 @@ def default_output_dir(study: str, experiment: str, seed: int) -> str:
     return str(project_root() / "runs" / study / experiment / f"seed{seed}")
 
 
-def studies() -> list[str]:
-    """The studies with a bundle: every ``bundles/<study>/configs/train.yaml`` (not the shared wiring)."""
-    return sorted(p.parent.parent.name for p in (project_root() / "bundles").glob("*/configs/train.yaml")
-                  if p.parent.parent.name != "common")
+def studies(bundles_dir: str | Path | None = None) -> list[str]:
+    """The studies with a bundle: every ``bundles/<study>/configs/train.yaml`` but the shared wiring's."""
+    base = Path(bundles_dir) if bundles_dir is not None else project_root() / "bundles"
+    return sorted(
+        p.parent.parent.name for p in base.glob("*/configs/train.yaml") if p.parent.parent.name != "common"
+    )
 
 
 # ----------------------------------------------------------------------------- the launcher
 
 
 def config_files(
-    study: str, mode: str = "train", experiment: str | None = None, profile: str | None = None
+    study: str,
+    mode: str = "train",
+    experiment: str | None = None,
+    profile: str | None = None,
+    bundles_dir: str | Path | None = None,
 ) -> list[str]:
     """The ``--config_file`` list of a run, in layering order: the study's ``train.yaml``, the
-    experiment (``configs/experiments/<experiment>.yaml``), the profile (``configs/<profile>.yaml``,
-    e.g. ``quick``), then the mode's layer (``evaluate.yaml``, ``inference.yaml``,
-    ``multi_gpu_train.yaml``). Paths are relative to the repository root, where bundles run."""
+    experiment (``configs/experiments/<experiment>.yaml``, or a path relative to ``configs/``), the
+    profile (``configs/<profile>.yaml``, e.g. ``quick``; none for ``default`` and ``paper``), then the
+    mode's layer (``evaluate.yaml``, ``inference.yaml``, ``multi_gpu_train.yaml``). Paths are relative
+    to the repository root, where bundles run, when ``bundles_dir`` is inside it."""
     if mode not in MODES:
         raise InputError(f"unknown mode '{mode}'; use one of {', '.join(MODES)}")
-    configs = Path("bundles") / study / "configs"
+    root = project_root()
+    base = Path(bundles_dir).resolve() if bundles_dir is not None else root / "bundles"
+    configs = base / study / "configs"
     files = [configs / "train.yaml"]
     if experiment:
-        files.append(configs / "experiments" / f"{experiment}.yaml")
+        name = experiment if experiment.endswith(".yaml") else f"experiments/{experiment}.yaml"
+        files.append(configs / name)
     if profile and profile not in ("default", "paper"):
         files.append(configs / f"{profile}.yaml")
     if mode != "train":
         files.append(configs / f"{mode}.yaml")
-    root = project_root()
     for f in files:
-        if not (root / f).is_file():
-            known = ", ".join(studies())
-            raise InputError(f"no config {f} (studies: {known})")
-    return [f.as_posix() for f in files]
+        if not f.is_file():
+            raise InputError(f"no config {f} (studies: {', '.join(studies(base))})")
+    return [(f.relative_to(root) if f.is_relative_to(root) else f).as_posix() for f in files]
 
 
 def _cli_value(value: Any) -> str:
@@ -116,24 +125,46 @@ def command_line(files: Sequence[str], **overrides: Any) -> list[str]:
     """The ``python -m monai.bundle run`` command of ``files`` and ``overrides``, with the bundle's
     metadata and logging files named explicitly (the first file's folder holds them)."""
     configs = Path(files[0]).parent
-    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "[" + ",".join(f"'{f}'" for f in files) + "]"]
-    args += ["--meta_file", (configs / "metadata.json").as_posix(), "--logging_file", (configs / "logging.conf").as_posix()]
+    args = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "[" + ",".join(f"'{f}'" for f in files) + "]",
+    ]
+    args += [
+        "--meta_file",
+        (configs / "metadata.json").as_posix(),
+        "--logging_file",
+        (configs / "logging.conf").as_posix(),
+    ]
     for key, value in overrides.items():
         args += [f"--{key}", _cli_value(value)]
     return args
 
 
 @contextlib.contextmanager
-def _at_root(argv: list[str]) -> Iterator[None]:
-    """Run with the repository root as working directory (macros name the shared wiring relative to
-    it) and ``sys.argv`` set to the equivalent command line, which the run record keeps."""
-    old_cwd, old_argv = os.getcwd(), sys.argv
+def at_repo_root() -> Iterator[None]:
+    """Work in the repository root: the studies' macros name the shared wiring relative to it."""
+    old_cwd = os.getcwd()
     os.chdir(project_root())
-    sys.argv = argv[2:]  # ["monai.bundle", "run", ...]
     try:
         yield
     finally:
         os.chdir(old_cwd)
+
+
+@contextlib.contextmanager
+def _as_command(argv: list[str]) -> Iterator[None]:
+    """Run at the repository root with ``sys.argv`` set to the equivalent command line, which the
+    run record keeps (and from which it rebuilds the merged config)."""
+    old_argv = sys.argv
+    sys.argv = argv[2:]  # ["monai.bundle", "run", ...]
+    try:
+        with at_repo_root():
+            yield
+    finally:
         sys.argv = old_argv
 
 
@@ -143,7 +174,7 @@ def run(files: Sequence[str], **overrides: Any) -> None:
 
     argv = command_line(files, **overrides)
     configs = Path(files[0]).parent
-    with _at_root(argv):
+    with _as_command(argv):
         bundle_run(
             config_file=list(files),
             meta_file=(configs / "metadata.json").as_posix(),
@@ -178,7 +209,9 @@ def _parse_cli(argv: Sequence[str]) -> tuple[list[str], list[str], dict[str, Any
         except (ValueError, SyntaxError):
             parsed = value
         if key == "config_file":
-            files = [str(f) for f in (parsed if isinstance(parsed, (list, tuple)) else str(parsed).split(","))]
+            files = [
+                str(f) for f in (parsed if isinstance(parsed, (list, tuple)) else str(parsed).split(","))
+            ]
         elif key == "meta_file":
             metas = [str(f) for f in (parsed if isinstance(parsed, (list, tuple)) else [parsed])]
         elif key not in ("logging_file", "args_file", "tracking", "run_id", "init_id", "final_id"):
@@ -389,7 +422,9 @@ def wrap_ddp(network: Any, device: Any) -> Any:
     if not is_distributed():
         return network
     dev = torch.device(device)
-    return torch.nn.parallel.DistributedDataParallel(network, device_ids=[dev] if dev.type == "cuda" else None)
+    return torch.nn.parallel.DistributedDataParallel(
+        network, device_ids=[dev] if dev.type == "cuda" else None
+    )
 
 
 def distributed_sampler(dataset: Any, shuffle: bool) -> Any:
@@ -428,7 +463,9 @@ def metric_cmp_fn(mode: str) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m medseg_monai.bundle", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m medseg_monai.bundle", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("study")
     parser.add_argument("--mode", default="train", choices=MODES)
     parser.add_argument("--experiment")

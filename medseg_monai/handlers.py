@@ -75,7 +75,9 @@ class SchedulerStepper:
         if self.plateau:
             self.evaluator.add_event_handler(Events.COMPLETED, self._step_on_metric)
         else:
-            engine.add_event_handler(Events.EPOCH_COMPLETED if self.epoch_level else Events.ITERATION_COMPLETED, self)
+            engine.add_event_handler(
+                Events.EPOCH_COMPLETED if self.epoch_level else Events.ITERATION_COMPLETED, self
+            )
 
     def _step_on_metric(self, evaluator: Engine) -> None:
         self.lr_scheduler.step(float(evaluator.state.metrics[evaluator.state.key_metric_name]))

@@ -28,7 +28,9 @@ from typing import Any
 
 import yaml
 
+from medseg_monai.bundle import at_repo_root, config_files
 from medseg_monai.data import DatasetError, get_dataset, resolve_data_root
+from medseg_monai.errors import InputError
 from medseg_monai.paths import project_root
 from medseg_monai.tracking import content_hash, ensure_experiment, git_state, run_tags, tracking_uri
 
@@ -64,30 +66,57 @@ class Job:
         return {**self.overrides, "seed": self.seed, "output_dir": self.output_dir}
 
 
+def _entries(spec: dict[str, Any], spec_path: Path) -> list[dict[str, Any]]:
+    """The grid's experiments, sweeps expanded: an entry with ``sweep: {param: [v1, v2, ...]}`` is one
+    experiment per value, named ``<name>_<value>`` (zero-padded to 3 digits for integers), run with
+    ``param`` overridden and the paper's numbers of that value (``paper: {value: {metric: x}}``)."""
+    out = []
+    for exp in spec["experiments"]:
+        sweep = exp.get("sweep")
+        if not sweep:
+            out.append({**exp, "overrides": dict(exp.get("overrides", {}))})
+            continue
+        if len(sweep) != 1 or not isinstance(next(iter(sweep.values())), list):
+            raise DatasetError(
+                f"{spec_path}: sweep '{exp['name']}' must name one parameter and its list of values"
+            )
+        (param, values), paper = next(iter(sweep.items())), exp.get("paper", {})
+        for value in values:
+            name = f"{exp['name']}_{value:03d}" if isinstance(value, int) else f"{exp['name']}_{value}"
+            out.append(
+                {
+                    **{k: v for k, v in exp.items() if k not in ("sweep", "paper")},
+                    "name": name,
+                    "paper": paper.get(value, {}),
+                    "sweep": {param: value},
+                    "overrides": {**exp.get("overrides", {}), param: value, "experiment": name},
+                }
+            )
+    return out
+
+
 def load_grid(
     bundle: Path, profile: str, seeds: list[int] | None = None, runs_dir: Path | None = None
 ) -> list[Job]:
-    """The jobs of one bundle's ``configs/reproduce.yaml`` for ``profile``."""
-    configs = bundle / "configs"
-    spec_path = configs / "reproduce.yaml"
+    """The jobs of one bundle's ``configs/reproduce.yaml`` for ``profile``; config files come from the
+    launcher (``medseg_monai.bundle.config_files``): train.yaml, the experiment, the profile."""
+    spec_path = bundle / "configs" / "reproduce.yaml"
     spec = yaml.safe_load(spec_path.read_text())
-    if profile not in spec.get("profiles", {}):
+    if profile not in spec.get("seeds", {}):
         raise DatasetError(
-            f"{spec_path}: no profile '{profile}' (profiles: {', '.join(spec.get('profiles', {}))})"
+            f"{spec_path}: no seeds for profile '{profile}' (profiles: {', '.join(spec.get('seeds', {}))})"
         )
     study = spec["study"]
     seed_list = seeds if seeds is not None else spec["seeds"][profile]
     runs = runs_dir or project_root() / "runs" / "reproduce"
     jobs = []
-    for exp in spec["experiments"]:
-        files = [
-            configs / "train.yaml",
-            configs / exp["config"],
-            *(configs / c for c in spec["profiles"][profile]),
-        ]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise DatasetError(f"{spec_path}: experiment '{exp['name']}' names missing config {missing[0]}")
+    for exp in _entries(spec, spec_path):
+        try:
+            files = config_files(
+                study, "train", exp.get("config", exp["name"]), profile, bundles_dir=bundle.parent
+            )
+        except InputError as e:
+            raise DatasetError(f"{spec_path}: experiment '{exp['name']}': {e}") from None
         for seed in seed_list:
             jobs.append(
                 Job(
@@ -95,7 +124,7 @@ def load_grid(
                     experiment=exp["name"],
                     seed=int(seed),
                     profile=profile,
-                    configs=[str(f) for f in files],
+                    configs=files,
                     split=exp.get("split", spec.get("split", "val")),
                     output_dir=str(runs / profile / study / exp["name"] / f"seed{seed}"),
                     paper=dict(exp.get("paper", {})),
@@ -103,6 +132,7 @@ def load_grid(
                     note=exp.get("note", ""),
                     metrics=list(spec.get("metrics", ["dice"])),
                     figures=list(spec.get("figures", [])),
+                    overrides=exp["overrides"],
                 )
             )
     return jobs
@@ -128,8 +158,10 @@ def _parser(job: Job) -> Any:
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(job.configs)
-    parser.update(job.bundle_args())
+    with at_repo_root():
+        parser.read_config(job.configs)
+        parser.update(job.bundle_args())
+        parser.resolve_macro_and_relative_ids()
     return parser
 
 
@@ -315,15 +347,13 @@ def reproduce(
 
 def _run_job(spec: str) -> int:
     """Subprocess body: train, then evaluate, the job given as JSON (one interpreter, two bundle runs)."""
-    from monai.bundle import run
-
-    from medseg_monai.bundle import install_error_hook
+    from medseg_monai.bundle import install_error_hook, run
 
     install_error_hook()
     job = Job(**json.loads(spec))
-    run(config_file=job.configs, **job.bundle_args())
+    run(job.configs, **job.bundle_args())
     evaluate = str(Path(job.configs[0]).with_name("evaluate.yaml"))
-    run(config_file=[*job.configs, evaluate], split=job.split, **job.bundle_args())
+    run([*job.configs, evaluate], split=job.split, **job.bundle_args())
     return 0
 
 
