@@ -315,6 +315,10 @@ def test_run_tags(dataset: Path, frozen_git: dict[str, str]):
 # ----------------------------------------------------------------------------- sqlite runs
 
 
+def _tags(dataset: Path) -> dict[str, str]:
+    return tracking.run_tags("toy", "synthetic", [dataset], "default")
+
+
 def _client() -> MlflowClient:
     return MlflowClient(tracking_uri=tracking.tracking_uri())
 
@@ -323,17 +327,8 @@ def test_run_on_local_sqlite_store(dataset: Path, tmp_path: Path, frozen_git: di
     store = tmp_path / "mlflow"
     params = {"optim": {"lr": 0.01, "name": "adam"}, "long": "z" * 7000}
     params["grid"] = {f"p{i:03d}": i for i in range(150)}  # more than one log_batch
-    with tracking.start_run(
-        "toy-study",
-        "unet-seed0",
-        dataset_id="toy",
-        dataset_kind="synthetic",
-        data_paths=[dataset],
-        profile="quick",
-        device="cpu",
-        params=params,
-        extra_tags={"variant": "unet", "seed": 0},
-    ) as active:
+    tags = {**tracking.run_tags("toy", "synthetic", [dataset], "quick", device="cpu"), "variant": "unet", "seed": 0}
+    with tracking.start_run("toy-study", "unet-seed0", tags=tags, params=params) as active:
         assert isinstance(active, mlflow.ActiveRun)
         assert mlflow.active_run().info.run_id == active.info.run_id
         mlflow.log_metric("dice", 0.75, step=1)
@@ -365,9 +360,8 @@ def test_run_on_local_sqlite_store(dataset: Path, tmp_path: Path, frozen_git: di
     assert landed.read_text() == "hello"
 
     # Same experiment for the next (variant, seed).
-    with tracking.start_run(
-        "toy-study", "unet-seed1", dataset_id="toy", dataset_kind="synthetic", data_paths=[dataset]
-    ) as second:
+    tags = tracking.run_tags("toy", "synthetic", [dataset], "default")
+    with tracking.start_run("toy-study", "unet-seed1", tags=tags) as second:
         pass
     assert client.get_run(second.info.run_id).info.experiment_id == run.info.experiment_id
     assert client.get_run(second.info.run_id).data.tags["profile"] == "default"
@@ -376,25 +370,11 @@ def test_run_on_local_sqlite_store(dataset: Path, tmp_path: Path, frozen_git: di
 def test_failed_run_ends_failed(dataset: Path):
     with (
         pytest.raises(RuntimeError, match="diverged"),
-        tracking.start_run(
-            "toy-study", "boom", dataset_id="toy", dataset_kind="synthetic", data_paths=[dataset]
-        ) as active,
+        tracking.start_run("toy-study", "boom", tags=_tags(dataset)) as active,
     ):
         mlflow.log_metric("loss", float("nan"))
         raise RuntimeError("diverged")
     assert mlflow.active_run() is None
-    assert _client().get_run(active.info.run_id).info.status == "FAILED"
-
-
-def test_run_ended_by_body_then_failing_is_failed(dataset: Path):
-    with (
-        pytest.raises(KeyError),
-        tracking.start_run(
-            "toy-study", "early-end", dataset_id="toy", dataset_kind="synthetic", data_paths=[dataset]
-        ) as active,
-    ):
-        mlflow.end_run()  # FINISHED by the body ...
-        raise KeyError("... but then it failed")
     assert _client().get_run(active.info.run_id).info.status == "FAILED"
 
 
@@ -407,14 +387,7 @@ def test_param_logging_failure_marks_run_failed(dataset: Path, monkeypatch: pyte
         patch.setattr(MlflowClient, "log_batch", broken)
         with (
             pytest.raises(OSError, match="store went away"),
-            tracking.start_run(
-                "toy-study",
-                "no-params",
-                dataset_id="toy",
-                dataset_kind="synthetic",
-                data_paths=[dataset],
-                params={"a": 1},
-            ),
+            tracking.start_run("toy-study", "no-params", tags=_tags(dataset), params={"a": 1}),
         ):
             body_ran = True
     assert not body_ran
@@ -422,15 +395,25 @@ def test_param_logging_failure_marks_run_failed(dataset: Path, monkeypatch: pyte
     assert [r.info.status for r in runs] == ["FAILED"]
 
 
-def test_bad_dataset_creates_no_run(tmp_path: Path):
-    with (
-        pytest.raises(FileNotFoundError),
-        tracking.start_run(
-            "toy-study", "x", dataset_id="toy", dataset_kind="real", data_paths=[tmp_path / "absent"]
-        ),
-    ):
-        pytest.fail("body must not run")
+def test_bad_dataset_fails_before_any_run(tmp_path: Path):
+    # tags are computed before start_run: a missing dataset stops there and no experiment is made
+    with pytest.raises(FileNotFoundError):
+        tracking.run_tags("toy", "real", [tmp_path / "absent"], "default")
     assert _client().get_experiment_by_name("toy-study") is None
+
+
+def test_record_tags_match_run_tags(dataset: Path, frozen_git: dict[str, str]):
+    # the run record (bundle.prepare_run's run.json) and a fresh computation give the same tags
+    record = {
+        "git": frozen_git,
+        "dataset": {"id": "toy", "kind": "synthetic", "hash": tracking.content_hash([dataset])},
+        "profile": "quick",
+        "device": "cpu",
+        "versions": tracking._library_versions(),
+    }
+    assert tracking.record_tags(record) == tracking.run_tags("toy", "synthetic", [dataset], "quick", device="cpu")
+    with pytest.raises(ValueError, match="dataset kind"):
+        tracking.record_tags({**record, "dataset": {**record["dataset"], "kind": "fake"}})
 
 
 def test_ensure_experiment_idempotent_and_restores_deleted(tmp_path: Path):
@@ -545,14 +528,9 @@ def test_round_trip_through_a_real_server(
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     report = _write(tmp_path / "report.json", b'{"dice": 0.5}')
 
+    tags = tracking.run_tags("toy", "synthetic", [dataset], "paper")
     with tracking.start_run(
-        "server-study",
-        "unet-seed0",
-        dataset_id="toy",
-        dataset_kind="synthetic",
-        data_paths=[dataset],
-        profile="paper",
-        params={"model": {"name": "unet"}, "epochs": 2},
+        "server-study", "unet-seed0", tags=tags, params={"model": {"name": "unet"}, "epochs": 2}
     ) as active:
         mlflow.log_metric("dice", 0.5, step=2)
         mlflow.log_artifact(str(report), artifact_path="eval")

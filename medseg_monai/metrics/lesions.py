@@ -48,10 +48,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.metrics import CumulativeIterationMetric, get_confusion_matrix
 from scipy import ndimage
@@ -59,6 +61,7 @@ from scipy import ndimage
 __all__ = [
     "BRACKETS",
     "LesionMetrics",
+    "LesionTableWriter",
     "VoxelMetrics",
     "average_recall",
     "bracket_labels",
@@ -438,3 +441,53 @@ class LesionMetrics(CumulativeIterationMetric):
 
     def aggregate(self, name: str | None = None) -> torch.Tensor:  # type: ignore[override]
         return torch.tensor(self.summary()[name or self.headline])
+
+
+class LesionTableWriter:
+    """Write the pooled lesion-wise table of a ``medseg_monai.metrics.LesionMetrics`` handler at each
+    evaluator epoch end: ``<prefix>lesion_table.csv`` (per size bracket TP/FN/FP, lesion precision
+    and recall, average recall) and ``<prefix>lesion_brackets.png`` (detected and missed reference
+    lesions and false positives per bracket, as the WMH thesis's fig. 8.24)."""
+
+    def __init__(self, metric: Any, output_dir: str, prefix: str = "") -> None:
+        self.metric = getattr(metric, "metric_fn", metric)
+        self.output_dir = Path(output_dir)
+        self.prefix = prefix
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        import csv
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        table = self.metric.table()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        fields = list(next(iter(table.values())))
+        with (self.output_dir / f"{self.prefix}lesion_table.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["bracket", *fields])
+            writer.writerows([b, *(row[c] for c in fields)] for b, row in table.items())
+        brackets = [b for b in table if b != "all"]
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        x = range(len(brackets))
+        for offset, (col, colour) in enumerate(
+            (("tp", "tab:green"), ("fn", "tab:red"), ("fp", "tab:orange"))
+        ):
+            ax.bar(
+                [i + (offset - 1) * 0.27 for i in x],
+                [table[b][col] for b in brackets],
+                0.27,
+                label=col.upper(),
+                color=colour,
+            )
+        ax.set_xticks(list(x), [f"[{b}) voxels" for b in brackets])
+        ax.set_ylabel("lesions")
+        ax.set_title(f"lesion detection per size bracket (recall {table['all']['lesion_recall']:.2f})")
+        ax.legend()
+        fig.savefig(self.output_dir / f"{self.prefix}lesion_brackets.png", dpi=100, bbox_inches="tight")
+        plt.close(fig)

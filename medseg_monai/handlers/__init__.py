@@ -1,0 +1,25 @@
+"""Ignite handlers the bundles attach (in ``train#handlers`` / ``validate#handlers`` and the studies'
+``train_handlers`` / ``val_handlers``), one module per concern:
+
+- :mod:`.training`: :class:`GradientClipping`, :class:`SchedulerStepper`.
+- :mod:`.case_metrics`: :class:`CaseMetrics`, the ``metrics.json`` contract.
+- :mod:`.tracking`: :class:`MLflowTracker`, one tagged MLflow run per training (or evaluation).
+
+:class:`~medseg_monai.metrics.LesionTableWriter` lives with the lesion metrics it writes; it is
+re-exported here so configs naming ``medseg_monai.handlers.LesionTableWriter`` keep working.
+"""
+
+from medseg_monai.handlers.case_metrics import CaseMetrics, summarise_cases
+from medseg_monai.handlers.tracking import MLflowTracker, config_params
+from medseg_monai.handlers.training import GradientClipping, SchedulerStepper
+from medseg_monai.metrics.lesions import LesionTableWriter
+
+__all__ = [
+    "CaseMetrics",
+    "GradientClipping",
+    "LesionTableWriter",
+    "MLflowTracker",
+    "SchedulerStepper",
+    "config_params",
+    "summarise_cases",
+]

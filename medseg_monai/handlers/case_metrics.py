@@ -1,0 +1,120 @@
+"""Per-case metrics with class names: the ``metrics.json`` contract of evaluation."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+
+from medseg_monai.io import write_json
+
+__all__ = ["CaseMetrics", "summarise_cases"]
+
+
+def _case_id(item: Any) -> str:
+    if isinstance(item, dict) and "case_id" in item:
+        cid = item["case_id"]
+        return str(cid[0] if isinstance(cid, (list, tuple)) else cid)
+    meta = getattr(item.get("image"), "meta", {}) if isinstance(item, dict) else {}
+    return Path(str(meta.get("filename_or_obj", "case"))).name
+
+
+def summarise_cases(
+    details: dict[str, torch.Tensor],
+    case_ids: list[str],
+    class_names: list[str],
+    columns: dict[str, list[str]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Per-case metric tables -> ``{"mean": {...}, "cases": {id: {...}}}``.
+
+    ``details[name]`` is (N cases, K) with one column per class in ``class_names`` (or K = 1 for a
+    case-level metric). Each case gets ``<name>_<class>`` and ``<name>`` (mean over its classes);
+    ``mean`` averages cases, skipping NaN (a class absent from both reference and prediction).
+    A metric named in ``columns`` has its own column names instead (e.g. the many columns of
+    ``medseg_monai.metrics.LesionMetrics``), reported as they are.
+    """
+    cases: dict[str, dict[str, float]] = {cid: {} for cid in case_ids}
+    columns = columns or {}
+    for name, table in details.items():
+        table = torch.as_tensor(table, dtype=torch.float64).reshape(len(case_ids), -1)
+        if name in columns:
+            for row, cid in zip(table, case_ids, strict=True):
+                cases[cid].update({c: float(v) for c, v in zip(columns[name], row, strict=True)})
+            continue
+        if table.shape[1] > 1 and table.shape[1] != len(class_names):
+            raise ValueError(f"metric '{name}' has {table.shape[1]} columns for classes {class_names}")
+        for row, cid in zip(table, case_ids, strict=True):
+            if table.shape[1] > 1:
+                cases[cid].update({f"{name}_{c}": float(v) for c, v in zip(class_names, row, strict=True)})
+            cases[cid][name] = float(torch.nanmean(row)) if not torch.isnan(row).all() else math.nan
+    keys = list(dict.fromkeys(k for c in cases.values() for k in c))
+    mean = {}
+    for k in keys:
+        values = [c[k] for c in cases.values() if k in c and not math.isnan(c[k])]
+        mean[k] = sum(values) / len(values) if values else math.nan
+    return {"mean": mean, "cases": cases}
+
+
+class CaseMetrics:
+    """Collect the case ids an evaluator sees and turn its metrics' per-case details
+    (``save_details=True`` metric handlers) into :func:`summarise_cases` form.
+
+    The summary is stored as ``engine.state.case_metrics`` at each epoch end and, when
+    ``output_path`` is given, written there as JSON (the evaluate contract's ``metrics.json``).
+
+    Args:
+        metrics: metric handler name -> reported name, e.g. ``{"val_dice": "dice", "val_iou": "iou"}``.
+        class_names: the classes of the metric columns (background excluded when the metrics exclude it).
+        columns: reported name -> column names, for metrics whose columns are not classes.
+        aliases: extra names for reported values, e.g. ``{"dice": "dice_wmh"}`` for a one-class study.
+    """
+
+    def __init__(
+        self,
+        metrics: dict[str, str],
+        class_names: list[str],
+        output_path: str | None = None,
+        columns: dict[str, list[str]] | None = None,
+        aliases: dict[str, str] | None = None,
+    ) -> None:
+        self.metrics = dict(metrics)
+        self.class_names = list(class_names)
+        self.output_path = output_path
+        self.columns = {k: list(v) for k, v in (columns or {}).items()}
+        self.aliases = dict(aliases or {})
+        self._ids: list[str] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self._ids.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._summarise)
+
+    def _collect(self, engine: Engine) -> None:
+        batch = engine.state.batch
+        if isinstance(batch, dict):  # not decollated: one list of ids per key
+            ids = batch.get("case_id")
+            self._ids.extend(str(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids]))
+        else:
+            self._ids.extend(_case_id(item) for item in batch)
+
+    def _summarise(self, engine: Engine) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # metric details are gathered across ranks in rank order; gather the ids the same way
+            gathered: list[list[str]] = [[] for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather_object(gathered, self._ids)
+            self._ids = [cid for ids in gathered for cid in ids]
+        details = getattr(engine.state, "metric_details", {})
+        missing = [m for m in self.metrics if m not in details]
+        if missing:
+            raise RuntimeError(f"metrics {missing} have no per-case details: set save_details=True on them")
+        summary = summarise_cases(
+            {self.metrics[m]: details[m] for m in self.metrics}, self._ids, self.class_names, self.columns
+        )
+        for values in (summary["mean"], *summary["cases"].values()):
+            values.update({alias: values[name] for name, alias in self.aliases.items() if name in values})
+        engine.state.case_metrics = summary
+        if self.output_path:
+            write_json(summary, self.output_path)

@@ -1,0 +1,214 @@
+"""The MLflow run of a training or evaluation engine, tagged from the run record."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from contextlib import ExitStack
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+
+from medseg_monai.io import write_json
+from medseg_monai.tracking import record_tags, start_run, tracking_uri
+
+__all__ = ["MLflowTracker", "config_params"]
+
+logger = logging.getLogger(__name__)
+
+
+def _scalar(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor):
+        return float(value) if value.numel() == 1 else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+_RECORDED_SECTIONS = ("network_def", "loss", "optimizer", "lr_scheduler")
+_WORKFLOW_KEYS = ("imports", "initialize", "run", "finalize", "_meta_")
+
+
+def config_params(config: dict[str, Any]) -> dict[str, Any]:
+    """MLflow params of a merged bundle config: its top-level scalar and flat-list settings and its
+    network, loss, optimiser and scheduler definitions (as written)."""
+    params: dict[str, Any] = {}
+    for key, value in config.items():
+        if key in _WORKFLOW_KEYS:
+            continue
+        scalar = isinstance(value, (str, int, float, bool)) or value is None
+        if scalar or (isinstance(value, list) and all(not isinstance(v, (dict, list)) for v in value)):
+            params[key] = value
+    params.update({k: config[k] for k in _RECORDED_SECTIONS if isinstance(config.get(k), dict)})
+    return params
+
+
+class MLflowTracker:
+    """Own the MLflow run of a training or evaluation engine (see ``medseg_monai.tracking``).
+
+    On the engine's start it reads the run record in ``record_dir`` (``run.json``, written by
+    ``medseg_monai.bundle.prepare_run``: commit, dataset id, content hash and kind, profile, device,
+    versions) for the run's tags, and logs as params the settings of the run's ``config.json`` plus
+    ``params``. Each epoch it logs the mean training loss and the learning rate; each epoch of
+    ``evaluator`` (if given) its scalar metrics and the means of its ``case_metrics``, at the training
+    epoch as step. On completion it logs the files of ``record_dir`` matching ``artifacts`` and ends the
+    run FINISHED; an exception ends it FAILED and propagates. The run id is written to
+    ``<record_dir>/mlflow_run.json``; with ``resume=True`` (evaluation) the run recorded there is
+    continued instead of a new one being opened.
+
+    Attach it before other handlers that re-raise exceptions (e.g. ``StatsHandler``), so that a
+    failure is always recorded.
+    """
+
+    def __init__(
+        self,
+        experiment: str,
+        run_name: str,
+        record_dir: str,
+        params: dict[str, Any] | None = None,
+        evaluator: Engine | None = None,
+        artifacts: tuple[str, ...] | list[str] = ("*.json", "*.yaml", "*.csv", "*.png", "*.log"),
+        tags: dict[str, str] | None = None,
+        metric_prefix: str = "",
+        resume: bool = False,
+        record_prefix: str = "",
+    ) -> None:
+        self.record_prefix = record_prefix
+        self.experiment = experiment
+        self.run_name = run_name
+        self.output_dir = Path(record_dir)
+        self.params = params or {}
+        self.evaluator = evaluator
+        self.artifacts = list(artifacts)
+        self.tags = dict(tags or {})
+        self.metric_prefix = metric_prefix
+        self.resume = resume
+        self._stack: ExitStack | None = None
+        self._loss_sum = 0.0
+        self._loss_n = 0
+        self.run_id: str | None = None
+
+    def attach(self, engine: Engine) -> None:
+        self._engine = engine
+        engine.add_event_handler(Events.STARTED, self._open)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._log_epoch)
+        engine.add_event_handler(Events.COMPLETED, self._close)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._fail)
+        if self.evaluator is not None and self.evaluator is not engine:
+            self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._log_evaluation)
+
+    def _previous_run(self) -> str | None:
+        record = self.output_dir / "mlflow_run.json"
+        if not self.resume or not record.is_file():
+            return None
+        info = json.loads(record.read_text())
+        return info["run_id"] if info.get("tracking_uri") == tracking_uri() else None
+
+    def _open(self, engine: Engine) -> None:
+        from medseg_monai.bundle import read_run_record
+
+        record = read_run_record(self.output_dir, self.record_prefix)
+        config_file = self.output_dir / f"{self.record_prefix}config.json"
+        params = config_params(json.loads(config_file.read_text())) if config_file.is_file() else {}
+        tags = {
+            **record_tags(record),
+            "output_dir": str(self.output_dir),
+            "study": record["study"],
+            "variant": record["experiment"],
+            "seed": str(record["seed"]),
+            **self.tags,
+        }
+        self._stack = ExitStack()
+        run = self._stack.enter_context(
+            start_run(
+                self.experiment,
+                self.run_name,
+                tags=tags,
+                params={**params, **self.params},
+                run_id=self._previous_run(),
+            )
+        )
+        self.run_id = run.info.run_id
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        record = {"run_id": self.run_id, "experiment": self.experiment, "tracking_uri": tracking_uri()}
+        write_json(record, self.output_dir / "mlflow_run.json")
+        logger.info(
+            "MLflow run %s (%s / %s) at %s", self.run_id, self.experiment, self.run_name, tracking_uri()
+        )
+
+    def _accumulate(self, engine: Engine) -> None:
+        output = engine.state.output
+        items = output if isinstance(output, list) else [output]
+        for item in items:
+            loss = item.get("loss") if isinstance(item, dict) else None
+            if loss is not None:
+                self._loss_sum += float(loss)
+                self._loss_n += 1
+                break  # decollated outputs repeat the batch loss
+
+    def _log_epoch(self, engine: Engine) -> None:
+        import mlflow
+
+        step = engine.state.epoch
+        metrics = {}
+        if self._loss_n:
+            metrics["train_loss"] = self._loss_sum / self._loss_n
+        self._loss_sum, self._loss_n = 0.0, 0
+        optimizer = getattr(engine, "optimizer", None)
+        if optimizer is not None:
+            metrics["lr"] = float(optimizer.param_groups[0]["lr"])
+        if self.evaluator is None or self.evaluator is engine:
+            metrics.update(self._engine_metrics(engine))
+        if metrics:
+            mlflow.log_metrics(metrics, step=step)
+
+    def _engine_metrics(self, engine: Engine) -> dict[str, float]:
+        """The engine's scalar metrics and its case summary means, named ``<prefix><name>``; the
+        bundles' ``val_`` handler names lose that part first (``val_loss`` -> ``<prefix>loss``)."""
+        values = {k.removeprefix("val_"): _scalar(v) for k, v in engine.state.metrics.items()}
+        summary = getattr(engine.state, "case_metrics", None)
+        if summary:
+            values.update(summary["mean"])
+        p = self.metric_prefix
+        return {p + k: float(v) for k, v in values.items() if v is not None and not math.isnan(float(v))}
+
+    def _log_evaluation(self, evaluator: Engine) -> None:
+        import mlflow
+
+        if self.run_id is None:
+            return
+        step = self._engine.state.epoch if self._engine.state.epoch else evaluator.state.epoch
+        mlflow.log_metrics(self._engine_metrics(evaluator), step=step)
+
+    def _log_artifacts(self) -> None:
+        import mlflow
+
+        for path in sorted(self.output_dir.rglob("*")):
+            rel = path.relative_to(self.output_dir)
+            if path.is_file() and any(fnmatch(path.name, pattern) for pattern in self.artifacts):
+                mlflow.log_artifact(
+                    str(path), artifact_path=str(rel.parent) if rel.parent != Path(".") else None
+                )
+
+    def _close(self, engine: Engine) -> None:
+        if self._stack is None:
+            return
+        try:
+            self._log_artifacts()
+        except BaseException as e:
+            self._fail(engine, e)
+        stack, self._stack = self._stack, None
+        stack.close()
+
+    def _fail(self, engine: Engine, e: BaseException) -> None:
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            try:
+                stack.__exit__(type(e), e, e.__traceback__)
+            except BaseException as inner:
+                if inner is not e:
+                    logger.error("could not mark MLflow run %s as FAILED: %s", self.run_id, inner)
+        raise e

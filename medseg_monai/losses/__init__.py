@@ -1,0 +1,6 @@
+"""Losses from the studies that MONAI does not provide, one module per family."""
+
+from medseg_monai.losses.dice import ForegroundBackgroundDiceLoss, SumOfLosses
+from medseg_monai.losses.tversky import FocalTverskyLoss
+
+__all__ = ["FocalTverskyLoss", "ForegroundBackgroundDiceLoss", "SumOfLosses"]

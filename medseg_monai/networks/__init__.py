@@ -1,0 +1,6 @@
+"""Networks of the studies that MONAI does not configure exactly, one module per family."""
+
+from medseg_monai.networks.attention import AttentionGate, AttentionUNet
+from medseg_monai.networks.unet import ClassicUNet
+
+__all__ = ["AttentionGate", "AttentionUNet", "ClassicUNet"]
