@@ -111,10 +111,11 @@ def config_files(
         files.append(configs / f"{profile}.yaml")
     if mode != "train":
         files.append(configs / f"{mode}.yaml")
-    for f in files:
+    named = [(f.relative_to(root) if f.is_relative_to(root) else f).as_posix() for f in files]
+    for f, name in zip(files, named, strict=True):
         if not f.is_file():
-            raise InputError(f"no config {f} (studies: {', '.join(studies(base))})")
-    return [(f.relative_to(root) if f.is_relative_to(root) else f).as_posix() for f in files]
+            raise InputError(f"no config {name} (studies: {', '.join(studies(base))})")
+    return named
 
 
 def _cli_value(value: Any) -> str:

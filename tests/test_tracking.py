@@ -327,7 +327,11 @@ def test_run_on_local_sqlite_store(dataset: Path, tmp_path: Path, frozen_git: di
     store = tmp_path / "mlflow"
     params = {"optim": {"lr": 0.01, "name": "adam"}, "long": "z" * 7000}
     params["grid"] = {f"p{i:03d}": i for i in range(150)}  # more than one log_batch
-    tags = {**tracking.run_tags("toy", "synthetic", [dataset], "quick", device="cpu"), "variant": "unet", "seed": 0}
+    tags = {
+        **tracking.run_tags("toy", "synthetic", [dataset], "quick", device="cpu"),
+        "variant": "unet",
+        "seed": 0,
+    }
     with tracking.start_run("toy-study", "unet-seed0", tags=tags, params=params) as active:
         assert isinstance(active, mlflow.ActiveRun)
         assert mlflow.active_run().info.run_id == active.info.run_id
@@ -411,7 +415,9 @@ def test_record_tags_match_run_tags(dataset: Path, frozen_git: dict[str, str]):
         "device": "cpu",
         "versions": tracking._library_versions(),
     }
-    assert tracking.record_tags(record) == tracking.run_tags("toy", "synthetic", [dataset], "quick", device="cpu")
+    assert tracking.record_tags(record) == tracking.run_tags(
+        "toy", "synthetic", [dataset], "quick", device="cpu"
+    )
     with pytest.raises(ValueError, match="dataset kind"):
         tracking.record_tags({**record, "dataset": {**record["dataset"], "kind": "fake"}})
 

@@ -14,16 +14,19 @@ import torch
 from monai.bundle import ConfigParser
 
 from bundle_utils import ROOT, error_lines, mlflow_client, run_bundle
+from medseg_monai.bundle import at_repo_root, config_files
 from medseg_monai.networks import AttentionUNet, ClassicUNet
 
 CONFIGS = ROOT / "bundles" / "wmh" / "configs"
 EXPERIMENTS = sorted((CONFIGS / "experiments").glob("*.yaml"))
 
 
-def _parser(*names: str, **overrides: object) -> ConfigParser:
+def _parser(experiment: str | None = None, profile: str | None = None, **overrides: object) -> ConfigParser:
     parser = ConfigParser()
-    parser.read_config([str(CONFIGS / "train.yaml"), *(str(CONFIGS / n) for n in names)])
-    parser.update({"dataset": "wmh2017", **overrides})  # the registry entry only: nothing is read
+    with at_repo_root():
+        parser.read_config(config_files("wmh", experiment=experiment, profile=profile))
+        parser.update({"dataset": "wmh2017", **overrides})  # the registry entry only: nothing is read
+        parser.parse()
     return parser
 
 
@@ -45,19 +48,24 @@ def test_default_is_the_thesis_best_model() -> None:
         0.5,
     )
     sched = p.get_parsed_content("lr_scheduler")
-    assert (sched.factor, sched.patience, sched.mode) == (0.2, 5, "min")
+    assert (sched.factor, sched.patience, sched.mode) == (0.2, 5, "min") and p["key_metric_mode"] == "min"
+    assert p.get_parsed_content("spatial_size") == [256, 256, -1]  # axial slices at 256 x 256
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 3
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: p.stem)
-def test_every_experiment_parses_and_builds(experiment: Path) -> None:
-    p = _parser(f"experiments/{experiment.name}", "quick.yaml")
-    assert p["experiment"] == experiment.stem
+def test_every_experiment_network_takes_its_slices(experiment: Path) -> None:
+    p = _parser(experiment.stem, "quick")
     net = p.get_parsed_content("network_def")
     expected = type(net) is AttentionUNet if "attention" in experiment.stem else type(net) is ClassicUNet
     assert expected
-    x = torch.randn(2, p.get_parsed_content("in_channels"), 32, 32)
+    in_channels = len(p["channels"]) * p["neighbours"]
+    assert p.get_parsed_content("in_channels") == in_channels
+    x = torch.randn(2, in_channels, 32, 32)
     assert net(x).shape == (2, 1, 32, 32)
-    assert len(p.get_parsed_content("spatial_size")) == 3
+    size, axis = p.get_parsed_content("spatial_size"), p["slice_axis"]
+    assert size[axis] == -1 and [s for a, s in enumerate(size) if a != axis] == [p["in_plane_size"]] * 2
 
 
 def test_experiment_grid_matches_chapter_8() -> None:
@@ -76,26 +84,19 @@ def test_experiment_grid_matches_chapter_8() -> None:
         "mish_groupnorm32",
         "sagittal",
     }
-    pyramid = _parser("experiments/attention_unet_pyramid.yaml").get_parsed_content("network_def")
+    pyramid = _parser("attention_unet_pyramid").get_parsed_content("network_def")
     assert pyramid.pyramid_input
-    t1 = _parser("experiments/three_slices_alpha070.yaml")
+    t1 = _parser("three_slices_alpha070")
     assert t1["channels"] == ["flair", "t1"] and t1.get_parsed_content("in_channels") == 6
-    sag = _parser("experiments/sagittal.yaml")
+    sag = _parser("sagittal")
     assert sag.get_parsed_content("spatial_size") == [-1, 256, 256]
-
-
-def test_deployment_configs_parse() -> None:
-    for name in ("evaluate", "inference", "multi_gpu_train"):
-        assert _parser(f"{name}.yaml")["run"], name
-    meta = json.loads((CONFIGS / "metadata.json").read_text())
-    assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 3
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("wmh-run")
     store = tmp_path_factory.mktemp("wmh-mlflow")
-    result = run_bundle("wmh", ["train", "quick"], store, dataset="wmh-synthetic", output_dir=out)
+    result = run_bundle("wmh", store, dataset="wmh-synthetic", output_dir=out)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, store
 
@@ -126,9 +127,7 @@ def test_quick_profile_trains_on_synthetic_and_dice_rises(trained: tuple[Path, P
 @pytest.mark.slow
 def test_evaluate_writes_lesion_metrics(trained: tuple[Path, Path]) -> None:
     out, store = trained
-    result = run_bundle(
-        "wmh", ["train", "quick", "evaluate"], store, dataset="wmh-synthetic", output_dir=out, split="test"
-    )
+    result = run_bundle("wmh", store, mode="evaluate", dataset="wmh-synthetic", output_dir=out, split="test")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     mean = metrics["mean"]
@@ -159,8 +158,8 @@ def test_inference_keeps_the_input_grid(
     shutil.copy(flair, folder / "a.nii.gz")
     result = run_bundle(
         "wmh",
-        ["train", "quick", "inference"],
         store,
+        mode="inference",
         input_path=folder,
         ckpt_path=out / "model.pt",
         output_dir=tmp_path / "pred",
@@ -178,7 +177,6 @@ def test_inference_keeps_the_input_grid(
 def test_trains_on_real_samples(shared_data: Path, tmp_path: Path, dataset: str, extra: dict) -> None:
     result = run_bundle(
         "wmh",
-        ["train", "quick"],
         tmp_path / "mlflow",
         dataset=dataset,
         data_root=shared_data / dataset,
@@ -235,8 +233,8 @@ def test_bad_input_is_one_line_and_leaves_no_finished_run(tmp_path: Path, fault:
         expected = "case 'SiteA_9' is missing its 't1' image"
     result = run_bundle(
         "wmh",
-        ["train", "quick", "experiments/three_slices_alpha070"],
         tmp_path / "mlflow",
+        experiment="three_slices_alpha070",
         dataset="wmh2017",
         data_root=root,
         output_dir=tmp_path / "out",

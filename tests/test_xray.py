@@ -16,12 +16,22 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from PIL import Image
 
 from bundle_utils import ROOT, error_lines, mlflow_client, run_bundle
+from medseg_monai.bundle import at_repo_root, config_files
 from medseg_monai.losses import ForegroundBackgroundDiceLoss, SumOfLosses
 from medseg_monai.networks import ClassicUNet
+from medseg_monai.reproduce import plan
 from medseg_monai.transforms import CaseGaussianNoised, ScaleByBitDepthd
 
 CONFIGS = ROOT / "bundles" / "xray" / "configs"
-EXPERIMENTS = sorted((CONFIGS / "experiments").glob("*.yaml"))
+
+
+def _parser(experiment: str | None = None, profile: str | None = None, **overrides: object) -> ConfigParser:
+    parser = ConfigParser()
+    with at_repo_root():
+        parser.read_config(config_files("xray", experiment=experiment, profile=profile))
+        parser.update({"dataset": "jsrt-scr", **overrides})  # the registry entry only: nothing is read
+        parser.parse()
+    return parser
 
 
 # --- losses ---------------------------------------------------------------------------------------
@@ -59,11 +69,21 @@ def test_dl2_from_logits_and_indices_has_gradients() -> None:
     assert 0 < loss.item() < 1 and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
 
 
-def test_multiclass_soft_dice_against_its_formula() -> None:
-    p, r = _probs()
-    per_class = [1 - 2 * (p[:, c] * r[:, c]).sum() / (p[:, c].sum() + r[:, c].sum()) for c in range(2)]
-    loss = DiceLoss(include_background=True, batch=True, smooth_nr=0, smooth_dr=0)(p, r)
-    assert loss.item() == pytest.approx(float(torch.stack(per_class).mean()), abs=1e-6)
+def test_bundle_loss_is_cross_entropy_plus_multiclass_soft_dice() -> None:
+    # the poster's loss as train.yaml configures it: softmax over 3 classes, one-hot indices,
+    # cross-entropy + soft Dice averaged over every class (background included), batch pooled
+    loss = _parser().get_parsed_content("loss")
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 4, 4, generator=gen)
+    target = torch.randint(0, 3, (2, 1, 4, 4), generator=gen)
+    p = torch.softmax(logits, dim=1)
+    r = torch.nn.functional.one_hot(target[:, 0], 3).movedim(-1, 1).float()
+    ce = -(r * torch.log(p)).sum(dim=1).mean()
+    eps = 1e-5  # MONAI's smoothing of numerator and denominator
+    dice = [
+        1 - (2 * (p[:, c] * r[:, c]).sum() + eps) / (p[:, c].sum() + r[:, c].sum() + eps) for c in range(3)
+    ]
+    assert loss(logits, target).item() == pytest.approx(float(ce + torch.stack(dice).mean()), abs=1e-5)
 
 
 def test_sum_of_losses_weights() -> None:
@@ -118,27 +138,28 @@ def test_noise_subset_is_fixed_per_case_and_seed() -> None:
 
 
 def test_experiment_grid_is_complete() -> None:
-    names = {p.stem for p in EXPERIMENTS}
-    sizes = {f"train_size_{n:03d}" for n in (5, 10, 15, 20, 25, 45, 65, 85, 105)}
-    assert {"baseline", "noise_train_val", "noise_val_only"} | sizes == names
+    jobs = {j.experiment: j for j in plan("quick", studies=["xray"])}
+    sizes = {f"train_size_{n:03d}": n for n in (5, 10, 15, 20, 25, 45, 65, 85, 105)}
+    assert {"baseline", "noise_train_val", "noise_val_only", *sizes} == set(jobs)
+    for name, n in sizes.items():  # the sweep: the baseline with one training-set size each
+        assert jobs[name].overrides == {"train_size": n, "experiment": name}
+        assert jobs[name].configs[1].endswith("experiments/baseline.yaml")
+    assert jobs["train_size_005"].paper == {"dice": 0.98667}
+    noisy = _parser("noise_train_val")
+    assert (noisy["train_noise_fraction"], noisy["val_noise_fraction"]) == (0.5, 0.5)
+    assert _parser("noise_val_only")["train_noise_fraction"] == 0.0
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: p.stem)
-def test_every_experiment_parses_and_builds(experiment: Path) -> None:
-    parser = ConfigParser()
-    parser.read_config([str(CONFIGS / "train.yaml"), str(experiment), str(CONFIGS / "quick.yaml")])
-    assert parser["experiment"] == experiment.stem
-    parser["dataset"] = "jsrt-scr"  # the registry entry only: nothing is read
-    net = parser.get_parsed_content("network_def")
+def test_default_is_the_posters_baseline() -> None:
+    p = _parser()
+    net = p.get_parsed_content("network_def")
     assert isinstance(net, ClassicUNet) and net.final_conv.out_channels == 3
-    assert parser.get_parsed_content("noise_sigma_16bit") == 5000
-
-
-def test_deployment_configs_parse() -> None:
-    for name in ("evaluate", "inference", "multi_gpu_train"):
-        parser = ConfigParser()
-        parser.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / f"{name}.yaml")])
-        assert parser["run"], name
+    opt = p.get_parsed_content("optimizer")
+    assert isinstance(opt, torch.optim.RMSprop)
+    assert (opt.defaults["lr"], opt.defaults["weight_decay"], opt.defaults["momentum"]) == (1e-5, 1e-8, 0.999)
+    sched = p.get_parsed_content("lr_scheduler")
+    assert (sched.mode, sched.patience) == ("max", 5) and p["key_metric_mode"] == "max"
+    assert p.get_parsed_content("noise_sigma_16bit") == 5000 and p["max_epochs"] == 50
     meta = json.loads((CONFIGS / "metadata.json").read_text())
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {
         "0": "background",
@@ -155,7 +176,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """One quick-profile training on synthetic radiographs, shared by the tests below."""
     out = tmp_path_factory.mktemp("xray-run")
     store = tmp_path_factory.mktemp("xray-mlflow")
-    result = run_bundle("xray", ["train", "quick"], store, dataset="xray-synthetic", output_dir=out, seed=1)
+    result = run_bundle("xray", store, dataset="xray-synthetic", output_dir=out, seed=1)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, store
 
@@ -180,28 +201,13 @@ def test_quick_profile_trains_and_improves(trained: tuple[Path, Path]) -> None:
 
 
 @pytest.mark.slow
-def test_evaluate_writes_metrics_json(trained: tuple[Path, Path], shared_data: Path) -> None:
+def test_evaluate_a_real_folder_at_original_resolution(trained: tuple[Path, Path], shared_data: Path) -> None:
     out, store = trained
-    result = run_bundle(
-        "xray",
-        ["train", "quick", "evaluate"],
-        store,
-        dataset="xray-synthetic",
-        output_dir=out,
-        seed=1,
-        split="val",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert {"dice", "dice_lungs", "dice_heart", "iou", "iou_lungs", "iou_heart"} <= set(metrics["mean"])
-    val = json.loads((out / "datalist.json").read_text())["validation"]
-    assert set(metrics["cases"]) == {c["case_id"] for c in val}
-    assert 0 < metrics["mean"]["dice_lungs"] <= 1
     # a real JSRT folder: --split all --data_root <folder> --ckpt_path
     real = run_bundle(
         "xray",
-        ["train", "quick", "evaluate"],
         store,
+        mode="evaluate",
         dataset="jsrt-scr",
         data_root=shared_data / "jsrt-scr",
         split="all",
@@ -209,7 +215,11 @@ def test_evaluate_writes_metrics_json(trained: tuple[Path, Path], shared_data: P
         output_dir=out / "eval-jsrt",
     )
     assert real.returncode == 0, real.stderr[-3000:]
-    assert len(json.loads((out / "eval-jsrt" / "metrics.json").read_text())["cases"]) == 40
+    metrics = json.loads((out / "eval-jsrt" / "metrics.json").read_text())
+    assert len(metrics["cases"]) == 40
+    assert {"dice", "dice_lungs", "dice_heart", "iou", "iou_lungs", "iou_heart"} <= set(metrics["mean"])
+    # the overlay shows the image as read (2048 px), not the network's input
+    assert Image.open(out / "eval-jsrt" / "eval_all_overlay.png").size[1] >= 2048
 
 
 @pytest.mark.slow
@@ -225,8 +235,8 @@ def test_inference_keeps_each_inputs_size(
     shutil.copy(shared_data / "jsrt-scr" / "images" / "JPCLN001.IMG.png", inputs / "JPCLN001.IMG.png")
     result = run_bundle(
         "xray",
-        ["train", "quick", "inference"],
         store,
+        mode="inference",
         input_path=inputs,
         ckpt_path=out / "model.pt",
         output_dir=tmp_path / "pred",
@@ -269,7 +279,6 @@ def test_bad_input_is_one_line_and_nonzero(shared_data: Path, tmp_path: Path, fa
         expected = "JPCLN002.IMG.png: cannot read this file (UnidentifiedImageError"
     result = run_bundle(
         "xray",
-        ["train", "quick"],
         tmp_path / "mlflow",
         dataset="jsrt-scr",
         data_root=root,

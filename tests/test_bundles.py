@@ -1,0 +1,225 @@
+"""Every bundle, one suite: each config layer builds its engine, metadata matches the network, the
+quick profile trains and evaluate writes the metrics.json contract, bad input ends in one line.
+
+Parametrised over ``bundles/*`` (the studies the launcher finds), so a new bundle is tested by
+being added. Study-specific checks (losses, networks, real data, learning curves) live in
+``test_<study>.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from monai.bundle import ConfigParser
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+
+from bundle_utils import ROOT, error_lines, run_bundle
+from medseg_monai.bundle import at_repo_root, command_line, config_files, main, studies
+from medseg_monai.data import get_dataset, load_splits
+from medseg_monai.errors import InputError
+from medseg_monai.reproduce import plan
+
+STUDIES = studies()
+# a config that builds with one training and one validation case is enough to build its engines
+SMALL = {"train_datalist": "$@datalist['train'][:1]", "val_datalist": "$@datalist['val'][:1]"}
+
+
+def _layers(study: str) -> list[tuple[str, str | None, str | None, dict[str, Any]]]:
+    """(mode, experiment, profile, overrides) of every layer a user or the grid can run."""
+    configs = ROOT / "bundles" / study / "configs"
+    layers: list[tuple[str, str | None, str | None, dict[str, Any]]] = [
+        ("train", None, None, {}),
+        ("train", None, "quick", {}),
+        ("evaluate", None, "quick", {}),
+        ("inference", None, "quick", {}),
+        ("multi_gpu_train", None, "quick", {}),
+    ]
+    layers += [("train", p.stem, "quick", {}) for p in sorted((configs / "experiments").glob("*.yaml"))]
+    layers += [
+        ("train", j.configs[1].split("configs/")[1], "quick", j.overrides)
+        for j in plan("quick", studies=[study])
+        if j.overrides
+    ]
+    return layers
+
+
+LAYERS = [(s, *layer) for s in STUDIES for layer in _layers(s)]
+
+
+def _parser(files: list[str], overrides: dict[str, Any]) -> ConfigParser:
+    parser = ConfigParser()
+    with at_repo_root():
+        parser.read_config(files)
+        parser.update(overrides)
+        parser.parse()
+    return parser
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """An untrained quick-profile state dict per study, for building the evaluate/inference engines."""
+    out = {}
+    for study in STUDIES:
+        net = _parser(config_files(study, profile="quick"), {}).get_parsed_content("network_def")
+        out[study] = tmp_path_factory.mktemp(study) / "model.pt"
+        torch.save(net.state_dict(), out[study])
+    return out
+
+
+def _first_input(study: str) -> str:
+    """One file of the study's synthetic dataset that its inference reads."""
+    parser = _parser(config_files(study, profile="quick"), {})
+    suffixes = tuple(parser.get_parsed_content("infer_suffixes"))
+    case = load_splits(parser.get_parsed_content("dataset"))["val"][0]
+    image = case["image"][0] if isinstance(case["image"], list) else case["image"]
+    assert image.endswith(suffixes), (image, suffixes)
+    return image
+
+
+@pytest.mark.parametrize(
+    ("study", "mode", "experiment", "profile", "overrides"),
+    LAYERS,
+    ids=[
+        f"{s}-{m}-{e or 'default'}-{p or 'paper'}-{'-'.join(map(str, o.values()))}"
+        for s, m, e, p, o in LAYERS
+    ],
+)
+def test_every_layer_builds_its_engine(
+    study: str,
+    mode: str,
+    experiment: str | None,
+    profile: str | None,
+    overrides: dict[str, Any],
+    checkpoints: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    files = config_files(study, mode, experiment, profile)
+    settings = {**SMALL, **overrides, "output_dir": str(tmp_path)}
+    if mode in ("evaluate", "inference"):
+        settings["ckpt_path"] = str(checkpoints[study])
+    if mode == "inference":
+        settings["input_path"] = _first_input(study)
+    parser = _parser(files, settings)
+    assert get_dataset(parser.get_parsed_content("dataset")).synthetic
+    if mode in ("train", "multi_gpu_train"):
+        trainer = parser.get_parsed_content("train#trainer")
+        assert isinstance(trainer, SupervisedTrainer) and trainer.state.max_epochs == parser["max_epochs"]
+        assert isinstance(parser.get_parsed_content("validate#evaluator"), SupervisedEvaluator)
+        if experiment and not overrides:
+            assert parser.get_parsed_content("experiment") == Path(experiment).stem
+        for key, value in overrides.items():  # a sweep entry's settings reach the run
+            assert parser.get_parsed_content(key) == value
+        if mode == "multi_gpu_train":
+            assert parser["finalize"]  # the DDP layer leaves the process group
+    elif mode == "evaluate":
+        evaluator = parser.get_parsed_content("validate#evaluator")
+        assert isinstance(evaluator, SupervisedEvaluator)
+        assert parser.get_parsed_content("validate#metrics_file") == str(tmp_path / "metrics.json")
+    else:
+        assert isinstance(parser.get_parsed_content("infer#evaluator"), SupervisedEvaluator)
+        assert len(parser.get_parsed_content("infer#datalist")) == 1
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_metadata_describes_the_network(study: str) -> None:
+    configs = ROOT / "bundles" / study / "configs"
+    meta = json.loads((configs / "metadata.json").read_text())
+    fmt = meta["network_data_format"]
+    image, pred = fmt["inputs"]["image"], fmt["outputs"]["pred"]
+    net = _parser(config_files(study), {}).get_parsed_content("network_def").eval()
+    x = torch.zeros(1, image["num_channels"], *image["spatial_shape"])
+    with torch.no_grad():
+        y = net(x)
+    assert y.shape[1] == pred["num_channels"] == len(pred["channel_def"])
+    assert list(y.shape[2:]) == pred["spatial_shape"]
+    assert len(image["channel_def"]) == image["num_channels"]
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_shared_layers_are_the_common_files(study: str) -> None:
+    # evaluate, inference, multi-GPU and logging are the shared wiring, never a per-bundle copy
+    configs = ROOT / "bundles" / study / "configs"
+    common = ROOT / "bundles" / "common" / "configs"
+    for name in ("evaluate.yaml", "inference.yaml", "multi_gpu_train.yaml", "logging.conf"):
+        assert (configs / name).resolve() == (common / name).resolve(), name
+    train = yaml.safe_load((configs / "train.yaml").read_text())
+    for section in ("device", "amp", "network", "train", "validate", "initialize", "run"):
+        assert train[section] == f"%bundles/common/configs/train.yaml#{section}", section
+
+
+def test_launcher_layers_files_in_order() -> None:
+    files = config_files("xray", "evaluate", "noise_val_only", "quick")
+    assert files == [
+        "bundles/xray/configs/train.yaml",
+        "bundles/xray/configs/experiments/noise_val_only.yaml",
+        "bundles/xray/configs/quick.yaml",
+        "bundles/xray/configs/evaluate.yaml",
+    ]
+    assert config_files("wmh", profile="paper") == ["bundles/wmh/configs/train.yaml"]
+    cmd = command_line(files, seed=3, split="all")
+    assert cmd[cmd.index("--meta_file") + 1] == "bundles/xray/configs/metadata.json"
+    assert cmd[cmd.index("--logging_file") + 1] == "bundles/xray/configs/logging.conf"
+    assert cmd[-4:] == ["--seed", "3", "--split", "all"]
+    with pytest.raises(InputError, match=r"no config .*experiments/nope.yaml \(studies: .*xray"):
+        config_files("xray", experiment="nope")
+    with pytest.raises(InputError, match="unknown mode 'test'"):
+        config_files("xray", "test")
+
+
+def test_launcher_cli_dry_run_and_refusal(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["xray", "--profile", "quick", "--dry_run", "--max_epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "monai.bundle run --config_file" in out and "bundles/xray/configs/quick.yaml" in out
+    assert out.rstrip().endswith("--max_epochs 2")
+    assert main(["nostudy"]) == 2
+    assert capsys.readouterr().err.startswith("error: no config bundles/nostudy/configs/train.yaml")
+
+
+# --- one fast end-to-end path per bundle ------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("study", STUDIES)
+def test_quick_train_then_evaluate_writes_the_contract(study: str, tmp_path: Path) -> None:
+    out, store = tmp_path / "run", tmp_path / "mlflow"
+    trained = run_bundle(study, store, output_dir=out, max_epochs=2)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    record = json.loads((out / "run.json").read_text())
+    assert record["dataset"]["kind"] == "synthetic" and record["profile"] == "quick"
+    assert record["command"][1] == "run" and "--config_file" in record["command"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["max_epochs"] == 2 and isinstance(config["train"], dict)  # macros expanded
+    evaluated = run_bundle(study, store, mode="evaluate", output_dir=out, split="val")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    parser = _parser(config_files(study, profile="quick"), {})
+    names = [c for c in get_dataset(parser.get_parsed_content("dataset")).class_names() if c != "background"]
+    assert {"dice", *(f"dice_{c}" for c in names)} <= set(metrics["mean"])
+    val = json.loads((out / "eval_val_datalist.json").read_text())["validation"]
+    assert set(metrics["cases"]) == {c["case_id"] for c in val}
+    assert all(0 <= metrics["mean"][f"dice_{c}"] <= 1 for c in names)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("study", STUDIES)
+@pytest.mark.parametrize("fault", ["dataset", "checkpoint"])
+def test_bad_setting_is_one_error_line(study: str, fault: str, tmp_path: Path) -> None:
+    if fault == "dataset":
+        result = run_bundle(study, tmp_path / "mlflow", dataset="no-such-dataset", output_dir=tmp_path)
+        expected = "unknown dataset 'no-such-dataset'; known:"
+    else:
+        missing = tmp_path / "absent.pt"
+        result = run_bundle(
+            study, tmp_path / "mlflow", mode="evaluate", ckpt_path=missing, output_dir=tmp_path
+        )
+        expected = f"checkpoint not found: {missing}"
+    assert result.returncode != 0
+    lines = error_lines(result)
+    assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "metrics.json").exists()

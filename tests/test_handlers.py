@@ -1,0 +1,172 @@
+"""The shared wiring's handlers and helpers on small engines: LR stepping, rank filtering, the
+MLflow tracker reading the run record, and the record itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from mlflow.tracking import MlflowClient
+
+from medseg_monai import bundle, tracking
+from medseg_monai.handlers import MLflowTracker, SchedulerStepper, config_params
+from medseg_monai.io import write_json
+
+
+def _optimizer(lr: float = 1.0) -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+
+
+def _evaluator(values: list[float], name: str = "val_dice") -> Engine:
+    """An engine that, like MONAI's evaluators, names its key metric and scores one value per run."""
+    evaluator = Engine(lambda e, b: None)
+    scores = iter(values)
+
+    @evaluator.on(Events.STARTED)
+    def _name(engine: Engine) -> None:
+        engine.state.key_metric_name = name
+
+    @evaluator.on(Events.EPOCH_COMPLETED)
+    def _score(engine: Engine) -> None:
+        engine.state.metrics[name] = next(scores)
+
+    return evaluator
+
+
+def test_plateau_scheduler_follows_the_key_metric_after_each_validation() -> None:
+    opt = _optimizer()
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=1)
+    evaluator = _evaluator([0.5, 0.6, 0.6, 0.6, 0.7])
+    trainer = Engine(lambda e, b: None)
+    SchedulerStepper(sched, evaluator).attach(trainer)
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _validate(engine: Engine) -> None:
+        evaluator.run([0])
+
+    lrs = []
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: lrs.append(opt.param_groups[0]["lr"]))
+    trainer.run([0, 1, 2], max_epochs=5)
+    # improved, improved, 1 bad epoch (patience 1), 2 bad: halve, improved
+    assert lrs == [1.0, 1.0, 1.0, 0.5, 0.5]
+    with pytest.raises(ValueError, match="needs the evaluator"):
+        SchedulerStepper(sched)
+
+
+@pytest.mark.parametrize(("epoch_level", "steps"), [(False, 6), (True, 2)])
+def test_other_schedulers_step_per_iteration_or_per_epoch(epoch_level: bool, steps: int) -> None:
+    opt = _optimizer()
+    decay = 0.1  # Keras's time-based decay: lr = lr0 / (1 + decay * step)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 / (1 + decay * step))
+    trainer = Engine(lambda e, b: None)
+    SchedulerStepper(sched, epoch_level=epoch_level).attach(trainer)
+    trainer.run([0, 1, 2], max_epochs=2)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1 / (1 + decay * steps))
+
+
+def test_metric_comparison_and_rank_filter(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert bundle.metric_cmp_fn("max")(0.6, 0.5) and not bundle.metric_cmp_fn("max")(0.4, 0.5)
+    assert bundle.metric_cmp_fn("min")(0.4, 0.5) and not bundle.metric_cmp_fn("min")(0.6, 0.5)
+    with pytest.raises(bundle.InputError, match="key_metric_mode must be 'max' or 'min'"):
+        bundle.metric_cmp_fn("higher")
+    from monai.handlers import CheckpointSaver, StatsHandler, ValidationHandler
+
+    from medseg_monai.handlers import CaseMetrics
+
+    handlers = [
+        MLflowTracker("s", "r", "/tmp"),
+        ValidationHandler(interval=1, validator=None),
+        CaseMetrics({"d": "dice"}, ["a"]),
+        StatsHandler(),
+        CheckpointSaver("/tmp", {"m": torch.nn.Linear(1, 1)}),
+        None,  # a disabled config component
+    ]
+    assert bundle.for_this_rank(handlers) == handlers[:5]
+    monkeypatch.setattr(bundle, "_rank", lambda: 1)
+    kept = bundle.for_this_rank(handlers)
+    assert [type(h).__name__ for h in kept] == ["ValidationHandler", "CaseMetrics"]
+
+
+def test_distributed_helpers_are_no_ops_in_one_process() -> None:
+    net = torch.nn.Linear(2, 2)
+    assert not bundle.is_distributed() and not bundle.init_distributed("cpu")
+    assert bundle.wrap_ddp(net, "cpu") is net
+    assert bundle.distributed_sampler([1, 2, 3], shuffle=True) is None
+    assert bundle.default_device() == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_merged_config_follows_the_command_line(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text("section: {a: 1, b: '@x'}\n")
+    (tmp_path / "train.yaml").write_text(f"x: 2\nsection: '%{tmp_path}/base.yaml#section'\nlr: 0.1\n")
+    (tmp_path / "quick.yaml").write_text("lr: 0.5\n")
+    files = f"['{tmp_path}/train.yaml','{tmp_path}/quick.yaml']"
+    argv = ["monai.bundle", "run", "--config_file", files, "--x", "3", "--meta_file", "m.json"]
+    # files layered in order, then the overrides; the macro expanded, references left as written
+    assert bundle.merged_config(argv) == {"x": 3, "section": {"a": 1, "b": "@x"}, "lr": 0.5}
+    assert bundle.merged_config(["python", "-c", "pass"]) is None
+
+
+def test_config_params_keep_settings_and_method_sections() -> None:
+    config = {
+        "imports": ["$import os"],
+        "lr": 0.1,
+        "channels": ["flair", "t1"],
+        "nested_list": [[1, 2]],
+        "network_def": {"_target_": "UNet", "features": [8, 16]},
+        "train": {"trainer": {}},
+        "run": ["$@train#trainer.run()"],
+    }
+    assert config_params(config) == {
+        "lr": 0.1,
+        "channels": ["flair", "t1"],
+        "network_def": {"_target_": "UNet", "features": [8, 16]},
+    }
+
+
+def test_tracker_tags_from_the_run_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDSEG_MLFLOW_DIR", str(tmp_path / "mlflow"))
+    out = tmp_path / "run"
+    record = {
+        "study": "toy",
+        "experiment": "baseline",
+        "profile": "quick",
+        "seed": 4,
+        "dataset": {"id": "toy-synthetic", "kind": "synthetic", "root": "/x", "hash": "abc123", "cases": {}},
+        "device": "cpu",
+        "git": {"git.commit": "deadbeef", "git.dirty": "false"},
+        "versions": {"torch": "9.9", "pytorch-ignite": "0.5"},
+    }
+    write_json(record, out / "run.json")
+    write_json({"lr": 0.25, "train": {"trainer": {}}}, out / "config.json")
+    trainer = Engine(lambda e, b: {"loss": torch.tensor(float(b))})
+    tracker = MLflowTracker("toy", "baseline seed4", str(out), params={"n_train": 3})
+    tracker.attach(trainer)
+    trainer.run([1.0, 3.0], max_epochs=2)
+    client = MlflowClient(tracking_uri=tracking.tracking_uri())
+    run = client.get_run(json.loads((out / "mlflow_run.json").read_text())["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "baseline seed4"
+    tags = run.data.tags
+    assert (tags["dataset.hash"], tags["git.commit"], tags["profile"], tags["seed"]) == (
+        "abc123",
+        "deadbeef",
+        "quick",
+        "4",
+    )
+    assert tags["version.pytorch_ignite"] == "0.5" and tags["variant"] == "baseline"
+    assert run.data.params == {"lr": "0.25", "n_train": "3"}
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")] == [2.0, 2.0]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
+        "run.json",
+        "config.json",
+        "mlflow_run.json",
+    }
+
+
+def test_tracker_without_a_record_refuses_in_one_line(tmp_path: Path) -> None:
+    trainer = Engine(lambda e, b: None)
+    MLflowTracker("toy", "x", str(tmp_path)).attach(trainer)
+    with pytest.raises(bundle.InputError, match=r"no run record at .*run.json"):
+        trainer.run([0], max_epochs=1)
