@@ -221,18 +221,20 @@ def _parse_cli(argv: Sequence[str]) -> tuple[list[str], list[str], dict[str, Any
 
 
 def merged_config(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
-    """The merged raw config (files, then overrides, expressions unevaluated and macros expanded) of
-    the ``monai.bundle run`` command ``argv`` (default: this process's), as MONAI builds it; None when
-    ``argv`` is no such command (e.g. a bundle built from Python)."""
+    """The merged raw config (files, metadata under ``_meta_``, then overrides; expressions unevaluated,
+    macros expanded) of the ``monai.bundle run`` command ``argv`` (default: this process's), as MONAI
+    builds it; None when ``argv`` is no such command (e.g. a bundle built from Python)."""
     import json
 
     from monai.bundle import ConfigParser
 
-    files, _, overrides = _parse_cli(sys.argv if argv is None else argv)
+    files, metas, overrides = _parse_cli(sys.argv if argv is None else argv)
     if not files:
         return None
     parser = ConfigParser()
     parser.read_config(files)
+    if metas:
+        parser.read_meta(metas)
     parser.update(overrides)
     parser.resolve_macro_and_relative_ids()
     return json.loads(json.dumps(parser.get(), default=str))

@@ -7,8 +7,9 @@ import subprocess
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
+from monai.bundle import ConfigParser
 
-from medseg_monai.bundle import command_line, config_files
+from medseg_monai.bundle import at_repo_root, command_line, config_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,6 +30,23 @@ def run_bundle(
     env = {**os.environ, "MEDSEG_MLFLOW_DIR": str(mlflow_dir), "PYTHONWARNINGS": "ignore"}
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+
+
+def parse(files: list[str], overrides: dict[str, object] | None = None) -> ConfigParser:
+    """The parsed config of ``files`` with ``overrides``, as a bundle run builds it (from the root)."""
+    parser = ConfigParser()
+    with at_repo_root():
+        parser.read_config(files)
+        parser.update(overrides or {})
+        parser.parse()
+    return parser
+
+
+def parse_study(
+    study: str, experiment: str | None = None, profile: str | None = None, **overrides: object
+) -> ConfigParser:
+    """A study's training config (with an experiment and profile) parsed with ``overrides``."""
+    return parse(config_files(study, experiment=experiment, profile=profile), overrides)
 
 
 def mlflow_client(mlflow_dir: Path) -> MlflowClient:

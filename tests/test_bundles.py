@@ -15,11 +15,10 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from monai.bundle import ConfigParser
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 
-from bundle_utils import ROOT, error_lines, run_bundle
-from medseg_monai.bundle import at_repo_root, command_line, config_files, main, studies
+from bundle_utils import ROOT, error_lines, parse, run_bundle
+from medseg_monai.bundle import command_line, config_files, main, studies
 from medseg_monai.data import get_dataset, load_splits
 from medseg_monai.errors import InputError
 from medseg_monai.reproduce import plan
@@ -51,21 +50,12 @@ def _layers(study: str) -> list[tuple[str, str | None, str | None, dict[str, Any
 LAYERS = [(s, *layer) for s in STUDIES for layer in _layers(s)]
 
 
-def _parser(files: list[str], overrides: dict[str, Any]) -> ConfigParser:
-    parser = ConfigParser()
-    with at_repo_root():
-        parser.read_config(files)
-        parser.update(overrides)
-        parser.parse()
-    return parser
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """An untrained quick-profile state dict per study, for building the evaluate/inference engines."""
     out = {}
     for study in STUDIES:
-        net = _parser(config_files(study, profile="quick"), {}).get_parsed_content("network_def")
+        net = parse(config_files(study, profile="quick"), {}).get_parsed_content("network_def")
         out[study] = tmp_path_factory.mktemp(study) / "model.pt"
         torch.save(net.state_dict(), out[study])
     return out
@@ -73,7 +63,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _first_input(study: str) -> str:
     """One file of the study's synthetic dataset that its inference reads."""
-    parser = _parser(config_files(study, profile="quick"), {})
+    parser = parse(config_files(study, profile="quick"), {})
     suffixes = tuple(parser.get_parsed_content("infer_suffixes"))
     case = load_splits(parser.get_parsed_content("dataset"))["val"][0]
     image = case["image"][0] if isinstance(case["image"], list) else case["image"]
@@ -104,7 +94,7 @@ def test_every_layer_builds_its_engine(
         settings["ckpt_path"] = str(checkpoints[study])
     if mode == "inference":
         settings["input_path"] = _first_input(study)
-    parser = _parser(files, settings)
+    parser = parse(files, settings)
     assert get_dataset(parser.get_parsed_content("dataset")).synthetic
     if mode in ("train", "multi_gpu_train"):
         trainer = parser.get_parsed_content("train#trainer")
@@ -131,7 +121,7 @@ def test_metadata_describes_the_network(study: str) -> None:
     meta = json.loads((configs / "metadata.json").read_text())
     fmt = meta["network_data_format"]
     image, pred = fmt["inputs"]["image"], fmt["outputs"]["pred"]
-    net = _parser(config_files(study), {}).get_parsed_content("network_def").eval()
+    net = parse(config_files(study), {}).get_parsed_content("network_def").eval()
     x = torch.zeros(1, image["num_channels"], *image["spatial_shape"])
     with torch.no_grad():
         y = net(x)
@@ -197,7 +187,7 @@ def test_quick_train_then_evaluate_writes_the_contract(study: str, tmp_path: Pat
     evaluated = run_bundle(study, store, mode="evaluate", output_dir=out, split="val")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    parser = _parser(config_files(study, profile="quick"), {})
+    parser = parse(config_files(study, profile="quick"), {})
     names = [c for c in get_dataset(parser.get_parsed_content("dataset")).class_names() if c != "background"]
     assert {"dice", *(f"dice_{c}" for c in names)} <= set(metrics["mean"])
     val = json.loads((out / "eval_val_datalist.json").read_text())["validation"]

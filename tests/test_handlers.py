@@ -102,10 +102,21 @@ def test_merged_config_follows_the_command_line(tmp_path: Path) -> None:
     (tmp_path / "base.yaml").write_text("section: {a: 1, b: '@x'}\n")
     (tmp_path / "train.yaml").write_text(f"x: 2\nsection: '%{tmp_path}/base.yaml#section'\nlr: 0.1\n")
     (tmp_path / "quick.yaml").write_text("lr: 0.5\n")
+    (tmp_path / "metadata.json").write_text('{"version": "0.1.0"}')
     files = f"['{tmp_path}/train.yaml','{tmp_path}/quick.yaml']"
-    argv = ["monai.bundle", "run", "--config_file", files, "--x", "3", "--meta_file", "m.json"]
-    # files layered in order, then the overrides; the macro expanded, references left as written
-    assert bundle.merged_config(argv) == {"x": 3, "section": {"a": 1, "b": "@x"}, "lr": 0.5}
+    argv = [
+        "monai.bundle",
+        "run",
+        "--config_file",
+        files,
+        "--x",
+        "3",
+        "--meta_file",
+        f"{tmp_path}/metadata.json",
+    ]
+    # files layered in order, the metadata, then the overrides; macros expanded, references as written
+    expected = {"x": 3, "section": {"a": 1, "b": "@x"}, "lr": 0.5, "_meta_": {"version": "0.1.0"}}
+    assert bundle.merged_config(argv) == expected
     assert bundle.merged_config(["python", "-c", "pass"]) is None
 
 

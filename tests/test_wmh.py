@@ -13,8 +13,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from bundle_utils import ROOT, error_lines, mlflow_client, run_bundle
-from medseg_monai.bundle import at_repo_root, config_files
+from bundle_utils import ROOT, error_lines, mlflow_client, parse_study, run_bundle
 from medseg_monai.networks import AttentionUNet, ClassicUNet
 
 CONFIGS = ROOT / "bundles" / "wmh" / "configs"
@@ -22,12 +21,8 @@ EXPERIMENTS = sorted((CONFIGS / "experiments").glob("*.yaml"))
 
 
 def _parser(experiment: str | None = None, profile: str | None = None, **overrides: object) -> ConfigParser:
-    parser = ConfigParser()
-    with at_repo_root():
-        parser.read_config(config_files("wmh", experiment=experiment, profile=profile))
-        parser.update({"dataset": "wmh2017", **overrides})  # the registry entry only: nothing is read
-        parser.parse()
-    return parser
+    # the registry entry 'wmh2017' only: nothing is read
+    return parse_study("wmh", experiment, profile, **{"dataset": "wmh2017", **overrides})
 
 
 def test_default_is_the_thesis_best_model() -> None:

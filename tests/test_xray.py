@@ -15,8 +15,7 @@ from monai.losses import DiceLoss
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from PIL import Image
 
-from bundle_utils import ROOT, error_lines, mlflow_client, run_bundle
-from medseg_monai.bundle import at_repo_root, config_files
+from bundle_utils import ROOT, error_lines, mlflow_client, parse_study, run_bundle
 from medseg_monai.losses import ForegroundBackgroundDiceLoss, SumOfLosses
 from medseg_monai.networks import ClassicUNet
 from medseg_monai.reproduce import plan
@@ -26,12 +25,8 @@ CONFIGS = ROOT / "bundles" / "xray" / "configs"
 
 
 def _parser(experiment: str | None = None, profile: str | None = None, **overrides: object) -> ConfigParser:
-    parser = ConfigParser()
-    with at_repo_root():
-        parser.read_config(config_files("xray", experiment=experiment, profile=profile))
-        parser.update({"dataset": "jsrt-scr", **overrides})  # the registry entry only: nothing is read
-        parser.parse()
-    return parser
+    # the registry entry 'jsrt-scr' only: nothing is read
+    return parse_study("xray", experiment, profile, **{"dataset": "jsrt-scr", **overrides})
 
 
 # --- losses ---------------------------------------------------------------------------------------

@@ -3,24 +3,7 @@
 - :mod:`.lesions`: the WMH thesis's voxel and lesion-wise metrics and the lesion table writer.
 """
 
-from medseg_monai.metrics.lesions import (
-    BRACKETS,
-    LesionMetrics,
-    LesionTableWriter,
-    VoxelMetrics,
-    average_recall,
-    bracket_labels,
-    lesion_table,
-    voxel_metrics,
-)
+from medseg_monai.metrics import lesions
+from medseg_monai.metrics.lesions import *  # noqa: F403
 
-__all__ = [
-    "BRACKETS",
-    "LesionMetrics",
-    "LesionTableWriter",
-    "VoxelMetrics",
-    "average_recall",
-    "bracket_labels",
-    "lesion_table",
-    "voxel_metrics",
-]
+__all__ = list(lesions.__all__)
