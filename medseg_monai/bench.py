@@ -25,7 +25,7 @@ import yaml
 
 from medseg_monai.bundle import at_repo_root, config_files, studies
 from medseg_monai.paths import project_root
-from medseg_monai.tracking import device_description
+from medseg_monai.record import device_description
 
 __all__ = ["bench_study", "main", "time_steps", "train_throughput"]
 

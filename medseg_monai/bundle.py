@@ -1,11 +1,9 @@
-"""Running the suite's bundles: the launcher, the run record, and the helpers the shared wiring calls.
+"""Running the suite's bundles: the launcher, and the helpers the shared wiring calls.
 
 The launcher builds the config-file list of a (study, mode, experiment, profile) and runs it with the
 bundle's ``metadata.json`` and ``logging.conf`` passed explicitly; reproduce, bench and the tests go
-through it. Following nnU-Net, every run writes into its ``output_dir`` what it decided, once:
-``config.json`` (the merged config), ``datalist.json`` (the cases and split) and ``run.json`` (dataset
-identity and content hash, git state, versions, device, the command). The MLflow tracker and
-``reproduce`` read ``run.json`` instead of computing any of it again.
+through it. The wiring (``bundles/common/configs``) calls the engine helpers here (device, DDP,
+rank filtering, metric comparison, the error hook) and ``medseg_monai.record.prepare_run``.
 
     python -m medseg_monai.bundle <study> [--mode train|evaluate|inference|multi_gpu_train]
         [--experiment NAME] [--profile quick] [--dry_run] [--key value ...]
@@ -14,24 +12,17 @@ identity and content hash, git state, versions, device, the command). The MLflow
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import os
-import platform
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from medseg_monai.data import (
-    DatasetError,
-    decathlon_doc,
-    get_dataset,
-    resolve_data_root,
-)
+from medseg_monai.data import DatasetError
 from medseg_monai.errors import InputError
-from medseg_monai.io import write_json
 from medseg_monai.paths import project_root
+from medseg_monai.record import parse_command_line
 
 __all__ = [
     "MODES",
@@ -48,10 +39,7 @@ __all__ = [
     "init_distributed",
     "install_error_hook",
     "is_distributed",
-    "merged_config",
     "metric_cmp_fn",
-    "prepare_run",
-    "read_run_record",
     "require_file",
     "run",
     "run_params",
@@ -184,135 +172,7 @@ def run(files: Sequence[str], **overrides: Any) -> None:
         )
 
 
-# ----------------------------------------------------------------------------- the run record
-
-
-def _parse_cli(argv: Sequence[str]) -> tuple[list[str], list[str], dict[str, Any]]:
-    """Config files, meta files and overrides of a ``monai.bundle run`` command line (``--k v`` pairs,
-    values read as Python literals where they are one, as MONAI's CLI does)."""
-    files: list[str] = []
-    metas: list[str] = []
-    overrides: dict[str, Any] = {}
-    args = list(argv)
-    i = args.index("run") + 1 if "run" in args else 1
-    while i < len(args):
-        key = args[i]
-        if not key.startswith("--"):
-            i += 1
-            continue
-        key, eq, value = key[2:].partition("=")
-        if not eq:
-            value = args[i + 1] if i + 1 < len(args) else "True"
-            i += 1
-        i += 1
-        try:
-            parsed: Any = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            parsed = value
-        if key == "config_file":
-            files = [
-                str(f) for f in (parsed if isinstance(parsed, (list, tuple)) else str(parsed).split(","))
-            ]
-        elif key == "meta_file":
-            metas = [str(f) for f in (parsed if isinstance(parsed, (list, tuple)) else [parsed])]
-        elif key not in ("logging_file", "args_file", "tracking", "run_id", "init_id", "final_id"):
-            overrides[key] = parsed
-    return files, metas, overrides
-
-
-def merged_config(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
-    """The merged raw config (files, metadata under ``_meta_``, then overrides; expressions unevaluated,
-    macros expanded) of the ``monai.bundle run`` command ``argv`` (default: this process's), as MONAI
-    builds it; None when ``argv`` is no such command (e.g. a bundle built from Python)."""
-    import json
-
-    from monai.bundle import ConfigParser
-
-    files, metas, overrides = _parse_cli(sys.argv if argv is None else argv)
-    if not files:
-        return None
-    parser = ConfigParser()
-    parser.read_config(files)
-    if metas:
-        parser.read_meta(metas)
-    parser.update(overrides)
-    parser.resolve_macro_and_relative_ids()
-    return json.loads(json.dumps(parser.get(), default=str))
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for p in ("torch", "monai", "mlflow", "numpy", "pytorch-ignite", "medseg-monai"):
-        try:
-            out[p] = version(p)
-        except PackageNotFoundError:
-            out[p] = "unknown"
-    return out
-
-
-def prepare_run(
-    output_dir: str,
-    *,
-    study: str,
-    experiment: str,
-    profile: str,
-    dataset: str,
-    data_root: str | None,
-    seed: int,
-    device: Any = None,
-    splits: dict[str, list[dict[str, Any]]],
-    prefix: str = "",
-) -> dict[str, Any]:
-    """Create ``output_dir`` and write what the run decided, once: ``config.json`` (the merged config
-    of the command that started the run), ``datalist.json`` (the cases of ``splits``, Decathlon style)
-    and ``run.json`` (dataset id, kind, root and content hash, case ids, device, command, git state,
-    versions), each name behind ``prefix`` (evaluation writes ``eval_<split>_run.json`` beside the
-    training's record). Only rank 0 writes under DDP. Returns run.json's content."""
-    from medseg_monai.tracking import content_hash, device_description, git_state
-
-    spec = get_dataset(dataset)
-    root = resolve_data_root(dataset, data_root)
-    record = {
-        "study": study,
-        "experiment": experiment,
-        "profile": profile,
-        "seed": seed,
-        "dataset": {
-            "id": spec.id,
-            "kind": spec.kind,
-            "root": str(root),
-            "hash": content_hash([root]),
-            "split_seed": spec.split["seed"],
-            "cases": {k: [c["case_id"] for c in v] for k, v in splits.items()},
-        },
-        "device": device_description(device),
-        "command": list(sys.argv),
-        "cwd": os.getcwd(),
-        "git": git_state(project_root()),
-        "versions": _versions(),
-    }
-    if is_distributed() and _rank() > 0:
-        return record
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(decathlon_doc(dataset, root, splits), out / f"{prefix}datalist.json")
-    config = merged_config()
-    if config is not None:
-        write_json(config, out / f"{prefix}config.json")
-    write_json(record, out / f"{prefix}run.json")
-    return record
-
-
-def read_run_record(output_dir: str | Path, prefix: str = "") -> dict[str, Any]:
-    """``<output_dir>/<prefix>run.json``, written by :func:`prepare_run` at the start of the run."""
-    import json
-
-    path = Path(output_dir) / f"{prefix}run.json"
-    if not path.is_file():
-        raise InputError(f"no run record at {path}: the run's initialize step writes it (prepare_run)")
-    return json.loads(path.read_text())
+# ----------------------------------------------------------------------------- wiring helpers
 
 
 def run_params(**extra: Any) -> dict[str, Any]:
@@ -480,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    _, _, overrides = _parse_cli(["run", *rest])
+    _, _, overrides = parse_command_line(["run", *rest])
     if args.dry_run:
         import shlex
 

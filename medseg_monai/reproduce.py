@@ -32,7 +32,8 @@ from medseg_monai.bundle import at_repo_root, config_files
 from medseg_monai.data import DatasetError, get_dataset, resolve_data_root
 from medseg_monai.errors import InputError
 from medseg_monai.paths import project_root
-from medseg_monai.tracking import content_hash, ensure_experiment, git_state, run_tags, tracking_uri
+from medseg_monai.record import content_hash, git_state
+from medseg_monai.tracking import ensure_experiment, run_tags, tracking_uri
 
 __all__ = ["Job", "load_grid", "main", "plan", "reproduce"]
 

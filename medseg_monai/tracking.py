@@ -13,36 +13,24 @@ Note that ``mlflow.set_tracking_uri`` (called by :func:`start_run`) also exports
 ``MLFLOW_TRACKING_URI`` to the process environment, so later calls in the same process and its
 subprocesses keep using that store.
 
-Dataset fingerprints
---------------------
-:func:`content_hash` memoises the SHA-256 of every file in ``$MEDSEG_CACHE/fingerprints.json``
-(``MEDSEG_CACHE`` defaults to ``$XDG_CACHE_HOME/medseg-monai``, else ``~/.cache/medseg-monai``),
-keyed by absolute path and validated by size and ``mtime_ns``; a second call only stats the files.
-
 Every run is tagged with the git state, the dataset (id, kind, content hash), the profile, the
-device and the versions of Python and the main libraries (see :func:`run_tags`).
+device and the versions of Python and the main libraries, taken from the run record
+(:func:`record_tags`; ``medseg_monai.record`` computes them once per run).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
-import platform
 import re
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterable, Iterator, Mapping
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
-from medseg_monai.paths import cache_dir, project_root
+from medseg_monai.paths import project_root
+from medseg_monai.record import content_hash, device_description, git_state, library_versions
 
 if TYPE_CHECKING:
     import mlflow
@@ -50,14 +38,10 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 __all__ = [
-    "content_hash",
     "default_tracking_uri",
-    "device_description",
     "ensure_experiment",
     "flatten_params",
-    "git_state",
     "mlflow_dir",
-    "project_root",
     "record_tags",
     "run_tags",
     "start_run",
@@ -121,210 +105,8 @@ def _local_artifact_root(uri: str) -> Path | None:
 # ----------------------------------------------------------------------------- git
 
 
-def _git(args: list[str], cwd: Path) -> str | None:
-    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}  # read-only: never take index.lock
-    try:
-        proc = subprocess.run(
-            ["git", *args],
-            cwd=cwd,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=_GIT_TIMEOUT_S,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return None
-    return proc.stdout if proc.returncode == 0 else None
-
-
-def git_state(path: Path | None = None) -> dict[str, str]:
-    """``{"git.commit": sha, "git.dirty": "true"|"false"}`` of the checkout holding ``path``.
-
-    Untracked (not ignored) files count as dirty. Both values are ``"unknown"`` when ``path`` is not
-    in a git checkout or git is unavailable; never raises.
-    """
-    cwd = Path(path) if path is not None else project_root()
-    if cwd.is_file():
-        cwd = cwd.parent
-    unknown = {"git.commit": "unknown", "git.dirty": "unknown"}
-    if not cwd.is_dir() or _git(["rev-parse", "--is-inside-work-tree"], cwd) is None:
-        return unknown
-    head = _git(["rev-parse", "--verify", "-q", "HEAD"], cwd)
-    status = _git(["status", "--porcelain"], cwd)
-    return {
-        "git.commit": head.strip() if head and head.strip() else "unknown",
-        "git.dirty": "unknown" if status is None else ("true" if status.strip() else "false"),
-    }
-
-
-# ----------------------------------------------------------------------------- dataset fingerprint
-
-
-def _load_fingerprints(path: Path) -> dict[str, list[Any]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _store_fingerprints(path: Path, updates: Mapping[str, list[Any]]) -> None:
-    """Merge ``updates`` into the cache file atomically (temp file + ``os.replace``); best effort."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        merged = _load_fingerprints(path)  # re-read: other processes may have added entries
-        merged.update(updates)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".fingerprints.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(merged, fh, separators=(",", ":"), sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        log.warning("could not update the fingerprint cache %s: %s", path, exc)
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-
-
-def _file_digest(path: Path) -> str:
-    """SHA-256 (hex) of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _dataset_files(paths: Iterable[str | Path]) -> set[tuple[str, Path]]:
-    """``(relative posix name, resolved file)`` for every non-hidden file under ``paths``.
-
-    Names are relative to the deepest folder holding all given paths (a lone folder keeps its own
-    name as the first component), so they do not depend on where the dataset lives.
-    """
-    roots = []
-    for given in paths:
-        # Named as given (absolute, links kept) so a symlinked dataset keeps its names; read resolved.
-        root = Path(os.path.abspath(Path(given).expanduser()))
-        if not root.exists():
-            raise FileNotFoundError(f"dataset path does not exist: {given}")
-        roots.append(root)
-    if not roots:
-        return set()
-    base = Path(os.path.commonpath([r.parent for r in roots]))
-    files: set[tuple[str, Path]] = set()
-    for root in roots:
-        if root.is_file():
-            files.add((root.relative_to(base).as_posix(), root.resolve()))
-            continue
-        seen_dirs: set[tuple[int, int]] = set()
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            st = os.stat(dirpath)
-            if (st.st_dev, st.st_ino) in seen_dirs:  # symlink loop
-                dirnames[:] = []
-                continue
-            seen_dirs.add((st.st_dev, st.st_ino))
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for name in filenames:
-                full = Path(dirpath, name)
-                if name.startswith(".") or not full.is_file():
-                    continue
-                files.add((full.relative_to(base).as_posix(), full.resolve()))
-    return files
-
-
-def content_hash(paths: Iterable[str | Path]) -> str:
-    """Fingerprint of a dataset: SHA-256 over the sorted relative file list and every file's bytes.
-
-    ``paths`` are files and/or folders (recursed; hidden files and folders inside them are
-    skipped). Names are taken relative to the deepest folder holding all of ``paths``, so the hash
-    depends neither on where the dataset lives nor on the order of ``paths``; renaming a file
-    changes it. Returns the first 16 hex characters. Per-file digests are memoised (see the module
-    docstring).
-    """
-    files = _dataset_files(paths)
-    cache_file = cache_dir() / "fingerprints.json"
-    cache = _load_fingerprints(cache_file)
-    updates: dict[str, list[Any]] = {}
-    now_ns = time.time_ns()
-    entries: list[tuple[str, str]] = []
-    for rel, path in files:
-        st = path.stat()
-        key = str(path)
-        entry = cache.get(key)
-        if (
-            isinstance(entry, list)
-            and len(entry) == 3
-            and entry[0] == st.st_size
-            and entry[1] == st.st_mtime_ns
-            and isinstance(entry[2], str)
-        ):
-            digest = entry[2]
-        else:
-            digest = _file_digest(path)
-            if now_ns - st.st_mtime_ns > _RACY_WINDOW_NS:
-                updates[key] = [st.st_size, st.st_mtime_ns, digest]
-        entries.append((rel, digest))
-    total = hashlib.sha256()
-    for rel, digest in sorted(entries):
-        total.update(rel.encode("utf-8") + b"\0" + digest.encode("ascii") + b"\n")
-    if updates:
-        _store_fingerprints(cache_file, updates)
-    return total.hexdigest()[:_HASH_CHARS]
-
-
-# ----------------------------------------------------------------------------- environment
-
-
-def device_description(device: str | torch.device | None = None) -> str:
-    """``"cpu"``, ``"cuda:0 (<GPU name>)"``, ``"mps"``...; picks cuda:<current> or cpu when None."""
-    import torch
-
-    if device is None:
-        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        return str(dev)
-    if not torch.cuda.is_available():
-        return f"cuda:{dev.index or 0}"
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
-    try:
-        name = torch.cuda.get_device_name(index)
-    except Exception:  # a description must never break a run
-        return f"cuda:{index}"
-    return f"cuda:{index} ({name})"
-
-
-def _version(module: str, distribution: str) -> str:
-    mod = sys.modules.get(module)
-    version = getattr(mod, "__version__", None) if mod is not None else None
-    if version:
-        return str(version)
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def _library_versions() -> dict[str, str]:
-    from medseg_monai import __version__
-
-    return {
-        "python": platform.python_version(),
-        "torch": _version("torch", "torch"),
-        "monai": _version("monai", "monai"),
-        "mlflow": _version("mlflow", "mlflow"),
-        "numpy": _version("numpy", "numpy"),
-        "medseg_monai": __version__,
-    }
-
-
 def record_tags(record: Mapping[str, Any]) -> dict[str, str]:
-    """The standard run tags of a run record (``medseg_monai.bundle.prepare_run``'s ``run.json``):
+    """The standard run tags of a run record (``medseg_monai.record.prepare_run``'s ``run.json``):
     git state, dataset id, kind and content hash, profile, device and library versions."""
     versions = record.get("versions", {})
     dataset = record["dataset"]
@@ -357,7 +139,7 @@ def run_tags(
         "dataset": {"id": dataset_id, "kind": dataset_kind, "hash": content_hash(data_paths)},
         "profile": profile,
         "device": device_description(device),
-        "versions": _library_versions(),
+        "versions": library_versions(),
     }
     return record_tags(record)
 

@@ -11,7 +11,7 @@ import torch
 from ignite.engine import Engine, Events
 from mlflow.tracking import MlflowClient
 
-from medseg_monai import bundle, tracking
+from medseg_monai import bundle, record, tracking
 from medseg_monai.handlers import MLflowTracker, SchedulerStepper, config_params
 from medseg_monai.io import write_json
 
@@ -116,8 +116,8 @@ def test_merged_config_follows_the_command_line(tmp_path: Path) -> None:
     ]
     # files layered in order, the metadata, then the overrides; macros expanded, references as written
     expected = {"x": 3, "section": {"a": 1, "b": "@x"}, "lr": 0.5, "_meta_": {"version": "0.1.0"}}
-    assert bundle.merged_config(argv) == expected
-    assert bundle.merged_config(["python", "-c", "pass"]) is None
+    assert record.merged_config(argv) == expected
+    assert record.merged_config(["python", "-c", "pass"]) is None
 
 
 def test_config_params_keep_settings_and_method_sections() -> None:

@@ -23,7 +23,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import medseg_monai
-from medseg_monai import tracking
+from medseg_monai import record, tracking
 
 pytestmark = pytest.mark.filterwarnings(
     # SQLAlchemy 2.x deprecation raised from inside MLflow's sqlite store; not ours to fix.
@@ -78,8 +78,8 @@ def dataset(tmp_path: Path) -> Path:
 @pytest.fixture
 def frozen_git(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """The repo's real git state, taken once: others may commit while a test runs."""
-    state = tracking.git_state()
-    monkeypatch.setattr(tracking, "git_state", lambda path=None: dict(state))
+    state = record.git_state()
+    monkeypatch.setattr(tracking, "git_state", lambda path=None: dict(state))  # what run_tags calls
     return state
 
 
@@ -111,65 +111,65 @@ def test_flatten_params_limits_and_bad_keys():
 
 
 def test_content_hash_stable_and_byte_sensitive(dataset: Path):
-    first = tracking.content_hash([dataset])
+    first = record.content_hash([dataset])
     assert len(first) == 16 and int(first, 16) >= 0
-    assert tracking.content_hash([dataset]) == first
-    assert tracking.content_hash([str(dataset)]) == first
+    assert record.content_hash([dataset]) == first
+    assert record.content_hash([str(dataset)]) == first
 
     label = dataset / "case0" / "label.nii.gz"
     original = label.read_bytes()
     changed = bytearray(original)
     changed[7] ^= 0x01  # one bit of one byte, same size
     _write(label, bytes(changed), _OLD + 10)
-    assert tracking.content_hash([dataset]) != first
+    assert record.content_hash([dataset]) != first
 
     _write(label, original, _OLD + 20)  # same bytes again, other mtime -> same hash
-    assert tracking.content_hash([dataset]) == first
+    assert record.content_hash([dataset]) == first
 
 
 def test_content_hash_ignores_hidden_order_and_location(dataset: Path, tmp_path: Path):
-    first = tracking.content_hash([dataset])
+    first = record.content_hash([dataset])
     _write(dataset / ".medseg_ready", b"another marker")
     _write(dataset / ".cache" / "x.bin", b"hidden folder")
-    assert tracking.content_hash([dataset]) == first
+    assert record.content_hash([dataset]) == first
 
     a, b = dataset / "case0", dataset / "case1"
-    assert tracking.content_hash([a, b]) == tracking.content_hash([b, a])
+    assert record.content_hash([a, b]) == record.content_hash([b, a])
     files = sorted(dataset.rglob("*.gz"))
-    by_files = tracking.content_hash(files)
-    assert tracking.content_hash(files[::-1]) == by_files
+    by_files = record.content_hash(files)
+    assert record.content_hash(files[::-1]) == by_files
 
     # Same-named files in different folders stay distinct: swapping their bytes changes the hash.
     img0, img1 = dataset / "case0" / "image.nii.gz", dataset / "case1" / "image.nii.gz"
     b0, b1 = img0.read_bytes(), img1.read_bytes()
     _write(img0, b1, _OLD + 30)
     _write(img1, b0, _OLD + 30)
-    assert tracking.content_hash(files) != by_files
+    assert record.content_hash(files) != by_files
     _write(img0, b0, _OLD + 40)
     _write(img1, b1, _OLD + 40)
 
     moved = tmp_path / "elsewhere" / dataset.name
     shutil.copytree(dataset, moved)
-    assert tracking.content_hash([moved]) == first
+    assert record.content_hash([moved]) == first
     link = tmp_path / "links" / dataset.name
     link.parent.mkdir()
     link.symlink_to(moved, target_is_directory=True)
-    assert tracking.content_hash([link]) == first
+    assert record.content_hash([link]) == first
 
     (moved / "case1" / "image.nii.gz").rename(moved / "case1" / "img.nii.gz")
-    assert tracking.content_hash([moved]) != first
+    assert record.content_hash([moved]) != first
 
 
 def test_content_hash_uses_memo(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     calls: list[Path] = []
-    real = tracking._file_digest
+    real = record._file_digest
 
     def counting(path: Path) -> str:
         calls.append(path)
         return real(path)
 
-    monkeypatch.setattr(tracking, "_file_digest", counting)
-    first = tracking.content_hash([dataset])
+    monkeypatch.setattr(record, "_file_digest", counting)
+    first = record.content_hash([dataset])
     assert len(calls) == 3  # the hidden marker is never read
 
     cache_file = tmp_path / "cache" / "fingerprints.json"
@@ -181,11 +181,11 @@ def test_content_hash_uses_memo(dataset: Path, tmp_path: Path, monkeypatch: pyte
     assert [p.name for p in cache_file.parent.iterdir()] == ["fingerprints.json"]  # no temp files left
 
     calls.clear()
-    assert tracking.content_hash([dataset]) == first
+    assert record.content_hash([dataset]) == first
     assert calls == []  # only stat()ed
 
     _write(dataset / "case1" / "image.nii.gz", b"second casf", _OLD + 5)
-    tracking.content_hash([dataset])
+    record.content_hash([dataset])
     assert [p.name for p in calls] == ["image.nii.gz"]  # only the changed file is re-read
 
     # A file written just now is hashed but not memoised (mtime granularity safety).
@@ -193,19 +193,19 @@ def test_content_hash_uses_memo(dataset: Path, tmp_path: Path, monkeypatch: pyte
     fresh = dataset / "case2" / "image.nii.gz"
     fresh.parent.mkdir()
     fresh.write_bytes(b"fresh")
-    tracking.content_hash([dataset])
-    tracking.content_hash([dataset])
+    record.content_hash([dataset])
+    record.content_hash([dataset])
     assert calls == [fresh.resolve(), fresh.resolve()]
 
 
 def test_content_hash_survives_corrupt_cache_and_rejects_missing(dataset: Path, tmp_path: Path):
-    first = tracking.content_hash([dataset])
+    first = record.content_hash([dataset])
     cache_file = tmp_path / "cache" / "fingerprints.json"
     cache_file.write_text("{not json")
-    assert tracking.content_hash([dataset]) == first
+    assert record.content_hash([dataset]) == first
     assert json.loads(cache_file.read_text())  # rewritten whole
     with pytest.raises(FileNotFoundError):
-        tracking.content_hash([tmp_path / "nope"])
+        record.content_hash([tmp_path / "nope"])
 
 
 # ----------------------------------------------------------------------------- git_state
@@ -224,31 +224,31 @@ def test_git_state_in_and_outside_a_repo(tmp_path: Path, monkeypatch: pytest.Mon
     repo = tmp_path / "repo"
     repo.mkdir()
     _git(repo, "init", "-q")
-    assert tracking.git_state(repo) == {"git.commit": "unknown", "git.dirty": "false"}  # no commit yet
+    assert record.git_state(repo) == {"git.commit": "unknown", "git.dirty": "false"}  # no commit yet
 
     (repo / "a.txt").write_text("one\n")
     _git(repo, "add", "a.txt")
     _git(repo, "commit", "-q", "-m", "first")
     sha = _git(repo, "rev-parse", "HEAD").strip()
-    assert tracking.git_state(repo) == {"git.commit": sha, "git.dirty": "false"}
-    assert tracking.git_state(repo / "a.txt")["git.commit"] == sha
+    assert record.git_state(repo) == {"git.commit": sha, "git.dirty": "false"}
+    assert record.git_state(repo / "a.txt")["git.commit"] == sha
 
     (repo / "a.txt").write_text("two\n")
-    assert tracking.git_state(repo) == {"git.commit": sha, "git.dirty": "true"}
+    assert record.git_state(repo) == {"git.commit": sha, "git.dirty": "true"}
     _git(repo, "checkout", "-q", "--", "a.txt")
     (repo / "new.py").write_text("x = 1\n")
-    assert tracking.git_state(repo)["git.dirty"] == "true"  # untracked files count
+    assert record.git_state(repo)["git.dirty"] == "true"  # untracked files count
 
     plain = tmp_path / "plain"
     plain.mkdir()
     unknown = {"git.commit": "unknown", "git.dirty": "unknown"}
-    assert tracking.git_state(plain) == unknown
-    assert tracking.git_state(tmp_path / "missing") == unknown
+    assert record.git_state(plain) == unknown
+    assert record.git_state(tmp_path / "missing") == unknown
 
 
 def test_git_state_without_git(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("PATH", "")
-    assert tracking.git_state() == {"git.commit": "unknown", "git.dirty": "unknown"}
+    assert record.git_state() == {"git.commit": "unknown", "git.dirty": "unknown"}
 
 
 # ----------------------------------------------------------------------------- locations
@@ -282,9 +282,9 @@ def test_mlflow_dir_override_and_tracking_uri(tmp_path: Path, monkeypatch: pytes
 
 
 def test_device_description_cpu():
-    assert tracking.device_description("cpu") == "cpu"
-    assert tracking.device_description(torch.device("cpu")) == "cpu"
-    auto = tracking.device_description()
+    assert record.device_description("cpu") == "cpu"
+    assert record.device_description(torch.device("cpu")) == "cpu"
+    auto = record.device_description()
     if torch.cuda.is_available():
         assert auto.startswith("cuda:") and "(" in auto
     else:
@@ -296,7 +296,7 @@ def test_run_tags(dataset: Path, frozen_git: dict[str, str]):
     assert tags == {
         **frozen_git,
         "dataset.id": "toy",
-        "dataset.hash": tracking.content_hash([dataset]),
+        "dataset.hash": record.content_hash([dataset]),
         "dataset.kind": "synthetic",
         "profile": "quick",
         "device": "cpu",
@@ -305,6 +305,7 @@ def test_run_tags(dataset: Path, frozen_git: dict[str, str]):
         "version.monai": metadata.version("monai"),
         "version.mlflow": mlflow.__version__,
         "version.numpy": np.__version__,
+        "version.pytorch_ignite": metadata.version("pytorch-ignite"),
         "version.medseg_monai": medseg_monai.__version__,
     }
     assert tags["git.dirty"] in {"true", "false", "unknown"}
@@ -408,18 +409,18 @@ def test_bad_dataset_fails_before_any_run(tmp_path: Path):
 
 def test_record_tags_match_run_tags(dataset: Path, frozen_git: dict[str, str]):
     # the run record (bundle.prepare_run's run.json) and a fresh computation give the same tags
-    record = {
+    rec = {
         "git": frozen_git,
-        "dataset": {"id": "toy", "kind": "synthetic", "hash": tracking.content_hash([dataset])},
+        "dataset": {"id": "toy", "kind": "synthetic", "hash": record.content_hash([dataset])},
         "profile": "quick",
         "device": "cpu",
-        "versions": tracking._library_versions(),
+        "versions": record.library_versions(),
     }
-    assert tracking.record_tags(record) == tracking.run_tags(
+    assert tracking.record_tags(rec) == tracking.run_tags(
         "toy", "synthetic", [dataset], "quick", device="cpu"
     )
     with pytest.raises(ValueError, match="dataset kind"):
-        tracking.record_tags({**record, "dataset": {**record["dataset"], "kind": "fake"}})
+        tracking.record_tags({**rec, "dataset": {**rec["dataset"], "kind": "fake"}})
 
 
 def test_ensure_experiment_idempotent_and_restores_deleted(tmp_path: Path):
@@ -546,9 +547,9 @@ def test_round_trip_through_a_real_server(
     run = client.get_run(active.info.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["dataset.id"] == "toy"
-    assert run.data.tags["dataset.hash"] == tracking.content_hash([dataset])
+    assert run.data.tags["dataset.hash"] == record.content_hash([dataset])
     assert run.data.tags["profile"] == "paper"
-    assert run.data.tags["device"] == tracking.device_description()
+    assert run.data.tags["device"] == record.device_description()
     assert run.data.tags["version.mlflow"] == mlflow.__version__
     assert {k: run.data.tags[k] for k in frozen_git} == frozen_git
     assert run.data.tags["mlflow.runName"] == "unet-seed0"

@@ -49,7 +49,7 @@ class MLflowTracker:
     """Own the MLflow run of a training or evaluation engine (see ``medseg_monai.tracking``).
 
     On the engine's start it reads the run record in ``record_dir`` (``run.json``, written by
-    ``medseg_monai.bundle.prepare_run``: commit, dataset id, content hash and kind, profile, device,
+    ``medseg_monai.record.prepare_run``: commit, dataset id, content hash and kind, profile, device,
     versions) for the run's tags, and logs as params the settings of the run's ``config.json`` plus
     ``params``. Each epoch it logs the mean training loss and the learning rate; each epoch of
     ``evaluator`` (if given) its scalar metrics and the means of its ``case_metrics``, at the training
@@ -108,7 +108,7 @@ class MLflowTracker:
         return info["run_id"] if info.get("tracking_uri") == tracking_uri() else None
 
     def _open(self, engine: Engine) -> None:
-        from medseg_monai.bundle import read_run_record
+        from medseg_monai.record import read_run_record
 
         record = read_run_record(self.output_dir, self.record_prefix)
         config_file = self.output_dir / f"{self.record_prefix}config.json"

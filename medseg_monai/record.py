@@ -1,0 +1,388 @@
+"""The run record: what a run decided, computed once and written next to its results (nnU-Net's
+habit): ``config.json`` (the merged config), ``datalist.json`` (the cases and split) and
+``run.json`` (dataset id, kind, root and content hash, case ids, device, the command, git state,
+library versions). The MLflow tracker and ``reproduce`` read ``run.json`` instead of computing any
+of it again.
+
+Dataset fingerprints
+--------------------
+:func:`content_hash` memoises the SHA-256 of every file in ``$MEDSEG_CACHE/fingerprints.json``
+(``MEDSEG_CACHE`` defaults to ``$XDG_CACHE_HOME/medseg-monai``, else ``~/.cache/medseg-monai``),
+keyed by absolute path and validated by size and ``mtime_ns``; a second call only stats the files.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from medseg_monai.data import decathlon_doc, get_dataset, resolve_data_root
+from medseg_monai.errors import InputError
+from medseg_monai.io import write_json
+from medseg_monai.paths import cache_dir, project_root
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "content_hash",
+    "device_description",
+    "git_state",
+    "library_versions",
+    "merged_config",
+    "parse_command_line",
+    "prepare_run",
+    "read_run_record",
+]
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20  # 1 MiB reads when hashing
+_HASH_CHARS = 16
+# Files modified this recently are hashed but not memoised: on file systems with coarse
+# timestamps a same-size rewrite within one tick would otherwise go unnoticed ("racy" entries).
+_RACY_WINDOW_NS = 2_000_000_000
+_GIT_TIMEOUT_S = 10.0
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+# ----------------------------------------------------------------------------- git
+
+
+def _git(args: list[str], cwd: Path) -> str | None:
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}  # read-only: never take index.lock
+    try:
+        proc = subprocess.run(
+            ["git", *args],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=_GIT_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def git_state(path: Path | None = None) -> dict[str, str]:
+    """``{"git.commit": sha, "git.dirty": "true"|"false"}`` of the checkout holding ``path``.
+
+    Untracked (not ignored) files count as dirty. Both values are ``"unknown"`` when ``path`` is not
+    in a git checkout or git is unavailable; never raises.
+    """
+    cwd = Path(path) if path is not None else project_root()
+    if cwd.is_file():
+        cwd = cwd.parent
+    unknown = {"git.commit": "unknown", "git.dirty": "unknown"}
+    if not cwd.is_dir() or _git(["rev-parse", "--is-inside-work-tree"], cwd) is None:
+        return unknown
+    head = _git(["rev-parse", "--verify", "-q", "HEAD"], cwd)
+    status = _git(["status", "--porcelain"], cwd)
+    return {
+        "git.commit": head.strip() if head and head.strip() else "unknown",
+        "git.dirty": "unknown" if status is None else ("true" if status.strip() else "false"),
+    }
+
+
+# ----------------------------------------------------------------------------- dataset fingerprint
+
+
+def _load_fingerprints(path: Path) -> dict[str, list[Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _store_fingerprints(path: Path, updates: Mapping[str, list[Any]]) -> None:
+    """Merge ``updates`` into the cache file atomically (temp file + ``os.replace``); best effort."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        merged = _load_fingerprints(path)  # re-read: other processes may have added entries
+        merged.update(updates)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".fingerprints.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(merged, fh, separators=(",", ":"), sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        log.warning("could not update the fingerprint cache %s: %s", path, exc)
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _file_digest(path: Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _dataset_files(paths: Iterable[str | Path]) -> set[tuple[str, Path]]:
+    """``(relative posix name, resolved file)`` for every non-hidden file under ``paths``.
+
+    Names are relative to the deepest folder holding all given paths (a lone folder keeps its own
+    name as the first component), so they do not depend on where the dataset lives.
+    """
+    roots = []
+    for given in paths:
+        # Named as given (absolute, links kept) so a symlinked dataset keeps its names; read resolved.
+        root = Path(os.path.abspath(Path(given).expanduser()))
+        if not root.exists():
+            raise FileNotFoundError(f"dataset path does not exist: {given}")
+        roots.append(root)
+    if not roots:
+        return set()
+    base = Path(os.path.commonpath([r.parent for r in roots]))
+    files: set[tuple[str, Path]] = set()
+    for root in roots:
+        if root.is_file():
+            files.add((root.relative_to(base).as_posix(), root.resolve()))
+            continue
+        seen_dirs: set[tuple[int, int]] = set()
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            st = os.stat(dirpath)
+            if (st.st_dev, st.st_ino) in seen_dirs:  # symlink loop
+                dirnames[:] = []
+                continue
+            seen_dirs.add((st.st_dev, st.st_ino))
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                full = Path(dirpath, name)
+                if name.startswith(".") or not full.is_file():
+                    continue
+                files.add((full.relative_to(base).as_posix(), full.resolve()))
+    return files
+
+
+def content_hash(paths: Iterable[str | Path]) -> str:
+    """Fingerprint of a dataset: SHA-256 over the sorted relative file list and every file's bytes.
+
+    ``paths`` are files and/or folders (recursed; hidden files and folders inside them are
+    skipped). Names are taken relative to the deepest folder holding all of ``paths``, so the hash
+    depends neither on where the dataset lives nor on the order of ``paths``; renaming a file
+    changes it. Returns the first 16 hex characters. Per-file digests are memoised (see the module
+    docstring).
+    """
+    files = _dataset_files(paths)
+    cache_file = cache_dir() / "fingerprints.json"
+    cache = _load_fingerprints(cache_file)
+    updates: dict[str, list[Any]] = {}
+    now_ns = time.time_ns()
+    entries: list[tuple[str, str]] = []
+    for rel, path in files:
+        st = path.stat()
+        key = str(path)
+        entry = cache.get(key)
+        if (
+            isinstance(entry, list)
+            and len(entry) == 3
+            and entry[0] == st.st_size
+            and entry[1] == st.st_mtime_ns
+            and isinstance(entry[2], str)
+        ):
+            digest = entry[2]
+        else:
+            digest = _file_digest(path)
+            if now_ns - st.st_mtime_ns > _RACY_WINDOW_NS:
+                updates[key] = [st.st_size, st.st_mtime_ns, digest]
+        entries.append((rel, digest))
+    total = hashlib.sha256()
+    for rel, digest in sorted(entries):
+        total.update(rel.encode("utf-8") + b"\0" + digest.encode("ascii") + b"\n")
+    if updates:
+        _store_fingerprints(cache_file, updates)
+    return total.hexdigest()[:_HASH_CHARS]
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def device_description(device: str | torch.device | None = None) -> str:
+    """``"cpu"``, ``"cuda:0 (<GPU name>)"``, ``"mps"``...; picks cuda:<current> or cpu when None."""
+    import torch
+
+    if device is None:
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return str(dev)
+    if not torch.cuda.is_available():
+        return f"cuda:{dev.index or 0}"
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    try:
+        name = torch.cuda.get_device_name(index)
+    except Exception:  # a description must never break a run
+        return f"cuda:{index}"
+    return f"cuda:{index} ({name})"
+
+
+def _version(module: str, distribution: str) -> str:
+    mod = sys.modules.get(module)
+    version = getattr(mod, "__version__", None) if mod is not None else None
+    if version:
+        return str(version)
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def library_versions() -> dict[str, str]:
+    """Python's and the main libraries' versions, by package name."""
+    from medseg_monai import __version__
+
+    return {
+        "python": platform.python_version(),
+        "torch": _version("torch", "torch"),
+        "monai": _version("monai", "monai"),
+        "mlflow": _version("mlflow", "mlflow"),
+        "numpy": _version("numpy", "numpy"),
+        "pytorch-ignite": _version("ignite", "pytorch-ignite"),
+        "medseg-monai": __version__,
+    }
+
+
+# ----------------------------------------------------------------------------- the run record
+
+
+def parse_command_line(argv: Sequence[str]) -> tuple[list[str], list[str], dict[str, Any]]:
+    """Config files, meta files and overrides of a ``monai.bundle run`` command line (``--k v`` pairs,
+    values read as Python literals where they are one, as MONAI's CLI does)."""
+    files: list[str] = []
+    metas: list[str] = []
+    overrides: dict[str, Any] = {}
+    args = list(argv)
+    i = args.index("run") + 1 if "run" in args else 1
+    while i < len(args):
+        key = args[i]
+        if not key.startswith("--"):
+            i += 1
+            continue
+        key, eq, value = key[2:].partition("=")
+        if not eq:
+            value = args[i + 1] if i + 1 < len(args) else "True"
+            i += 1
+        i += 1
+        try:
+            parsed: Any = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed = value
+        if key == "config_file":
+            files = [
+                str(f) for f in (parsed if isinstance(parsed, (list, tuple)) else str(parsed).split(","))
+            ]
+        elif key == "meta_file":
+            metas = [str(f) for f in (parsed if isinstance(parsed, (list, tuple)) else [parsed])]
+        elif key not in ("logging_file", "args_file", "tracking", "run_id", "init_id", "final_id"):
+            overrides[key] = parsed
+    return files, metas, overrides
+
+
+def merged_config(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """The merged raw config (files, metadata under ``_meta_``, then overrides; expressions unevaluated,
+    macros expanded) of the ``monai.bundle run`` command ``argv`` (default: this process's), as MONAI
+    builds it; None when ``argv`` is no such command (e.g. a bundle built from Python)."""
+    import json
+
+    from monai.bundle import ConfigParser
+
+    files, metas, overrides = parse_command_line(sys.argv if argv is None else argv)
+    if not files:
+        return None
+    parser = ConfigParser()
+    parser.read_config(files)
+    if metas:
+        parser.read_meta(metas)
+    parser.update(overrides)
+    parser.resolve_macro_and_relative_ids()
+    return json.loads(json.dumps(parser.get(), default=str))
+
+
+def prepare_run(
+    output_dir: str,
+    *,
+    study: str,
+    experiment: str,
+    profile: str,
+    dataset: str,
+    data_root: str | None,
+    seed: int,
+    device: Any = None,
+    splits: dict[str, list[dict[str, Any]]],
+    prefix: str = "",
+) -> dict[str, Any]:
+    """Create ``output_dir`` and write what the run decided, once: ``config.json`` (the merged config
+    of the command that started the run), ``datalist.json`` (the cases of ``splits``, Decathlon style)
+    and ``run.json`` (dataset id, kind, root and content hash, case ids, device, command, git state,
+    versions), each name behind ``prefix`` (evaluation writes ``eval_<split>_run.json`` beside the
+    training's record). Only rank 0 writes under DDP. Returns run.json's content."""
+    spec = get_dataset(dataset)
+    root = resolve_data_root(dataset, data_root)
+    record = {
+        "study": study,
+        "experiment": experiment,
+        "profile": profile,
+        "seed": seed,
+        "dataset": {
+            "id": spec.id,
+            "kind": spec.kind,
+            "root": str(root),
+            "hash": content_hash([root]),
+            "split_seed": spec.split["seed"],
+            "cases": {k: [c["case_id"] for c in v] for k, v in splits.items()},
+        },
+        "device": device_description(device),
+        "command": list(sys.argv),
+        "cwd": os.getcwd(),
+        "git": git_state(project_root()),
+        "versions": library_versions(),
+    }
+    if _rank() > 0:  # under DDP rank 0 writes the record
+        return record
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(decathlon_doc(dataset, root, splits), out / f"{prefix}datalist.json")
+    config = merged_config()
+    if config is not None:
+        write_json(config, out / f"{prefix}config.json")
+    write_json(record, out / f"{prefix}run.json")
+    return record
+
+
+def read_run_record(output_dir: str | Path, prefix: str = "") -> dict[str, Any]:
+    """``<output_dir>/<prefix>run.json``, written by :func:`prepare_run` at the start of the run."""
+    import json
+
+    path = Path(output_dir) / f"{prefix}run.json"
+    if not path.is_file():
+        raise InputError(f"no run record at {path}: the run's initialize step writes it (prepare_run)")
+    return json.loads(path.read_text())
