@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from mlflow.tracking import MlflowClient
 from monai.bundle import ConfigParser
@@ -30,6 +31,15 @@ def run_bundle(
     env = {**os.environ, "MEDSEG_MLFLOW_DIR": str(mlflow_dir), "PYTHONWARNINGS": "ignore"}
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+
+
+def train_quick(study: str, tmp_path_factory: Any, **overrides: object) -> tuple[Path, Path]:
+    """One quick-profile training of ``study`` (output folder, MLflow folder), for module fixtures."""
+    out = tmp_path_factory.mktemp(f"{study}-run")
+    store = tmp_path_factory.mktemp(f"{study}-mlflow")
+    result = run_bundle(study, store, output_dir=out, **overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, store
 
 
 def parse(files: list[str], overrides: dict[str, object] | None = None) -> ConfigParser:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from bundle_utils import ROOT, error_lines, mlflow_client, parse_study, run_bundle
+from bundle_utils import ROOT, error_lines, mlflow_client, parse_study, run_bundle, train_quick
 from medseg_monai.networks import AttentionUNet, ClassicUNet
 
 CONFIGS = ROOT / "bundles" / "wmh" / "configs"
@@ -89,11 +89,8 @@ def test_experiment_grid_matches_chapter_8() -> None:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    out = tmp_path_factory.mktemp("wmh-run")
-    store = tmp_path_factory.mktemp("wmh-mlflow")
-    result = run_bundle("wmh", store, dataset="wmh-synthetic", output_dir=out)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, store
+    """One quick-profile training on synthetic volumes, shared by the tests below."""
+    return train_quick("wmh", tmp_path_factory, dataset="wmh-synthetic")
 
 
 @pytest.mark.slow

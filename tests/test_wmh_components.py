@@ -16,7 +16,6 @@ from monai.transforms import Compose, RandFlipd
 from medseg_monai.losses import FocalTverskyLoss
 from medseg_monai.metrics import (
     LesionMetrics,
-    VoxelMetrics,
     average_recall,
     bracket_labels,
     lesion_table,
@@ -498,21 +497,3 @@ def test_lesion_metrics_rows_in_an_evaluator() -> None:
     assert pooled["10-400"]["avg_recall"] == pytest.approx((1 + 1 + 1 + 2 / 12) / 4)
     assert engine.state.metrics["lesions"] == pytest.approx(average_recall(pooled))
     assert metric.aggregate("lesion_recall").item() == pytest.approx(11 / 12)
-
-
-def test_voxel_metrics_cumulative_per_case_and_flattened() -> None:
-    y_pred, y = _cases()
-    per_case = VoxelMetrics(ignore_index=-1)
-    per_case(y_pred[:2], y[:2])
-    per_case(y_pred[2:], y[2:])
-    buffer = per_case.get_buffer()
-    assert buffer.shape == (3, 4) and per_case.names == ("dice", "recall", "precision", "f3")
-    expected = voxel_metrics(y_pred[1], y[1], y[1] == -1)
-    assert buffer[1].tolist() == pytest.approx(list(expected.values()), rel=1e-6)
-    assert per_case.aggregate().item() == pytest.approx(buffer[:, 3].mean().item(), rel=1e-6)
-    flat = VoxelMetrics(ignore_index=-1, flatten_batch=True)
-    flat(y_pred, y)
-    assert flat.get_buffer().shape == (1, 4)
-    assert flat.get_buffer()[0, 1].item() == pytest.approx(
-        voxel_metrics(y_pred, y, y == -1)["recall"], rel=1e-6
-    )

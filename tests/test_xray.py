@@ -15,7 +15,7 @@ from monai.losses import DiceLoss
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from PIL import Image
 
-from bundle_utils import ROOT, error_lines, mlflow_client, parse_study, run_bundle
+from bundle_utils import ROOT, error_lines, mlflow_client, parse_study, run_bundle, train_quick
 from medseg_monai.losses import ForegroundBackgroundDiceLoss, SumOfLosses
 from medseg_monai.networks import ClassicUNet
 from medseg_monai.reproduce import plan
@@ -169,11 +169,7 @@ def test_default_is_the_posters_baseline() -> None:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """One quick-profile training on synthetic radiographs, shared by the tests below."""
-    out = tmp_path_factory.mktemp("xray-run")
-    store = tmp_path_factory.mktemp("xray-mlflow")
-    result = run_bundle("xray", store, dataset="xray-synthetic", output_dir=out, seed=1)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, store
+    return train_quick("xray", tmp_path_factory, dataset="xray-synthetic", seed=1)
 
 
 @pytest.mark.slow

@@ -40,7 +40,7 @@ FP nor FN voxels, and a predicted component lying wholly inside them does not ex
 
 :func:`voxel_metrics` and :func:`lesion_table` are the pure functions (``lesion_table`` gives the
 per-bracket table of one case, ready for ``pandas.DataFrame.from_dict(..., orient="index")``);
-:class:`VoxelMetrics` and :class:`LesionMetrics` are MONAI ``CumulativeIterationMetric`` s for
+:class:`LesionMetrics` is a MONAI ``CumulativeIterationMetric`` for
 ``IgniteMetricHandler(..., save_details=True)``: one row per case, columns ``names``.
 """
 
@@ -55,14 +55,13 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
-from monai.metrics import CumulativeIterationMetric, get_confusion_matrix
+from monai.metrics import CumulativeIterationMetric
 from scipy import ndimage
 
 __all__ = [
     "BRACKETS",
     "LesionMetrics",
     "LesionTableWriter",
-    "VoxelMetrics",
     "average_recall",
     "bracket_labels",
     "lesion_table",
@@ -282,58 +281,6 @@ def _case_masks(
     return (y_pred >= threshold) & ~skip, (y >= 0.5) & ~skip
 
 
-class VoxelMetrics(CumulativeIterationMetric):
-    """Smooth Dice, recall, precision and F-beta per case (columns ``names``), for evaluators.
-
-    ``y_pred`` (B, 1, *spatial): probabilities (apply the sigmoid in the post-transforms; >=
-    ``threshold`` is lesion) or binary; ``y`` (B, 1, *spatial) in {0, 1}, voxels equal to
-    ``ignore_index`` left out (or pass ``ignore=`` a mask when calling directly). One row per
-    batch item; with ``flatten_batch=True`` one row per call over the flattened batch, as the
-    thesis scores validation mini-batches of slices (sec. 7.3). The counts are MONAI's
-    ``get_confusion_matrix``; MONAI's confusion-matrix metrics have no smoothing Omega and give
-    NaN for empty masks, and MONAI's ``FBetaScore`` does not skip an ignore value.
-
-    ``aggregate(name)`` is the mean over rows of column ``name`` (default ``headline``, the
-    thesis's F3) as a scalar tensor; ``summary()`` gives all columns.
-    """
-
-    names: tuple[str, ...] = (*_VOXEL, "f3")
-
-    def __init__(
-        self,
-        threshold: float = 0.5,
-        smooth: float = 2.0,
-        beta: float = 3.0,
-        ignore_index: int | None = None,
-        flatten_batch: bool = False,
-        headline: str | None = None,
-    ) -> None:
-        super().__init__()
-        self.threshold = threshold
-        self.smooth = smooth
-        self.beta = beta
-        self.ignore_index = ignore_index
-        self.flatten_batch = flatten_batch
-        self.names = (*_VOXEL, _fbeta_name(beta))
-        self.headline = headline or self.names[-1]
-
-    def _compute_tensor(  # type: ignore[override]
-        self, y_pred: torch.Tensor, y: torch.Tensor, ignore: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        p, r = _case_masks(y_pred, y, ignore, self.ignore_index, self.threshold)
-        if self.flatten_batch:
-            p, r = p.reshape(1, 1, -1), r.reshape(1, 1, -1)
-        tp, fp, _, fn = get_confusion_matrix(p.float(), r.float())[:, 0].unbind(-1)
-        return _voxel_scores(torch.stack([tp, fp, fn], dim=-1), self.smooth, self.beta).float()
-
-    def summary(self) -> dict[str, float]:
-        rows = torch.as_tensor(self.get_buffer(), dtype=torch.float64).reshape(-1, len(self.names))
-        return dict(zip(self.names, rows.mean(dim=0).tolist(), strict=True))
-
-    def aggregate(self, name: str | None = None) -> torch.Tensor:  # type: ignore[override]
-        return torch.tensor(self.summary()[name or self.headline])
-
-
 class LesionMetrics(CumulativeIterationMetric):
     """Voxel and lesion-wise metrics per case (one row per volume), for evaluators.
 
@@ -356,7 +303,8 @@ class LesionMetrics(CumulativeIterationMetric):
     """
 
     names: tuple[str, ...] = (
-        *VoxelMetrics.names,
+        *_VOXEL,
+        "f3",
         *_LESION,
         "average_recall",
         *(f"{c}_{b}" for b in bracket_labels(BRACKETS) for c in _PER_BRACKET),
