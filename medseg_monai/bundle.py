@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg_monai.data import DatasetError
-from medseg_monai.errors import InputError
+from medseg_monai.errors import InputError, RunInterrupted
 from medseg_monai.paths import project_root
 from medseg_monai.record import parse_command_line
 
@@ -28,6 +28,7 @@ __all__ = [
     "MODES",
     "at_repo_root",
     "bundle_root",
+    "check_interrupted",
     "command_line",
     "config_files",
     "default_device",
@@ -42,6 +43,7 @@ __all__ = [
     "metric_cmp_fn",
     "require_file",
     "run",
+    "run_name",
     "run_params",
     "studies",
     "wrap_ddp",
@@ -58,9 +60,15 @@ def bundle_root(study: str) -> str:
     return str(project_root() / "bundles" / study)
 
 
-def default_output_dir(study: str, experiment: str, seed: int) -> str:
-    """``<repo>/runs/<study>/<experiment>/seed<seed>`` (git-ignored)."""
-    return str(project_root() / "runs" / study / experiment / f"seed{seed}")
+def default_output_dir(study: str, experiment: str, seed: int, profile: str = "paper") -> str:
+    """``<repo>/runs/<study>/<profile>/<experiment>/seed<seed>`` (git-ignored): a quick check never
+    lands on a full run's results."""
+    return str(project_root() / "runs" / study / profile / experiment / f"seed{seed}")
+
+
+def run_name(experiment: str, seed: int, profile: str = "paper") -> str:
+    """The MLflow run name: ``<experiment> seed<seed>``, with ``(<profile>)`` unless the paper's."""
+    return f"{experiment} seed{seed}" + ("" if profile == "paper" else f" ({profile})")
 
 
 def studies(bundles_dir: str | Path | None = None) -> list[str]:
@@ -195,7 +203,7 @@ def install_error_hook() -> None:
     """
     from nibabel.filebasedimages import ImageFileError
 
-    input_errors = (InputError, OSError, ImageFileError)
+    input_errors = (InputError, RunInterrupted, OSError, ImageFileError)
     if getattr(sys.excepthook, "medseg_error_hook", False):
         return
     previous = sys.excepthook
@@ -213,6 +221,16 @@ def install_error_hook() -> None:
 
     hook.medseg_error_hook = True  # type: ignore[attr-defined]
     sys.excepthook = hook
+
+
+def check_interrupted(trainer: Any, output_dir: str) -> None:
+    """After ``trainer.run()``: a run a signal stopped ends the process with one line, non-zero."""
+    signal_name = getattr(trainer.state, "interrupted", None)
+    if signal_name:
+        raise RunInterrupted(
+            f"training stopped by {signal_name} during epoch {trainer.state.epoch}; the last complete epoch "
+            f"is checkpointed in {output_dir}: continue with --resume true"
+        )
 
 
 def require_file(path: str, what: str) -> str:

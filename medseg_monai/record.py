@@ -42,6 +42,8 @@ __all__ = [
     "device_description",
     "git_state",
     "library_versions",
+    "claim_output_dir",
+    "lock_output_dir",
     "merged_config",
     "parse_command_line",
     "prepare_run",
@@ -339,12 +341,20 @@ def prepare_run(
     device: Any = None,
     splits: dict[str, list[dict[str, Any]]],
     prefix: str = "",
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Create ``output_dir`` and write what the run decided, once: ``config.json`` (the merged config
+    """Claim ``output_dir`` and write what the run decided, once: ``config.json`` (the merged config
     of the command that started the run), ``datalist.json`` (the cases of ``splits``, Decathlon style)
     and ``run.json`` (dataset id, kind, root and content hash, case ids, device, command, git state,
-    versions), each name behind ``prefix`` (evaluation writes ``eval_<split>_run.json`` beside the
-    training's record). Only rank 0 writes under DDP. Returns run.json's content."""
+    versions, pid and host), each name behind ``prefix`` (evaluation writes ``eval_<split>_run.json``
+    beside the training's record). Only rank 0 writes under DDP. Returns run.json's content.
+
+    The folder is locked for this process (:func:`lock_output_dir`). A training (no ``prefix``) into
+    a folder that holds another run's record is refused unless ``resume`` (continue that run) or
+    ``overwrite`` (its files are deleted first)."""
+    if _rank() == 0:
+        claim_output_dir(output_dir, resume=resume, overwrite=overwrite, training=not prefix)
     spec = get_dataset(dataset)
     root = resolve_data_root(dataset, data_root)
     record = {
@@ -365,6 +375,9 @@ def prepare_run(
         "cwd": os.getcwd(),
         "git": git_state(project_root()),
         "versions": library_versions(),
+        "pid": os.getpid(),
+        "host": platform.node(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     if _rank() > 0:  # under DDP rank 0 writes the record
         return record
@@ -376,6 +389,64 @@ def prepare_run(
         write_json(config, out / f"{prefix}config.json")
     write_json(record, out / f"{prefix}run.json")
     return record
+
+
+_LOCKS: dict[Path, Any] = {}  # folders this process holds: the OS releases them when it exits
+
+
+def lock_output_dir(output_dir: str | Path) -> None:
+    """Hold an exclusive lock on ``<output_dir>/.lock`` for the rest of this process (re-entrant:
+    training then evaluating in one process is fine); another process is refused in one line."""
+    import fcntl
+
+    out = Path(output_dir).resolve()
+    if out in _LOCKS:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    handle = (out / ".lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise InputError(
+            f"output_dir {out} is in use by {holder}: wait for it, or pass another --output_dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {platform.node()}")
+    handle.flush()
+    _LOCKS[out] = handle
+
+
+def claim_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool, training: bool = True) -> None:
+    """Lock ``output_dir`` and check that a training may write there: a folder holding another run's
+    record (``run.json``) is refused unless ``resume`` or ``overwrite`` (which deletes its files)."""
+    import shutil
+
+    from medseg_monai.tracking import mark_stale_run
+
+    out = Path(output_dir).resolve()
+    lock_output_dir(out)
+    mark_stale_run(out)  # no process holds the folder now: a run still RUNNING there was killed
+    previous = out / "run.json"
+    if not training or not previous.is_file() or resume:
+        return
+    if overwrite:
+        for path in out.iterdir():
+            if path.name != ".lock":
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        return
+    try:
+        old = json.loads(previous.read_text())
+        what = f"run '{old['experiment']} seed{old['seed']}' ({old.get('profile', '?')} profile, started {old.get('started', '?')})"
+    except (ValueError, KeyError):
+        what = "another run"
+    raise InputError(
+        f"output_dir {out} holds the results of {what}: pass --resume true to continue it, "
+        "--overwrite true to replace it, or another --output_dir"
+    )
 
 
 def read_run_record(output_dir: str | Path, prefix: str = "") -> dict[str, Any]:

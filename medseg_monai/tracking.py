@@ -21,6 +21,7 @@ device and the versions of Python and the main libraries, taken from the run rec
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -41,6 +42,7 @@ __all__ = [
     "default_tracking_uri",
     "ensure_experiment",
     "flatten_params",
+    "mark_stale_run",
     "mlflow_dir",
     "record_tags",
     "run_tags",
@@ -250,3 +252,32 @@ def start_run(
         for i in range(0, len(items), batch):
             client.log_batch(active.info.run_id, params=items[i : i + batch])
         yield active
+
+
+def mark_stale_run(output_dir: str | Path) -> str | None:
+    """Mark KILLED the MLflow run recorded in ``<output_dir>/mlflow_run.json`` when it is still
+    RUNNING although no process holds the folder (call it with the folder's lock held): its process
+    died without ending it (kill -9, a crash of the machine). Returns the run id it marked."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    record = Path(output_dir) / "mlflow_run.json"
+    if not record.is_file():
+        return None
+    info = json.loads(record.read_text())
+    if info.get("tracking_uri") != tracking_uri():
+        return None
+    client = MlflowClient(tracking_uri=tracking_uri())
+    try:
+        if client.get_run(info["run_id"]).info.status != "RUNNING":
+            return None
+        client.set_terminated(info["run_id"], status="KILLED")
+    except MlflowException as e:
+        log.warning("could not check MLflow run %s of %s: %s", info["run_id"], output_dir, e)
+        return None
+    log.warning(
+        "the run in %s stopped without ending (killed?): MLflow run %s marked KILLED",
+        output_dir,
+        info["run_id"],
+    )
+    return info["run_id"]

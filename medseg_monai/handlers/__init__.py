@@ -4,12 +4,14 @@
 - :mod:`.training`: :class:`GradientClipping`, :class:`SchedulerStepper`.
 - :mod:`.case_metrics`: :class:`CaseMetrics`, the ``metrics.json`` contract.
 - :mod:`.tracking`: :class:`MLflowTracker`, one tagged MLflow run per training (or evaluation).
+- :mod:`.resume`: :class:`TrainingCheckpoint`, resumable and interruptible trainings.
 
 :class:`~medseg_monai.metrics.LesionTableWriter` lives with the lesion metrics it writes; it is
 re-exported here so configs naming ``medseg_monai.handlers.LesionTableWriter`` keep working.
 """
 
 from medseg_monai.handlers.case_metrics import CaseMetrics, summarise_cases
+from medseg_monai.handlers.resume import TrainingCheckpoint
 from medseg_monai.handlers.tracking import MLflowTracker, config_params
 from medseg_monai.handlers.training import GradientClipping, SchedulerStepper
 from medseg_monai.metrics.lesions import LesionTableWriter
@@ -20,6 +22,7 @@ __all__ = [
     "LesionTableWriter",
     "MLflowTracker",
     "SchedulerStepper",
+    "TrainingCheckpoint",
     "config_params",
     "summarise_cases",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from contextlib import ExitStack
 from fnmatch import fnmatch
 from pathlib import Path
@@ -54,9 +55,11 @@ class MLflowTracker:
     ``params``. Each epoch it logs the mean training loss and the learning rate; each epoch of
     ``evaluator`` (if given) its scalar metrics and the means of its ``case_metrics``, at the training
     epoch as step. On completion it logs the files of ``record_dir`` matching ``artifacts`` and ends the
-    run FINISHED; an exception ends it FAILED and propagates. The run id is written to
-    ``<record_dir>/mlflow_run.json``; with ``resume=True`` (evaluation) the run recorded there is
-    continued instead of a new one being opened.
+    run FINISHED, or KILLED when a signal stopped the engine; an exception ends it FAILED and
+    propagates. The run id is written to ``<record_dir>/mlflow_run.json``; with ``resume=True`` (a
+    resumed training) the run recorded there is continued. With ``log_only=True`` (evaluation) the
+    metrics and files go into the recorded run without touching its status or params (a new run is
+    opened only when none is recorded).
 
     Attach it before other handlers that re-raise exceptions (e.g. ``StatsHandler``), so that a
     failure is always recorded.
@@ -74,8 +77,10 @@ class MLflowTracker:
         metric_prefix: str = "",
         resume: bool = False,
         record_prefix: str = "",
+        log_only: bool = False,
     ) -> None:
         self.record_prefix = record_prefix
+        self.log_only = log_only
         self.experiment = experiment
         self.run_name = run_name
         self.output_dir = Path(record_dir)
@@ -96,20 +101,31 @@ class MLflowTracker:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._log_epoch)
         engine.add_event_handler(Events.COMPLETED, self._close)
+        engine.add_event_handler(Events.TERMINATE, self._on_terminate)
         engine.add_event_handler(Events.EXCEPTION_RAISED, self._fail)
         if self.evaluator is not None and self.evaluator is not engine:
             self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._log_evaluation)
 
-    def _previous_run(self) -> str | None:
+    def _recorded_run(self) -> str | None:
+        """The run id in ``mlflow_run.json`` when it belongs to the current tracking store."""
         record = self.output_dir / "mlflow_run.json"
-        if not self.resume or not record.is_file():
+        if not record.is_file():
             return None
         info = json.loads(record.read_text())
         return info["run_id"] if info.get("tracking_uri") == tracking_uri() else None
 
     def _open(self, engine: Engine) -> None:
+        from mlflow.tracking import MlflowClient
+
         from medseg_monai.record import read_run_record
 
+        self._client = MlflowClient(tracking_uri=tracking_uri())
+        recorded = self._recorded_run()
+        if self.log_only and recorded is not None:
+            # evaluation of a tracked training: its metrics join that run, whose status stays as it is
+            self.run_id = recorded
+            logger.info("logging %s* metrics into MLflow run %s", self.metric_prefix, self.run_id)
+            return
         record = read_run_record(self.output_dir, self.record_prefix)
         config_file = self.output_dir / f"{self.record_prefix}config.json"
         params = config_params(json.loads(config_file.read_text())) if config_file.is_file() else {}
@@ -128,16 +144,26 @@ class MLflowTracker:
                 self.run_name,
                 tags=tags,
                 params={**params, **self.params},
-                run_id=self._previous_run(),
+                run_id=recorded if self.resume else None,
             )
         )
         self.run_id = run.info.run_id
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        record = {"run_id": self.run_id, "experiment": self.experiment, "tracking_uri": tracking_uri()}
-        write_json(record, self.output_dir / "mlflow_run.json")
+        if not self.log_only:
+            record = {"run_id": self.run_id, "experiment": self.experiment, "tracking_uri": tracking_uri()}
+            write_json(record, self.output_dir / "mlflow_run.json")
         logger.info(
             "MLflow run %s (%s / %s) at %s", self.run_id, self.experiment, self.run_name, tracking_uri()
         )
+
+    def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        if self.run_id is None or not metrics:
+            return
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._client.log_batch(self.run_id, metrics=items)
 
     def _accumulate(self, engine: Engine) -> None:
         output = engine.state.output
@@ -150,8 +176,6 @@ class MLflowTracker:
                 break  # decollated outputs repeat the batch loss
 
     def _log_epoch(self, engine: Engine) -> None:
-        import mlflow
-
         step = engine.state.epoch
         metrics = {}
         if self._loss_n:
@@ -162,8 +186,7 @@ class MLflowTracker:
             metrics["lr"] = float(optimizer.param_groups[0]["lr"])
         if self.evaluator is None or self.evaluator is engine:
             metrics.update(self._engine_metrics(engine))
-        if metrics:
-            mlflow.log_metrics(metrics, step=step)
+        self._log_metrics(metrics, step)
 
     def _engine_metrics(self, engine: Engine) -> dict[str, float]:
         """The engine's scalar metrics and its case summary means, named ``<prefix><name>``; the
@@ -176,31 +199,37 @@ class MLflowTracker:
         return {p + k: float(v) for k, v in values.items() if v is not None and not math.isnan(float(v))}
 
     def _log_evaluation(self, evaluator: Engine) -> None:
-        import mlflow
-
-        if self.run_id is None:
-            return
         step = self._engine.state.epoch if self._engine.state.epoch else evaluator.state.epoch
-        mlflow.log_metrics(self._engine_metrics(evaluator), step=step)
+        self._log_metrics(self._engine_metrics(evaluator), step)
 
     def _log_artifacts(self) -> None:
-        import mlflow
-
         for path in sorted(self.output_dir.rglob("*")):
             rel = path.relative_to(self.output_dir)
             if path.is_file() and any(fnmatch(path.name, pattern) for pattern in self.artifacts):
-                mlflow.log_artifact(
-                    str(path), artifact_path=str(rel.parent) if rel.parent != Path(".") else None
-                )
+                folder = str(rel.parent) if rel.parent != Path(".") else None
+                self._client.log_artifact(self.run_id, str(path), artifact_path=folder)
+
+    def _on_terminate(self, engine: Engine) -> None:
+        # a signal skips COMPLETED; any other stop (e.g. early stopping) reaches it as usual
+        if getattr(engine.state, "interrupted", None):
+            self._close(engine)
 
     def _close(self, engine: Engine) -> None:
-        if self._stack is None:
+        """End of the engine's run: log the artifacts, then end an owned run FINISHED, or KILLED when
+        a signal stopped it (``engine.state.interrupted``, set by ``TrainingCheckpoint``)."""
+        import mlflow
+
+        if self.run_id is None:
             return
         try:
             self._log_artifacts()
         except BaseException as e:
             self._fail(engine, e)
+        if self._stack is None:
+            return
         stack, self._stack = self._stack, None
+        if getattr(engine.state, "interrupted", None):
+            mlflow.end_run(status="KILLED")
         stack.close()
 
     def _fail(self, engine: Engine, e: BaseException) -> None:

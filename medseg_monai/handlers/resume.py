@@ -1,0 +1,176 @@
+"""Interrupted trainings: checkpoint everything after every epoch, stop cleanly on SIGTERM/SIGINT,
+and continue from the last checkpoint (``--resume true``) as if the run had never stopped."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from medseg_monai.errors import InputError
+
+__all__ = ["TrainingCheckpoint", "random_states"]
+
+logger = logging.getLogger(__name__)
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _randomizables(obj: Any, seen: set[int] | None = None) -> Iterator[Any]:
+    """MONAI transforms with their own random state (``R``) inside ``obj``'s transform chain, in a
+    fixed order: the dataset's ``transform``, a ``Compose``'s ``transforms``, and so on down."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(getattr(obj, "R", None), np.random.RandomState):
+        yield obj
+    children = [getattr(obj, "transform", None), *(getattr(obj, "transforms", None) or ())]
+    for child in children:
+        if child is not None and not isinstance(child, (str, bytes)):
+            yield from _randomizables(child, seen)
+
+
+def random_states(datasets: list[Any]) -> dict[str, Any]:
+    """Every random number generator a training draws from: Python's, NumPy's, torch's (and CUDA's)
+    global ones, and the random state of each random transform of ``datasets``."""
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "transforms": [t.R.get_state() for ds in datasets for t in _randomizables(ds)],
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_random_states(states: Mapping[str, Any], datasets: list[Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    transforms = [t for ds in datasets for t in _randomizables(ds)]
+    if len(transforms) != len(states["transforms"]):
+        raise InputError(
+            f"the checkpoint has {len(states['transforms'])} random transforms, this training {len(transforms)}: "
+            "resume with the configuration the run started with"
+        )
+    for t, state in zip(transforms, states["transforms"], strict=True):
+        t.R.set_state(state)
+
+
+class TrainingCheckpoint:
+    """Make a training resumable and interruptible (attach to the trainer, after every other handler).
+
+    After every epoch (after validation, LR stepping and the best-model checkpoint) it writes
+    ``<output_dir>/checkpoint.pt``: the state of ``objects`` (network, optimiser, LR scheduler,
+    the best-model saver), the trainer's epoch and iteration, the evaluator's best metric, AMP's
+    gradient scaler and every random state (:func:`random_states` of ``datasets``), atomically.
+    With ``resume`` it loads that file when the trainer starts, so the run continues at the next
+    epoch, drawing the same random numbers as an uninterrupted run would.
+
+    SIGTERM (what SLURM sends at a time limit) and SIGINT (Ctrl-C) end the current iteration and
+    stop the run (``engine.state.interrupted`` names the signal; trackers mark their run KILLED);
+    :func:`medseg_monai.bundle.check_interrupted` then ends the process with one line and a
+    non-zero status. The last complete epoch's checkpoint is what ``--resume true`` continues from.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        objects: Mapping[str, Any],
+        datasets: list[Any] | None = None,
+        evaluator: Engine | None = None,
+        resume: bool = False,
+        filename: str = "checkpoint.pt",
+    ) -> None:
+        self.path = Path(output_dir) / filename
+        self.objects = {k: v for k, v in objects.items() if v is not None}
+        self.datasets = list(datasets or [])
+        self.evaluator = evaluator
+        self.resume = resume
+        self._previous: dict[int, Any] = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._start)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._save)
+        engine.add_event_handler(Events.TERMINATE, self._restore_signals)
+        engine.add_event_handler(Events.COMPLETED, self._restore_signals)
+
+    def _all_objects(self, engine: Engine) -> dict[str, Any]:
+        # MONAI's CheckpointSaver keeps its best-model list in an Ignite Checkpoint, which has the state
+        objects = {k: getattr(v, "_key_metric_checkpoint", None) or v for k, v in self.objects.items()}
+        objects["trainer"] = engine
+        scaler = getattr(engine, "scaler", None)
+        if getattr(engine, "amp", False) and scaler is not None:
+            objects["scaler"] = scaler
+        return objects
+
+    def _start(self, engine: Engine) -> None:
+        engine.state.interrupted = None
+        if threading.current_thread() is threading.main_thread():
+
+            def stop(signum: int, frame: Any) -> None:
+                engine.state.interrupted = signal.Signals(signum).name
+                logger.warning("%s received: stopping after this iteration", engine.state.interrupted)
+                engine.terminate(skip_completed=True)
+
+            self._previous = {s: signal.signal(s, stop) for s in _SIGNALS}
+        if self.resume:
+            self._load(engine)
+
+    def _load(self, engine: Engine) -> None:
+        if not self.path.is_file():
+            raise InputError(
+                f"nothing to resume: no checkpoint at {self.path} (the run saves one after every epoch)"
+            )
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        max_epochs = engine.state.max_epochs
+        for name, obj in self._all_objects(engine).items():
+            if name not in state["objects"]:
+                raise InputError(
+                    f"{self.path} has no '{name}' state: resume with the configuration the run started with"
+                )
+            obj.load_state_dict(state["objects"][name])
+        engine.state.max_epochs = max_epochs  # a resumed run may be given more epochs
+        if self.evaluator is not None:
+            self.evaluator.state.best_metric = state["best_metric"]
+            self.evaluator.state.best_metric_epoch = state["best_metric_epoch"]
+        _set_random_states(state["random"], self.datasets)
+        logger.info("resuming %s after epoch %d of %d", self.path.parent, engine.state.epoch, max_epochs)
+
+    def _save(self, engine: Engine) -> None:
+        if (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_rank() > 0
+        ):
+            return  # every rank holds the same state under DDP: rank 0 writes it
+        state = {
+            "objects": {name: obj.state_dict() for name, obj in self._all_objects(engine).items()},
+            "best_metric": getattr(self.evaluator.state, "best_metric", None) if self.evaluator else None,
+            "best_metric_epoch": getattr(self.evaluator.state, "best_metric_epoch", None)
+            if self.evaluator
+            else None,
+            "random": random_states(self.datasets),
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+    def _restore_signals(self, engine: Engine) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}

@@ -1,0 +1,165 @@
+"""Runs a user can trust: no overwritten results, one process per folder, killed runs recorded as
+killed and resumed exactly, evaluation that never changes a training's status.
+
+Each case runs the real CLI (the X-ray bundle's quick profile at 32 px) and checks the exit
+status, the single ``error:`` line, what is left on disk and what MLflow says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bundle_utils import ROOT, error_lines, mlflow_client, parse_study, run_bundle
+from medseg_monai import record
+from medseg_monai.bundle import command_line, config_files
+
+TINY = {"image_size": 32, "dataset": "xray-synthetic"}
+
+
+def _start(out: Path, store: Path, **overrides: object) -> subprocess.Popen:
+    args = command_line(config_files("xray", profile="quick"), output_dir=str(out), **TINY, **overrides)
+    env = {**os.environ, "MEDSEG_MLFLOW_DIR": str(store), "PYTHONWARNINGS": "ignore"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _checkpoint_epoch(out: Path) -> int:
+    """The last complete epoch in the run's checkpoint (Ignite keeps the iteration count)."""
+    try:
+        trainer = torch.load(out / "checkpoint.pt", weights_only=False)["objects"]["trainer"]
+    except (OSError, EOFError, RuntimeError, KeyError):
+        return 0
+    return trainer["iteration"] // trainer["epoch_length"]
+
+
+def _wait_for_epoch(proc: subprocess.Popen, out: Path, epoch: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while _checkpoint_epoch(out) < epoch:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline, f"no checkpoint of epoch {epoch} in {timeout} s"
+        time.sleep(0.2)
+
+
+def _run(store: Path, out: Path) -> object:
+    client = mlflow_client(store)
+    return client.get_run(json.loads((out / "mlflow_run.json").read_text())["run_id"])
+
+
+def _history(store: Path, out: Path, metric: str) -> list[tuple[int, float]]:
+    client = mlflow_client(store)
+    run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, metric))
+
+
+def test_profile_is_part_of_the_default_output_dir_and_run_name() -> None:
+    full, quick = parse_study("xray"), parse_study("xray", profile="quick")
+    assert full.get_parsed_content("output_dir").endswith("runs/xray/paper/baseline/seed0")
+    assert quick.get_parsed_content("output_dir").endswith("runs/xray/quick/baseline/seed0")
+    tracker = quick.get_parsed_content("train#handlers#0")
+    assert tracker.run_name == "baseline seed0 (quick)"
+    assert full.get_parsed_content("train#handlers#0").run_name == "baseline seed0"
+
+
+@pytest.mark.slow
+def test_a_folder_with_results_is_not_overwritten(tmp_path: Path) -> None:
+    out, store = tmp_path / "run", tmp_path / "mlflow"
+    first = run_bundle("xray", store, output_dir=out, max_epochs=1, **TINY)
+    assert first.returncode == 0, first.stderr[-2000:]
+    model = (out / "model.pt").read_bytes()
+    again = run_bundle("xray", store, output_dir=out, max_epochs=1, seed=5, **TINY)
+    assert again.returncode != 0
+    lines = error_lines(again)
+    assert (
+        len(lines) == 1
+        and f"output_dir {out} holds the results of run 'baseline seed0' (quick profile" in lines[0]
+    )
+    assert "--resume true" in lines[0] and "--overwrite true" in lines[0] and "Traceback" not in again.stderr
+    assert (out / "model.pt").read_bytes() == model and json.loads((out / "run.json").read_text())[
+        "seed"
+    ] == 0
+    replaced = run_bundle("xray", store, output_dir=out, max_epochs=1, seed=5, overwrite=True, **TINY)
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    assert json.loads((out / "run.json").read_text())["seed"] == 5
+
+
+@pytest.mark.slow
+def test_a_second_process_on_the_same_folder_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    record.lock_output_dir(out)  # this process holds the folder, as a running training would
+    try:
+        result = run_bundle("xray", tmp_path / "mlflow", output_dir=out, max_epochs=1, **TINY)
+    finally:
+        record._LOCKS.pop(out.resolve()).close()
+    assert result.returncode != 0
+    lines = error_lines(result)
+    assert len(lines) == 1 and f"output_dir {out} is in use by pid {os.getpid()}" in lines[0], result.stderr[
+        -2000:
+    ]
+    assert not (out / "run.json").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_marks_killed_and_exits_nonzero(tmp_path: Path) -> None:
+    out, store = tmp_path / "run", tmp_path / "mlflow"
+    proc = _start(out, store, max_epochs=200)
+    _wait_for_epoch(proc, out, 1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode not in (0, None)
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and "training stopped by SIGTERM" in lines[0] and "--resume true" in lines[0], (
+        stderr[-2000:]
+    )
+    assert "Traceback" not in stderr
+    assert _run(store, out).info.status == "KILLED"
+    assert _checkpoint_epoch(out) >= 1 and not (out / "model_final.pt").exists()
+    # evaluating what the run saved leaves its status alone and adds prefixed metrics
+    evaluated = run_bundle("xray", store, mode="evaluate", output_dir=out, **TINY)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    run = _run(store, out)
+    assert run.info.status == "KILLED" and "eval_val_dice" in run.data.metrics
+    assert not any(k.startswith("n_eval") for k in run.data.params)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    epochs = 4
+    whole, store = tmp_path / "whole", tmp_path / "mlflow"
+    reference = run_bundle("xray", store, output_dir=whole, max_epochs=epochs, **TINY)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    proc = _start(out, store, max_epochs=epochs)
+    _wait_for_epoch(proc, out, random.Random().randint(1, epochs - 1))
+    proc.kill()  # SIGKILL: nothing runs on the way out
+    proc.communicate(timeout=60)
+    assert _run(store, out).info.status == "RUNNING"  # what a killed process leaves behind
+
+    refused = run_bundle("xray", store, output_dir=out, max_epochs=epochs, **TINY)
+    assert refused.returncode != 0 and "--resume true" in error_lines(refused)[0]
+    assert _run(store, out).info.status == "KILLED"  # the next start saw the dead run
+
+    resumed = run_bundle("xray", store, output_dir=out, max_epochs=epochs, resume=True, **TINY)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    run = _run(store, out)
+    assert run.info.status == "FINISHED"
+    for metric in ("val_dice", "train_loss", "lr"):
+        expected = _history(store, whole, metric)
+        got = dict(_history(store, out, metric))  # the killed epoch may be logged twice: same values
+        assert len(expected) == epochs and [got[step] for step, _ in expected] == [v for _, v in expected], (
+            metric
+        )
+    for name in ("model.pt", "model_final.pt"):
+        a, b = torch.load(whole / name), torch.load(out / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
