@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg_monai.data import DatasetError
-from medseg_monai.errors import InputError, RunInterrupted
+from medseg_monai.errors import InputError, RunInterrupted, is_input_error
 from medseg_monai.paths import project_root
 from medseg_monai.record import parse_command_line
 
@@ -28,6 +28,7 @@ __all__ = [
     "MODES",
     "at_repo_root",
     "bundle_root",
+    "check_command_line",
     "check_interrupted",
     "command_line",
     "config_files",
@@ -35,6 +36,7 @@ __all__ = [
     "default_output_dir",
     "distributed_sampler",
     "end_distributed",
+    "flag",
     "for_this_rank",
     "image_files",
     "init_distributed",
@@ -199,28 +201,101 @@ def install_error_hook() -> None:
     a :class:`~medseg_monai.errors.InputError` (a message that names the file or key at fault) or
     a file that could not be read (``OSError``, e.g. PIL's "cannot identify image file '<path>'",
     nibabel's ``ImageFileError``), only that message is printed. Anything else keeps Python's full
-    traceback. Called first in the shared ``initialize``; a no-op when already installed.
+    traceback. The log's handlers show such an error as one line too (MONAI's handlers log it with
+    its traceback). Called first in the shared ``initialize``; a no-op when already installed.
     """
-    from nibabel.filebasedimages import ImageFileError
+    import logging
 
-    input_errors = (InputError, RunInterrupted, OSError, ImageFileError)
+    from medseg_monai.errors import OneLineInputErrorFormatter
+
+    for handler in logging.getLogger().handlers:  # as logging.conf set them up
+        if not isinstance(handler.formatter, OneLineInputErrorFormatter):
+            fmt = handler.formatter
+            handler.setFormatter(
+                OneLineInputErrorFormatter(fmt._fmt if fmt else None, fmt.datefmt if fmt else None)
+            )
     if getattr(sys.excepthook, "medseg_error_hook", False):
         return
     previous = sys.excepthook
 
     def hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
-        err: BaseException | None = exc
-        seen: set[int] = set()
-        while err is not None and id(err) not in seen:
-            if isinstance(err, input_errors):
-                print(f"error: {err}", file=sys.stderr)
-                return
-            seen.add(id(err))
-            err = err.__cause__ or err.__context__
-        previous(exc_type, exc, tb)
+        found = is_input_error(exc)
+        if found is None:
+            previous(exc_type, exc, tb)
+        else:
+            print(f"error: {found}", file=sys.stderr)
 
     hook.medseg_error_hook = True  # type: ignore[attr-defined]
     sys.excepthook = hook
+
+
+_FLAGS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def flag(value: Any, name: str) -> bool:
+    """A yes/no setting as a bool: ``True``/``False``, or the strings ``true``/``false`` (also
+    ``yes``/``no``, ``1``/``0``) that ``--key true`` on the command line gives; anything else is refused
+    (a string ``'false'`` must never count as true)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in _FLAGS:
+        raise InputError(f"{name} must be true or false, got {value!r}")
+    return _FLAGS[text]
+
+
+def _check_value(key: str, value: Any) -> None:
+    """Contract keys of the command line, checked before anything runs."""
+    from medseg_monai.data import SPLITS
+
+    if key == "max_epochs" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise InputError(f"max_epochs must be a positive whole number, got {value!r}")
+    if key == "seed" and (isinstance(value, bool) or not isinstance(value, int)):
+        raise InputError(f"seed must be a whole number, got {value!r}")
+    if key in ("resume", "overwrite"):
+        flag(value, key)
+    if key == "split" and value not in SPLITS:
+        raise InputError(f"split must be one of {', '.join(SPLITS)}, got {value!r}")
+    if key in ("dataset", "output_dir", "ckpt_path", "input_path") and not isinstance(value, str):
+        raise InputError(f"{key} must be a name or path, got {value!r}")
+
+
+def _ids(config: Any, prefix: str = "") -> Iterator[str]:
+    """Every id of a raw config (``a``, ``a#b``, ``a#0``...), as overrides name them."""
+    items = (
+        config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, list) else ()
+    )
+    for key, value in items:
+        name = f"{prefix}{key}"
+        yield name
+        yield from _ids(value, name + "#")
+
+
+def check_command_line(argv: Sequence[str] | None = None) -> None:
+    """Refuse, in one line, an override that names no setting of the run's configs (with the nearest
+    one: ``--max_epoch`` -> ``max_epochs``) and a contract key of the wrong type (``--max_epochs abc``,
+    ``--resume maybe``, ``--split tst``), before anything is loaded or trained. Reads this process's
+    command line (the launcher sets it for in-process runs); a no-op for bundles built from Python."""
+    import difflib
+
+    from monai.bundle import ConfigParser
+
+    files, _, overrides = parse_command_line(sys.argv if argv is None else argv)
+    if not files:
+        return
+    parser = ConfigParser()
+    parser.read_config(files)
+    parser.resolve_macro_and_relative_ids()
+    known = set(_ids(parser.get()))
+    for key, value in overrides.items():
+        if key not in known:
+            top = sorted(k for k in known if "#" not in k)
+            near = difflib.get_close_matches(key, top if "#" not in key else sorted(known), n=1, cutoff=0.6)
+            hint = (
+                f"did you mean '{near[0]}'?" if near else "the settings are the keys at the top of train.yaml"
+            )
+            raise InputError(f"unknown setting '{key}' (--{key}) for {', '.join(files)}: {hint}")
+        _check_value(key, value)
 
 
 def check_interrupted(trainer: Any, output_dir: str) -> None:
@@ -359,6 +434,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     _, _, overrides = parse_command_line(["run", *rest])
+    try:
+        check_command_line(command_line(files, **overrides)[2:])
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.dry_run:
         import shlex
 

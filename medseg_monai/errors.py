@@ -1,8 +1,11 @@
-"""The suite's input error: bad input that a user can fix, reported in one line."""
+"""Errors a user can fix, and how they are shown: one line, on stderr and in the log."""
 
 from __future__ import annotations
 
-__all__ = ["InputError", "RunInterrupted"]
+import logging
+from typing import Any
+
+__all__ = ["InputError", "OneLineInputErrorFormatter", "RunInterrupted", "is_input_error"]
 
 
 class InputError(Exception):
@@ -13,3 +16,28 @@ class InputError(Exception):
 class RunInterrupted(Exception):
     """A training stopped by a signal (SIGTERM, SIGINT) after saving what ``--resume true`` needs;
     bundle runs print it as one ``error:`` line and exit non-zero."""
+
+
+def is_input_error(exc: BaseException | None) -> BaseException | None:
+    """The first exception in ``exc``'s chain that a user fixes (``InputError``, ``RunInterrupted``, an
+    unreadable file), or None: MONAI wraps what fails in a config or a transform in its own errors."""
+    from nibabel.filebasedimages import ImageFileError
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, (InputError, RunInterrupted, OSError, ImageFileError)):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+class OneLineInputErrorFormatter(logging.Formatter):
+    """A log formatter that shows an input error as its one-line message instead of the traceback
+    MONAI's handlers log with it, so the log says what stderr's ``error:`` line says; any other
+    exception keeps its traceback. ``medseg_monai.bundle.install_error_hook`` puts it on the root
+    logger's handlers (MONAI refuses formatter classes from outside ``logging`` in logging.conf)."""
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 (logging's name)
+        found = is_input_error(ei[1])
+        return f"error: {found}" if found is not None else super().formatException(ei)

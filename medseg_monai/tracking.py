@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "default_tracking_uri",
+    "check_tracking_uri",
     "ensure_experiment",
     "flatten_params",
     "mark_stale_run",
@@ -91,6 +92,31 @@ def tracking_uri() -> str:
         return uri
     (mlflow_dir() / "artifacts").mkdir(parents=True, exist_ok=True)
     return default_tracking_uri()
+
+
+def check_tracking_uri(timeout: float = 5.0) -> str:
+    """The tracking URI, after checking that a server named by ``MLFLOW_TRACKING_URI`` answers its
+    ``/health`` within ``timeout`` seconds (MLflow's own client would retry for minutes, then fail
+    after training had started). A server that does not answer is refused in one line."""
+    import urllib.error
+    import urllib.request
+
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            if response.status == 200:
+                return uri
+            reason = f"HTTP {response.status}"
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = str(getattr(e, "reason", e))
+    from medseg_monai.errors import InputError
+
+    raise InputError(
+        f"the MLflow server MLFLOW_TRACKING_URI={uri} does not answer ({reason}): start it, or unset "
+        f"MLFLOW_TRACKING_URI to track in the local store {default_tracking_uri()}"
+    )
 
 
 def _local_artifact_root(uri: str) -> Path | None:
