@@ -27,6 +27,7 @@ from medseg_monai.record import parse_command_line
 __all__ = [
     "MODES",
     "at_repo_root",
+    "announce_run",
     "bundle_root",
     "check_command_line",
     "check_interrupted",
@@ -298,6 +299,41 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
         _check_value(key, value)
 
 
+def announce_run(
+    *,
+    study: str,
+    experiment: str,
+    seed: int,
+    profile: str,
+    dataset: str,
+    device: Any,
+    n_train: int,
+    n_val: int,
+    max_epochs: int,
+    output_dir: str,
+) -> None:
+    """Say at the start what is about to run: where, on what, for how long, and how to check the
+    pipeline in minutes instead (the quick profile)."""
+    import logging
+
+    from medseg_monai.data import get_dataset
+    from medseg_monai.record import device_description
+
+    log = logging.getLogger("medseg_monai.progress")
+    kind = get_dataset(dataset).kind
+    log.info(
+        "%s/%s seed %d, %s profile, on %s: dataset %s (%s, %d training / %d validation cases), %d epochs -> %s",
+        study, experiment, seed, profile, device_description(device), dataset, kind, n_train, n_val, max_epochs, output_dir,
+    )  # fmt: skip
+    if profile != "quick":
+        log.info(
+            "the %s profile runs the paper's settings (GPU hours); to check the pipeline in minutes: "
+            "python -m medseg_monai.bundle %s --profile quick",
+            profile,
+            study,
+        )
+
+
 def check_interrupted(trainer: Any, output_dir: str) -> None:
     """After ``trainer.run()``: a run a signal stopped ends the process with one line, non-zero."""
     signal_name = getattr(trainer.state, "interrupted", None)
@@ -396,10 +432,20 @@ def distributed_sampler(dataset: Any, shuffle: bool) -> Any:
 def _rank0_only() -> tuple[type, ...]:
     from monai.handlers import CheckpointSaver, StatsHandler
 
-    from medseg_monai.handlers import LesionTableWriter, MLflowTracker
+    from ignite.handlers import ProgressBar
+
+    from medseg_monai.handlers import LesionTableWriter, MLflowTracker, ProgressLog
     from medseg_monai.visualize import OverlaySaver
 
-    return (MLflowTracker, StatsHandler, CheckpointSaver, LesionTableWriter, OverlaySaver)
+    return (
+        MLflowTracker,
+        StatsHandler,
+        CheckpointSaver,
+        LesionTableWriter,
+        OverlaySaver,
+        ProgressLog,
+        ProgressBar,
+    )
 
 
 def for_this_rank(handlers: Sequence[Any]) -> list[Any]:

@@ -5,12 +5,14 @@
 - :mod:`.case_metrics`: :class:`CaseMetrics`, the ``metrics.json`` contract.
 - :mod:`.tracking`: :class:`MLflowTracker`, one tagged MLflow run per training (or evaluation).
 - :mod:`.resume`: :class:`TrainingCheckpoint`, resumable and interruptible trainings.
+- :mod:`.progress`: :class:`ProgressLog`, the run's expected length and one line per epoch.
 
 :class:`~medseg_monai.metrics.LesionTableWriter` lives with the lesion metrics it writes; it is
 re-exported here so configs naming ``medseg_monai.handlers.LesionTableWriter`` keep working.
 """
 
 from medseg_monai.handlers.case_metrics import CaseMetrics, summarise_cases
+from medseg_monai.handlers.progress import ProgressLog
 from medseg_monai.handlers.resume import TrainingCheckpoint
 from medseg_monai.handlers.tracking import MLflowTracker, config_params
 from medseg_monai.handlers.training import GradientClipping, SchedulerStepper
@@ -21,6 +23,7 @@ __all__ = [
     "GradientClipping",
     "LesionTableWriter",
     "MLflowTracker",
+    "ProgressLog",
     "SchedulerStepper",
     "TrainingCheckpoint",
     "config_params",
