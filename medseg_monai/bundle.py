@@ -430,9 +430,8 @@ def distributed_sampler(dataset: Any, shuffle: bool) -> Any:
 
 
 def _rank0_only() -> tuple[type, ...]:
-    from monai.handlers import CheckpointSaver, StatsHandler
-
     from ignite.handlers import ProgressBar
+    from monai.handlers import CheckpointSaver, StatsHandler
 
     from medseg_monai.handlers import LesionTableWriter, MLflowTracker, ProgressLog
     from medseg_monai.visualize import OverlaySaver

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from contextlib import ExitStack
 from fnmatch import fnmatch
@@ -32,16 +33,42 @@ _RECORDED_SECTIONS = ("network_def", "loss", "optimizer", "lr_scheduler")
 _WORKFLOW_KEYS = ("imports", "initialize", "run", "finalize", "_meta_")
 
 
+def _flat(value: Any) -> bool:
+    scalar = isinstance(value, (str, int, float, bool)) or value is None
+    return scalar or (isinstance(value, list) and all(not isinstance(v, (dict, list)) for v in value))
+
+
+def _references(raw: str) -> list[str]:
+    return re.findall(r"@([\w#]+)", raw)
+
+
 def config_params(config: dict[str, Any]) -> dict[str, Any]:
-    """MLflow params of a merged bundle config: its top-level scalar and flat-list settings and its
-    network, loss, optimiser and scheduler definitions (as written)."""
+    """MLflow params of a merged bundle config: its top-level scalar and flat-list settings as the run
+    resolved them (``dataset`` is ``xray-synthetic``, not the expression that chose it; a setting
+    that cannot be resolved here keeps its expression) and its network, loss, optimiser and
+    scheduler definitions as written. Expressions that refer to a component (a dict, e.g.
+    ``network_def``) are not evaluated: nothing is built again."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser(dict(config))
+    components = {k for k, v in config.items() if isinstance(v, dict)}
     params: dict[str, Any] = {}
     for key, value in config.items():
-        if key in _WORKFLOW_KEYS:
+        if key in _WORKFLOW_KEYS or not _flat(value):
             continue
-        scalar = isinstance(value, (str, int, float, bool)) or value is None
-        if scalar or (isinstance(value, list) and all(not isinstance(v, (dict, list)) for v in value)):
-            params[key] = value
+        if (
+            isinstance(value, str)
+            and value.startswith(("$", "@"))
+            and not components & {r.split("#")[0] for r in _references(value)}
+        ):
+            try:
+                resolved = parser.get_parsed_content(key)
+            except Exception:  # a setting that needs the running bundle: keep what was written
+                resolved = value
+            resolved = str(resolved) if isinstance(resolved, torch.device) else resolved
+            value = resolved if _flat(resolved) or isinstance(resolved, tuple) else value
+            value = list(value) if isinstance(value, tuple) else value
+        params[key] = value
     params.update({k: config[k] for k in _RECORDED_SECTIONS if isinstance(config.get(k), dict)})
     return params
 
@@ -72,7 +99,7 @@ class MLflowTracker:
         record_dir: str,
         params: dict[str, Any] | None = None,
         evaluator: Engine | None = None,
-        artifacts: tuple[str, ...] | list[str] = ("*.json", "*.yaml", "*.csv", "*.png", "*.log"),
+        artifacts: tuple[str, ...] | list[str] = ("*.json", "*.yaml", "*.csv", "*.png", "*.log", "model.pt"),
         tags: dict[str, str] | None = None,
         metric_prefix: str = "",
         resume: bool = False,
