@@ -12,6 +12,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
@@ -102,37 +103,58 @@ class RemapLabelsd(MapTransform):
 
 class CheckFilesd(MapTransform):
     """Check that the files named under ``keys`` (a path or a list of paths) can be read, before
-    loading: one line naming the first bad file, instead of MONAI trying and logging every reader.
+    loading: one line naming the case and the first bad file, instead of MONAI trying and logging
+    every reader.
 
-    PNG/GIF/JPEG/BMP/TIFF are verified with PIL, NIfTI headers read with nibabel; other formats
-    are only checked to exist and be non-empty.
+    PNG/GIF/JPEG/BMP/TIFF are verified with PIL; NIfTI headers are read with nibabel and the data
+    checked to be all there (a ``.nii.gz`` is decompressed to its end, so a truncated or corrupt
+    download is caught; a ``.nii`` must be as long as its header says); other formats are only
+    checked to exist and be non-empty.
     """
 
     _PIL = (".png", ".gif", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
+        case = f"case '{d['case_id']}': " if "case_id" in d else ""
         for key in self.key_iterator(d):
             for path in [d[key]] if isinstance(d[key], (str, Path)) else d[key]:
-                self._check(str(path))
+                self._check(str(path), case)
         return d
 
-    def _check(self, path: str) -> None:
+    def _check(self, path: str, case: str = "") -> None:
+        import gzip
+
         import nibabel
         from PIL import Image
 
         try:
-            if Path(path).stat().st_size == 0:
-                raise DatasetError(f"{path}: empty file")
+            size = Path(path).stat().st_size
+            if size == 0:
+                raise DatasetError(f"{case}{path}: empty file")
             if path.lower().endswith(self._PIL):
                 with Image.open(path) as img:
                     img.verify()
             elif path.lower().endswith((".nii", ".nii.gz")):
-                nibabel.load(path)
+                image = nibabel.load(path)
+                if path.lower().endswith(".gz"):
+                    with gzip.open(path, "rb") as f:
+                        while f.read(1 << 24):  # to the end: a truncated stream raises here
+                            pass
+                else:
+                    header = image.header
+                    expected = (
+                        int(getattr(image.dataobj, "offset", 0))
+                        + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+                    )
+                    if size < expected:
+                        raise DatasetError(
+                            f"{case}{path}: truncated ({size} bytes, the header needs {expected})"
+                        )
         except DatasetError:
             raise
         except Exception as e:
-            raise DatasetError(f"{path}: cannot read this file ({type(e).__name__}: {e})") from e
+            raise DatasetError(f"{case}{path}: cannot read this file ({type(e).__name__}: {e})") from e
 
 
 class CheckGeometryd(MapTransform):

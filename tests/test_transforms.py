@@ -17,7 +17,14 @@ from monai.transforms import (
 
 from medseg_monai.data import DatasetError, get_dataset, load_datalist
 from medseg_monai.io import apply_palette
-from medseg_monai.transforms import LabelToRegionsd, LoadMasksd, MasksToLabeld, RemapLabelsd, ResizeToMatchd
+from medseg_monai.transforms import (
+    CheckFilesd,
+    LabelToRegionsd,
+    LoadMasksd,
+    MasksToLabeld,
+    RemapLabelsd,
+    ResizeToMatchd,
+)
 
 
 def test_remap_brats_values_to_classes() -> None:
@@ -142,3 +149,20 @@ def test_brats2018_real_labels_to_classes_and_regions(shared_data: Path) -> None
     regions = LabelToRegionsd("label", [[1, 2, 3], [1, 3], [3]])(out)["label"]
     wt, tc, et = (float(r.sum()) for r in regions)
     assert wt > tc > et > 0
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_truncated_nifti_is_one_line_naming_case_and_file(tmp_path: Path, suffix: str) -> None:
+    import nibabel as nib
+
+    path = tmp_path / f"flair{suffix}"
+    nib.save(
+        nib.Nifti1Image(np.random.default_rng(0).random((16, 16, 16)).astype(np.float32), np.eye(4)), path
+    )
+    CheckFilesd("image")({"image": str(path), "case_id": "A1"})  # whole: passes
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 200])  # the header survives, the voxels do not
+    with pytest.raises(
+        DatasetError, match=rf"^case 'A1': {path}: (truncated|cannot read this file \(EOFError)"
+    ):
+        CheckFilesd("image")({"image": str(path), "case_id": "A1"})
