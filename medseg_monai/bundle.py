@@ -29,6 +29,7 @@ __all__ = [
     "at_repo_root",
     "announce_run",
     "bundle_root",
+    "check_checkpoint",
     "check_command_line",
     "check_interrupted",
     "command_line",
@@ -46,6 +47,7 @@ __all__ = [
     "metric_cmp_fn",
     "require_file",
     "run",
+    "run_config_files",
     "run_name",
     "run_params",
     "studies",
@@ -121,10 +123,22 @@ def _cli_value(value: Any) -> str:
     return value if isinstance(value, str) else repr(value)
 
 
-def command_line(files: Sequence[str], **overrides: Any) -> list[str]:
+def run_config_files(study: str, mode: str, ckpt_path: str | Path) -> list[str] | None:
+    """For evaluating or applying a checkpoint: the merged config its training recorded beside it
+    (``config.json``: dataset, class set, network, preprocessing as trained, whatever profile or
+    experiment it ran) followed by the mode's layer; None when the checkpoint has no record."""
+    recorded = Path(ckpt_path).expanduser().resolve().parent / "config.json"
+    if mode not in ("evaluate", "inference") or not recorded.is_file():
+        return None
+    layer = config_files(study, mode)[-1]
+    root = project_root()
+    return [(recorded.relative_to(root) if recorded.is_relative_to(root) else recorded).as_posix(), layer]
+
+
+def command_line(files: Sequence[str], meta_dir: str | Path | None = None, **overrides: Any) -> list[str]:
     """The ``python -m monai.bundle run`` command of ``files`` and ``overrides``, with the bundle's
-    metadata and logging files named explicitly (the first file's folder holds them)."""
-    configs = Path(files[0]).parent
+    metadata and logging files named explicitly (in ``meta_dir``, default the first file's folder)."""
+    configs = Path(meta_dir) if meta_dir is not None else Path(files[0]).parent
     args = [
         sys.executable,
         "-m",
@@ -168,12 +182,12 @@ def _as_command(argv: list[str]) -> Iterator[None]:
         sys.argv = old_argv
 
 
-def run(files: Sequence[str], **overrides: Any) -> None:
+def run(files: Sequence[str], meta_dir: str | Path | None = None, **overrides: Any) -> None:
     """Run a bundle in this process, as ``python -m monai.bundle run`` would (see :func:`command_line`)."""
     from monai.bundle import run as bundle_run
 
-    argv = command_line(files, **overrides)
-    configs = Path(files[0]).parent
+    argv = command_line(files, meta_dir, **overrides)
+    configs = Path(meta_dir) if meta_dir is not None else Path(files[0]).parent
     with _as_command(argv):
         bundle_run(
             config_file=list(files),
@@ -344,6 +358,40 @@ def check_interrupted(trainer: Any, output_dir: str) -> None:
         )
 
 
+def check_checkpoint(ckpt_path: str, network: Any, study: str = "<study>") -> str:
+    """``ckpt_path`` if its weights fit ``network``; otherwise one line saying which tensor differs
+    and how to use the settings the checkpoint was trained with (its ``config.json``)."""
+    import torch
+
+    require_file(ckpt_path, "checkpoint")
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    own = network.state_dict()
+    own = {k.removeprefix("module."): v for k, v in own.items()}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    problem = next(
+        (
+            f"'{k}' is {tuple(state[k].shape)} there, {tuple(v.shape)} here"
+            for k, v in own.items()
+            if k in state and state[k].shape != v.shape
+        ),
+        None,
+    )
+    missing = [k for k in own if k not in state]
+    if problem is None and missing:
+        problem = f"it has no '{missing[0]}' ({len(missing)} tensors missing)"
+    if problem is None:
+        return ckpt_path
+    recorded = Path(ckpt_path).resolve().parent / "config.json"
+    how = (
+        f"it was trained with the settings in {recorded}: evaluate or apply it with "
+        f"python -m medseg_monai.bundle {study} --mode evaluate|inference --ckpt_path {ckpt_path}"
+        if recorded.is_file()
+        else "layer the experiment and profile it was trained with"
+    )
+    raise InputError(f"checkpoint {ckpt_path} does not fit this network ({problem}): {how}")
+
+
 def require_file(path: str, what: str) -> str:
     """``path`` if it is a file, else a one-line ``InputError`` naming ``what`` it should be."""
     if not Path(path).is_file():
@@ -479,18 +527,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     _, _, overrides = parse_command_line(["run", *rest])
+    meta_dir = Path(files[0]).parent
+    recorded = None
+    if "ckpt_path" in overrides and not (args.experiment or args.profile):
+        recorded = run_config_files(args.study, args.mode, str(overrides["ckpt_path"]))
+    if recorded is not None:  # the checkpoint's own run says how it was trained
+        files = recorded
+        print(f"using the settings the checkpoint was trained with: {files[0]}", file=sys.stderr)
     try:
-        check_command_line(command_line(files, **overrides)[2:])
+        check_command_line(command_line(files, meta_dir, **overrides)[2:])
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
         import shlex
 
-        print(shlex.join(command_line(files, **overrides)))
+        print(shlex.join(command_line(files, meta_dir, **overrides)))
         return 0
     install_error_hook()
-    run(files, **overrides)
+    run(files, meta_dir, **overrides)
     return 0
 
 

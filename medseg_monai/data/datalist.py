@@ -28,6 +28,7 @@ __all__ = [
     "default_dataset",
     "find_cases",
     "load_datalist",
+    "likely_datasets",
     "load_splits",
     "resolve_data_root",
     "split_cases",
@@ -60,6 +61,12 @@ def _pattern_regex(pattern: str) -> tuple[str, re.Pattern[str]]:
 
 def _fill(template: str, fields: dict[str, str]) -> str:
     return _PLACEHOLDER.sub(lambda m: fields[m.group(1)], template)
+
+
+def _case_files(spec: DatasetSpec, root: Path) -> Any:
+    """Paths under ``root`` that match the layout's case pattern."""
+    glob, rx = _pattern_regex(spec.layout["case"])
+    return (p for p in root.glob(glob) if rx.fullmatch(p.relative_to(root).as_posix()))
 
 
 def find_cases(spec: DatasetSpec, root: Path, channels: list[str] | None = None) -> list[dict[str, Any]]:
@@ -107,7 +114,15 @@ def find_cases(spec: DatasetSpec, root: Path, channels: list[str] | None = None)
             )
         cases[case_id] = item
     if not cases:
-        raise DatasetError(f"dataset '{spec.id}': no case found under {root} matching '{layout['case']}'")
+        likely = likely_datasets(root, exclude=spec.id) if not spec.synthetic else []
+        hint = (
+            f"; it looks like {' or '.join(repr(i) for i in likely)}: pass --dataset {likely[0]}"
+            if likely
+            else ""
+        )
+        raise DatasetError(
+            f"dataset '{spec.id}': no case found under {root} matching '{layout['case']}'{hint}"
+        )
     return [cases[k] for k in sorted(cases)]
 
 
@@ -186,6 +201,30 @@ def _ensure_synthetic(spec: DatasetSpec, root: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def likely_datasets(root: Path, exclude: str = "") -> list[str]:
+    """The real datasets whose layout finds cases under ``root`` (what a folder probably holds)."""
+    found = []
+    for dataset_id in list_datasets():
+        spec = get_dataset(dataset_id)
+        if spec.synthetic or dataset_id == exclude:
+            continue
+        if any(True for _ in _case_files(spec, root)):
+            found.append(dataset_id)
+    return found
+
+
+def _not_this_dataset(spec: DatasetSpec, root: Path, what: str) -> DatasetError:
+    likely = likely_datasets(root, exclude=spec.id)
+    hint = (
+        f"it looks like {' or '.join(repr(i) for i in likely)}: pass --dataset {likely[0]}"
+        if likely
+        else (
+            f"pass the --dataset its files are, or a data_root laid out as '{spec.id}' ({spec.layout['case']})"
+        )
+    )
+    return DatasetError(f"data_root {root} {what} for dataset '{spec.id}': {hint}")
+
+
 def resolve_data_root(dataset_id: str, data_root: str | Path | None = None) -> Path:
     """Where ``dataset_id``'s files are: ``data_root``, else ``$MEDSEG_DATA_ROOT/<id>``; synthetic
     datasets default to ``$MEDSEG_CACHE/synthetic/<id>-<params hash>`` and are generated on first use."""
@@ -202,6 +241,16 @@ def resolve_data_root(dataset_id: str, data_root: str | Path | None = None) -> P
         root = env / spec.id
     else:
         root = Path(data_root).expanduser().resolve()
+    if spec.synthetic and data_root is not None and root.is_dir() and any(root.iterdir()):
+        # a folder given for a synthetic dataset must be that generator's output, not real data
+        marker = root / _MARKER
+        if not marker.is_file():
+            raise _not_this_dataset(spec, root, f"holds no generated data ({_MARKER} is missing)")
+        made = json.loads(marker.read_text()).get("id")
+        if made != spec.id:
+            raise DatasetError(
+                f"data_root {root} holds synthetic '{made}', not '{spec.id}': pass --dataset {made}"
+            )
     if spec.synthetic:
         _ensure_synthetic(spec, root)
     elif not root.is_dir():
