@@ -26,37 +26,45 @@ help:
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# every target that runs the project installs it first when it is not (a fresh clone: `make test`)
+INSTALLED := $(VENV)/.installed
+
 install: $(PY)
 	@# A bare or newer torch requirement would pull GBs of CUDA wheels: pin the local CPU build first.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@$(PY) -c "import torch, monai, mlflow; print(f'installed: torch {torch.__version__}, monai {monai.__version__}, mlflow {mlflow.__version__}')"
+	@touch $(INSTALLED)
 
-test: $(PY)
+$(INSTALLED): pyproject.toml | $(PY)
+	@echo "$(VENV) has no installed project yet (or pyproject.toml changed): running make install first"
+	$(MAKE) install
+
+test: $(INSTALLED)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: $(PY)
+lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-format: $(PY)
+format: $(INSTALLED)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-data: $(PY)
+data: $(INSTALLED)
 	$(PY) -m medseg_monai.data generate
 
-reproduce-all: $(PY)
+reproduce-all: $(INSTALLED)
 	$(PY) -m medseg_monai.reproduce --profile $(PROFILE) $(if $(STUDIES),--studies $(STUDIES)) \
 		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(FORCE),--force)
 
-report: $(PY)
+report: $(INSTALLED)
 	$(PY) -m medseg_monai.report
 
-bench: $(PY)
+bench: $(INSTALLED)
 	$(PY) -m medseg_monai.bench --output bench.json
 
-mlflow-ui: $(PY)
+mlflow-ui: $(INSTALLED)
 	@mkdir -p mlflow/artifacts
 	@# no background job runners: the UI only browses the store
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --host $(HOST) --port $(PORT) \
