@@ -45,6 +45,7 @@ __all__ = [
     "install_error_hook",
     "is_distributed",
     "metric_cmp_fn",
+    "report_outputs",
     "require_file",
     "run",
     "run_config_files",
@@ -346,6 +347,15 @@ def announce_run(
             profile,
             study,
         )
+
+
+def report_outputs(output_dir: str, n_inputs: int) -> None:
+    """Say where an inference wrote its predictions (on stdout, whatever the logging)."""
+    files = (
+        sorted(p.name for p in Path(output_dir).iterdir() if p.is_file()) if Path(output_dir).is_dir() else []
+    )
+    shown = ", ".join(files[:4]) + (f", ... ({len(files)} files)" if len(files) > 4 else "")
+    print(f"segmented {n_inputs} input(s): predictions in {Path(output_dir).resolve()} ({shown})", flush=True)
 
 
 def check_interrupted(trainer: Any, output_dir: str) -> None:

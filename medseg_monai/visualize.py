@@ -1,4 +1,5 @@
-"""Overlay figures: image, reference, prediction and errors side by side (PNG)."""
+"""Overlay figures (PNG): image, reference, prediction and errors side by side; predictions over a
+few slices of a segmented volume."""
 
 from __future__ import annotations
 
@@ -8,9 +9,18 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.transforms import MapTransform
 from PIL import Image, ImageDraw
 
-__all__ = ["CLASS_COLOURS", "OverlaySaver", "blend_labels", "colour_labels", "overlay_panels"]
+__all__ = [
+    "CLASS_COLOURS",
+    "OverlaySaver",
+    "SaveVolumeOverlayd",
+    "blend_labels",
+    "colour_labels",
+    "overlay_panels",
+    "volume_overlay",
+]
 
 # background black, then red, green, blue, yellow, magenta, cyan: class c of the poster's fig. 6 is
 # (R, G, B)[c - 1] for the first three classes.
@@ -116,3 +126,45 @@ class OverlaySaver:
             image, label, pred = image.T, label.T, pred.T
         self.path.parent.mkdir(parents=True, exist_ok=True)
         overlay_panels(image, label, pred, title=str(item.get("case_id", ""))).save(self.path)
+
+
+def volume_overlay(image: np.ndarray, label: np.ndarray, n_slices: int = 4, axis: int = -1) -> Image.Image:
+    """A row of ``n_slices`` slices of a volume along ``axis`` with ``label`` (class indices) in
+    colour: the slices with most foreground (in slice order), or evenly spaced ones when there is
+    none. ``image`` and ``label`` are (X, Y, Z) arrays of one grid; slices are shown upright."""
+    image, label = np.asarray(image, dtype=np.float32), np.asarray(label).astype(np.int64)
+    axis = axis % image.ndim
+    counts = (label > 0).sum(axis=tuple(a for a in range(label.ndim) if a != axis))
+    depth = image.shape[axis]
+    if counts.any():
+        picks = sorted(np.argsort(-counts, kind="stable")[: min(n_slices, int((counts > 0).sum()))].tolist())
+    else:
+        picks = np.linspace(0, depth - 1, min(n_slices, depth)).round().astype(int).tolist()
+    panels = [
+        blend_labels(np.take(image, z, axis=axis).T, np.take(label, z, axis=axis).T)[::-1] for z in picks
+    ]
+    return Image.fromarray(np.concatenate(panels, axis=1))
+
+
+class SaveVolumeOverlayd(MapTransform):
+    """Write ``<output_dir>/<name>_overlay.png``: :func:`volume_overlay` of ``image_key`` (C, X, Y, Z)
+    with ``keys`` (a (1, X, Y, Z) mask or class indices on the same grid), named after the image's
+    file (its MONAI metadata), so a segmented volume can be checked at a glance."""
+
+    def __init__(self, keys: Any, image_key: str, output_dir: str, n_slices: int = 4, axis: int = -1) -> None:
+        super().__init__(keys)
+        self.image_key = image_key
+        self.output_dir = Path(output_dir)
+        self.n_slices = n_slices
+        self.axis = axis
+
+    def __call__(self, data: Any) -> Any:
+        d = dict(data)
+        image = d[self.image_key]
+        name = Path(str(getattr(image, "meta", {}).get("filename_or_obj", "volume"))).name.split(".")[0]
+        for key in self.key_iterator(d):
+            label = torch.as_tensor(d[key]).detach().cpu()[0].numpy()
+            vol = torch.as_tensor(image).detach().cpu()[0].float().numpy()
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            volume_overlay(vol, label, self.n_slices, self.axis).save(self.output_dir / f"{name}_overlay.png")
+        return d
