@@ -545,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
         files = recorded
         print(f"using the settings the checkpoint was trained with: {files[0]}", file=sys.stderr)
     try:
-        check_command_line(command_line(files, meta_dir, **overrides)[2:])
+        with at_repo_root():
+            check_command_line(command_line(files, meta_dir, **overrides)[2:])
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -163,3 +164,98 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     for name in ("model.pt", "model_final.pt"):
         a, b = torch.load(whole / name), torch.load(out / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["--max_epoch", "1"],
+            "unknown setting 'max_epoch' (--max_epoch) for bundles/xray/configs/train.yaml: did you mean 'max_epochs'?",
+        ),
+        (["--max_epochs", "abc"], "max_epochs must be a positive whole number, got 'abc'"),
+        (["--max_epochs", "0"], "max_epochs must be a positive whole number, got 0"),
+        (["--seed", "1.5"], "seed must be a whole number, got 1.5"),
+        (["--resume", "maybe"], "resume must be true or false, got 'maybe'"),
+        (["--network_def#featurs", "[1]"], "did you mean 'network_def#features'?"),
+    ],
+)
+def test_wrong_settings_are_refused_before_anything_runs(args: list[str], expected: str) -> None:
+    from medseg_monai.bundle import check_command_line
+    from medseg_monai.errors import InputError
+
+    argv = ["monai.bundle", "run", "--config_file", "['bundles/xray/configs/train.yaml']", *args]
+    with pytest.raises(InputError) as caught:
+        check_command_line(argv)
+    assert expected in str(caught.value)
+
+
+def test_flags_are_read_strictly() -> None:
+    from medseg_monai.bundle import flag
+
+    assert flag("true", "x") is True and flag("False", "x") is False and flag(True, "x") is True
+    assert flag("false", "overwrite") is False  # the string 'false' must never count as true
+
+
+def test_an_mlflow_server_that_does_not_answer_is_refused_quickly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medseg_monai.errors import InputError
+    from medseg_monai.tracking import check_tracking_uri
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    start = time.monotonic()
+    with pytest.raises(InputError, match=r"MLFLOW_TRACKING_URI=http://127.0.0.1:9 does not answer .*unset"):
+        check_tracking_uri(timeout=2)
+    assert time.monotonic() - start < 10
+
+
+def test_a_real_folder_given_to_the_synthetic_dataset_is_refused(shared_data: Path) -> None:
+    from medseg_monai.data import DatasetError, load_splits
+
+    with pytest.raises(
+        DatasetError, match=r"holds no generated data .*it looks like 'jsrt-scr': pass --dataset jsrt-scr"
+    ):
+        load_splits("xray-synthetic", shared_data / "jsrt-scr")
+    with pytest.raises(
+        DatasetError, match=r"it looks like 'brats2015-4class': pass --dataset brats2015-4class"
+    ):
+        load_splits("brats2018", shared_data / "brats2015-4class")
+
+
+@pytest.mark.slow
+def test_mixups_and_mistakes_on_the_command_line_are_one_line(tmp_path: Path, shared_data: Path) -> None:
+    # the headline case: a JSRT folder without --dataset used to train with the synthetic settings
+    mixed = run_bundle("xray", tmp_path / "m", data_root=shared_data / "jsrt-scr", output_dir=tmp_path / "a")
+    assert mixed.returncode != 0 and not (tmp_path / "a" / "run.json").exists()
+    assert [ln for ln in error_lines(mixed) if "pass --dataset jsrt-scr" in ln] == error_lines(mixed)
+    typo = run_bundle("xray", tmp_path / "m", max_epoch=1, output_dir=tmp_path / "b")
+    assert typo.returncode != 0 and len(error_lines(typo)) == 1 and "did you mean 'max_epochs'" in typo.stderr
+    for result in (mixed, typo):
+        assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.slow
+def test_a_quick_checkpoint_is_evaluated_with_its_own_settings(tmp_path: Path) -> None:
+    out, store = tmp_path / "run", tmp_path / "mlflow"
+    trained = run_bundle("xray", store, output_dir=out, max_epochs=1, **TINY)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    log = trained.stdout + trained.stderr
+    assert "xray/baseline seed 0, quick profile, on cpu: dataset xray-synthetic (synthetic" in log
+    assert "epoch 1/1: train_loss" in log and "| val dice" in log
+    # without the quick layer the paper-sized network does not fit the quick checkpoint: one line
+    plain = run_bundle(
+        "xray", store, mode="evaluate", profile=None, ckpt_path=out / "model.pt", output_dir=tmp_path / "e1"
+    )
+    assert plain.returncode != 0 and len(error_lines(plain)) == 1, plain.stderr[-2000:]
+    assert (
+        "does not fit this network" in plain.stderr
+        and "python -m medseg_monai.bundle xray --mode evaluate" in plain.stderr
+    )
+    # the launcher reads the run's config.json beside the checkpoint
+    env = {**os.environ, "MEDSEG_MLFLOW_DIR": str(store), "PYTHONWARNINGS": "ignore"}
+    launched = subprocess.run(
+        [sys.executable, "-m", "medseg_monai.bundle", "xray", "--mode", "evaluate", "--ckpt_path", str(out / "model.pt"), "--output_dir", str(tmp_path / "e2")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    assert "using the settings the checkpoint was trained with" in launched.stderr
+    assert json.loads((tmp_path / "e2" / "metrics.json").read_text())["mean"]["dice"] >= 0

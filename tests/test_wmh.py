@@ -159,6 +159,9 @@ def test_inference_keeps_the_input_grid(
     assert result.returncode == 0, result.stderr[-3000:]
     src, pred = nib.load(flair), nib.load(tmp_path / "pred" / "a_wmh.nii.gz")
     assert pred.shape == src.shape and np.allclose(pred.affine, src.affine, atol=1e-3)
+    assert f"predictions in {tmp_path / 'pred'}" in result.stdout
+    assert (tmp_path / "pred" / "a_overlay.png").is_file()  # a few slices to check at a glance
+    assert "using synthetic dataset" not in result.stdout + result.stderr
     assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1}
 
 
