@@ -179,7 +179,7 @@ def test_quick_profile_trains_and_improves(trained: tuple[Path, Path]) -> None:
         assert (out / name).is_file(), name
     client = mlflow_client(store)
     run = client.search_runs([client.get_experiment_by_name("xray").experiment_id])[0]
-    assert run.info.status == "FINISHED" and run.info.run_name == "baseline seed1"
+    assert run.info.status == "FINISHED" and run.info.run_name == "baseline seed1 (quick)"
     assert run.data.tags["dataset.kind"] == "synthetic" and run.data.tags["profile"] == "quick"
     dice = [
         m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_dice"), key=lambda m: m.step)
