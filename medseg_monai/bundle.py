@@ -44,6 +44,7 @@ __all__ = [
     "init_distributed",
     "install_error_hook",
     "is_distributed",
+    "meta_files",
     "metric_cmp_fn",
     "report_outputs",
     "require_file",
@@ -136,10 +137,25 @@ def run_config_files(study: str, mode: str, ckpt_path: str | Path) -> list[str] 
     return [(recorded.relative_to(root) if recorded.is_relative_to(root) else recorded).as_posix(), layer]
 
 
+def meta_files(files: Sequence[str], meta_dir: str | Path | None = None) -> list[str]:
+    """The bundle's ``metadata.json`` (in ``meta_dir``, default the first file's folder), then the
+    ``<experiment>.meta.json`` beside each layered experiment that has one: what an experiment
+    changes in the description of the inputs and outputs (e.g. FLAIR + T1: 6 input channels), so
+    that MONAI's ``verify_net_in_out`` and the metadata of a run match its network."""
+    configs = Path(meta_dir) if meta_dir is not None else Path(files[0]).parent
+    extra = [Path(f).with_suffix(".meta.json") for f in files]
+    return [
+        (configs / "metadata.json").as_posix(),
+        *(e.as_posix() for e in extra if (project_root() / e).is_file() or e.is_file()),
+    ]
+
+
 def command_line(files: Sequence[str], meta_dir: str | Path | None = None, **overrides: Any) -> list[str]:
     """The ``python -m monai.bundle run`` command of ``files`` and ``overrides``, with the bundle's
-    metadata and logging files named explicitly (in ``meta_dir``, default the first file's folder)."""
+    metadata (:func:`meta_files`) and logging files named explicitly (in ``meta_dir``, default the
+    first file's folder)."""
     configs = Path(meta_dir) if meta_dir is not None else Path(files[0]).parent
+    metas = meta_files(files, meta_dir)
     args = [
         sys.executable,
         "-m",
@@ -150,7 +166,7 @@ def command_line(files: Sequence[str], meta_dir: str | Path | None = None, **ove
     ]
     args += [
         "--meta_file",
-        (configs / "metadata.json").as_posix(),
+        metas[0] if len(metas) == 1 else "[" + ",".join(f"'{m}'" for m in metas) + "]",
         "--logging_file",
         (configs / "logging.conf").as_posix(),
     ]
@@ -190,9 +206,10 @@ def run(files: Sequence[str], meta_dir: str | Path | None = None, **overrides: A
     argv = command_line(files, meta_dir, **overrides)
     configs = Path(meta_dir) if meta_dir is not None else Path(files[0]).parent
     with _as_command(argv):
+        metas = meta_files(files, meta_dir)
         bundle_run(
             config_file=list(files),
-            meta_file=(configs / "metadata.json").as_posix(),
+            meta_file=metas[0] if len(metas) == 1 else metas,
             logging_file=(configs / "logging.conf").as_posix(),
             **overrides,
         )

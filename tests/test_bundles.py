@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from monai.bundle import ConfigParser
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 
 from bundle_utils import ROOT, error_lines, parse, run_bundle
-from medseg_monai.bundle import command_line, config_files, main, studies
+from medseg_monai.bundle import at_repo_root, command_line, config_files, main, meta_files, studies
 from medseg_monai.data import get_dataset, load_splits
 from medseg_monai.errors import InputError
 from medseg_monai.reproduce import plan
@@ -115,19 +116,37 @@ def test_every_layer_builds_its_engine(
         assert len(parser.get_parsed_content("infer#datalist")) == 1
 
 
-@pytest.mark.parametrize("study", STUDIES)
-def test_metadata_describes_the_network(study: str) -> None:
-    configs = ROOT / "bundles" / study / "configs"
-    meta = json.loads((configs / "metadata.json").read_text())
-    fmt = meta["network_data_format"]
-    image, pred = fmt["inputs"]["image"], fmt["outputs"]["pred"]
-    net = parse(config_files(study), {}).get_parsed_content("network_def").eval()
-    x = torch.zeros(1, image["num_channels"], *image["spatial_shape"])
-    with torch.no_grad():
-        y = net(x)
-    assert y.shape[1] == pred["num_channels"] == len(pred["channel_def"])
-    assert list(y.shape[2:]) == pred["spatial_shape"]
-    assert len(image["channel_def"]) == image["num_channels"]
+EXPERIMENTS = [
+    (s, e)
+    for s in STUDIES
+    for e in [
+        None,
+        *sorted(p.stem for p in (ROOT / "bundles" / s / "configs" / "experiments").glob("*.yaml")),
+    ]
+]
+
+
+@pytest.mark.parametrize(
+    ("study", "experiment"), EXPERIMENTS, ids=[f"{s}-{e or 'default'}" for s, e in EXPERIMENTS]
+)
+def test_metadata_describes_every_experiments_network(study: str, experiment: str | None) -> None:
+    # MONAI's own check, with the metadata the launcher passes (metadata.json + <experiment>.meta.json)
+    from monai.bundle import verify_net_in_out
+
+    files = config_files(study, experiment=experiment)
+    metas = meta_files(files)
+    with at_repo_root():
+        verify_net_in_out(net_id="network_def", meta_file=metas, config_file=files, device="cpu", p=1, n=1)
+    meta = ConfigParser.load_config_files(metas)  # merged as MONAI merges them
+    parser = parse(files)
+    net = parser.get_parsed_content("network_def")
+    image, pred = (
+        meta["network_data_format"]["inputs"]["image"],
+        meta["network_data_format"]["outputs"]["pred"],
+    )
+    first = next(m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)))
+    assert first.in_channels == image["num_channels"] == len(image["channel_def"])
+    assert pred["num_channels"] == len(pred["channel_def"])
 
 
 @pytest.mark.parametrize("study", STUDIES)
