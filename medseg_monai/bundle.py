@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -53,6 +54,7 @@ __all__ = [
     "run_name",
     "run_params",
     "studies",
+    "tidy_logs",
     "wrap_ddp",
 ]
 
@@ -234,19 +236,8 @@ def install_error_hook() -> None:
     a :class:`~medseg_monai.errors.InputError` (a message that names the file or key at fault) or
     a file that could not be read (``OSError``, e.g. PIL's "cannot identify image file '<path>'",
     nibabel's ``ImageFileError``), only that message is printed. Anything else keeps Python's full
-    traceback. The log's handlers show such an error as one line too (MONAI's handlers log it with
-    its traceback). Called first in the shared ``initialize``; a no-op when already installed.
+    traceback. Called first in the shared ``initialize``; a no-op when already installed.
     """
-    import logging
-
-    from medseg_monai.errors import OneLineInputErrorFormatter
-
-    for handler in logging.getLogger().handlers:  # as logging.conf set them up
-        if not isinstance(handler.formatter, OneLineInputErrorFormatter):
-            fmt = handler.formatter
-            handler.setFormatter(
-                OneLineInputErrorFormatter(fmt._fmt if fmt else None, fmt.datefmt if fmt else None)
-            )
     if getattr(sys.excepthook, "medseg_error_hook", False):
         return
     previous = sys.excepthook
@@ -417,6 +408,37 @@ def check_checkpoint(ckpt_path: str, network: Any, study: str = "<study>") -> st
         else "layer the experiment and profile it was trained with"
     )
     raise InputError(f"checkpoint {ckpt_path} does not fit this network ({problem}): {how}")
+
+
+class _InputSummary(logging.Filter):
+    """MONAI's "input summary" of a bundle run lists the command-line overrides between two rule
+    lines, and prints the rules alone when there are none: keep one line per override instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("--- input summary of") or message.strip() == "---":
+            return False
+        if message.startswith("> "):
+            record.msg, record.args = "setting %s", (message[2:],)
+        return True
+
+
+def tidy_logs() -> None:
+    """Make the log say what stderr says: input errors as one line (MONAI's handlers log them with
+    their traceback; MONAI refuses formatter classes from outside ``logging`` in logging.conf, so
+    the formatter goes on the root logger's handlers here), and MONAI's input summary without its
+    empty frame. Called in the shared ``initialize``, after logging.conf was applied."""
+    from medseg_monai.errors import OneLineInputErrorFormatter
+
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler.formatter, OneLineInputErrorFormatter):
+            fmt = handler.formatter
+            handler.setFormatter(
+                OneLineInputErrorFormatter(fmt._fmt if fmt else None, fmt.datefmt if fmt else None)
+            )
+    summary = logging.getLogger("monai.bundle.scripts")
+    if not any(isinstance(f, _InputSummary) for f in summary.filters):
+        summary.addFilter(_InputSummary())
 
 
 def require_file(path: str, what: str) -> str:

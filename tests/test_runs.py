@@ -259,3 +259,27 @@ def test_a_quick_checkpoint_is_evaluated_with_its_own_settings(tmp_path: Path) -
     assert launched.returncode == 0, launched.stderr[-2000:]
     assert "using the settings the checkpoint was trained with" in launched.stderr
     assert json.loads((tmp_path / "e2" / "metrics.json").read_text())["mean"]["dice"] >= 0
+
+
+def test_monai_input_summary_keeps_the_settings_and_drops_its_empty_frame() -> None:
+    import logging
+
+    from medseg_monai.bundle import tidy_logs
+
+    tidy_logs()
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    log = logging.getLogger("monai.bundle.scripts")  # where MONAI logs it, after our initialize
+    log.addHandler(handler)
+    old_level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        for message in ("--- input summary of monai.bundle.scripts.run ---", "> max_epochs: 2", "---\n\n"):
+            log.info(message)
+        log.info("--- input summary of monai.bundle.scripts.run ---")
+        log.info("---\n\n")  # no overrides: nothing at all
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+    assert seen == ["setting max_epochs: 2"]
