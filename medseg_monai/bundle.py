@@ -52,7 +52,6 @@ __all__ = [
     "run",
     "run_config_files",
     "run_name",
-    "run_params",
     "studies",
     "tidy_logs",
     "wrap_ddp",
@@ -215,15 +214,6 @@ def run(files: Sequence[str], meta_dir: str | Path | None = None, **overrides: A
             logging_file=(configs / "logging.conf").as_posix(),
             **overrides,
         )
-
-
-# ----------------------------------------------------------------------------- wiring helpers
-
-
-def run_params(**extra: Any) -> dict[str, Any]:
-    """Resolved values to log as MLflow params besides the config's own settings (which the tracker
-    reads from ``config.json``), e.g. the number of training cases actually used."""
-    return extra
 
 
 # ----------------------------------------------------------------------------- errors

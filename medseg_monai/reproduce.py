@@ -31,6 +31,7 @@ import yaml
 from medseg_monai.bundle import at_repo_root, config_files
 from medseg_monai.data import DatasetError, get_dataset, resolve_data_root
 from medseg_monai.errors import InputError
+from medseg_monai.handlers.progress import format_duration
 from medseg_monai.paths import project_root
 from medseg_monai.record import content_hash, git_state
 from medseg_monai.tracking import ensure_experiment, run_tags, tracking_uri
@@ -231,15 +232,6 @@ def _record_failure(client: Any, job: Job, fp: dict[str, str] | None, error: str
     return run_id
 
 
-def _format_s(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return (
-        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-        if seconds >= 3600
-        else f"{seconds // 60}:{seconds % 60:02d}"
-    )
-
-
 def _run_subprocess(
     job: Job, index: int, total: int, started: float, durations: list[float], max_epochs: int
 ) -> tuple[int, str]:
@@ -272,7 +264,7 @@ def _run_subprocess(
                 eta = this_left + per_job * (total - index)
                 print(
                     f"[{index}/{total}] {job.label}: epoch {epoch}/{max_epochs}, "
-                    f"elapsed {_format_s(time.perf_counter() - started)}, ETA {_format_s(eta)}",
+                    f"elapsed {format_duration(time.perf_counter() - started)}, ETA {format_duration(eta)}",
                     flush=True,
                 )
         status = proc.wait()
@@ -333,7 +325,7 @@ def reproduce(
             print(f"[{index}/{len(jobs)}] {job.label}: FAILED: {message.splitlines()[-1][:300]}", flush=True)
     print(
         f"reproduce: {len(jobs) - skipped - len(failures)} ran, {skipped} skipped, {len(failures)} failed "
-        f"in {_format_s(time.perf_counter() - started)}",
+        f"in {format_duration(time.perf_counter() - started)}",
         flush=True,
     )
     if report:
