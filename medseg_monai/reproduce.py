@@ -34,7 +34,7 @@ from medseg_monai.errors import InputError
 from medseg_monai.handlers.progress import format_duration
 from medseg_monai.paths import project_root
 from medseg_monai.record import content_hash, git_state
-from medseg_monai.tracking import ensure_experiment, run_tags, tracking_uri
+from medseg_monai.tracking import ensure_experiment, recorded_run, run_tags, tracking_uri
 
 __all__ = ["Job", "load_grid", "main", "plan", "reproduce"]
 
@@ -216,8 +216,7 @@ def _job_tags(job: Job, fp: dict[str, str]) -> dict[str, str]:
 
 def _record_failure(client: Any, job: Job, fp: dict[str, str] | None, error: str) -> str:
     """Mark the job's run FAILED, creating one when the failure came before the run existed."""
-    record = Path(job.output_dir) / "mlflow_run.json"
-    run_id = json.loads(record.read_text())["run_id"] if record.is_file() else None
+    run_id = recorded_run(job.output_dir)
     if run_id is None:
         tags = {"mlflow.runName": f"{job.experiment} seed{job.seed}", "profile": job.profile, **git_state()}
         if fp is not None:
@@ -313,7 +312,9 @@ def reproduce(
                 raise RuntimeError(
                     next((ln for ln in reversed(tail.splitlines()) if ln.startswith("error:")), tail)
                 )
-            run_id = json.loads((Path(job.output_dir) / "mlflow_run.json").read_text())["run_id"]
+            run_id = recorded_run(job.output_dir)
+            if run_id is None:
+                raise RuntimeError(f"the job ended without an MLflow run recorded in {job.output_dir}")
             for key, value in _job_tags(job, fp).items():
                 client.set_tag(run_id, key, value)
             client.set_tag(run_id, "reproduce.status", "complete")

@@ -44,6 +44,8 @@ __all__ = [
     "ensure_experiment",
     "flatten_params",
     "mark_stale_run",
+    "record_run",
+    "recorded_run",
     "mlflow_dir",
     "record_tags",
     "run_tags",
@@ -280,6 +282,29 @@ def start_run(
         yield active
 
 
+RUN_RECORD = "mlflow_run.json"
+
+
+def recorded_run(output_dir: str | Path) -> str | None:
+    """The MLflow run id a tracker wrote to ``<output_dir>/mlflow_run.json``, when that run is in
+    the current tracking store (None otherwise)."""
+    record = Path(output_dir) / RUN_RECORD
+    if not record.is_file():
+        return None
+    info = json.loads(record.read_text())
+    return info["run_id"] if info.get("tracking_uri") == tracking_uri() else None
+
+
+def record_run(output_dir: str | Path, run_id: str, experiment: str) -> None:
+    """Write ``<output_dir>/mlflow_run.json``: the run a folder's results belong to, and where."""
+    from medseg_monai.io import write_json
+
+    write_json(
+        {"run_id": run_id, "experiment": experiment, "tracking_uri": tracking_uri()},
+        Path(output_dir) / RUN_RECORD,
+    )
+
+
 def mark_stale_run(output_dir: str | Path) -> str | None:
     """Mark KILLED the MLflow run recorded in ``<output_dir>/mlflow_run.json`` when it is still
     RUNNING although no process holds the folder (call it with the folder's lock held): its process
@@ -287,23 +312,18 @@ def mark_stale_run(output_dir: str | Path) -> str | None:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    record = Path(output_dir) / "mlflow_run.json"
-    if not record.is_file():
-        return None
-    info = json.loads(record.read_text())
-    if info.get("tracking_uri") != tracking_uri():
+    run_id = recorded_run(output_dir)
+    if run_id is None:
         return None
     client = MlflowClient(tracking_uri=tracking_uri())
     try:
-        if client.get_run(info["run_id"]).info.status != "RUNNING":
+        if client.get_run(run_id).info.status != "RUNNING":
             return None
-        client.set_terminated(info["run_id"], status="KILLED")
+        client.set_terminated(run_id, status="KILLED")
     except MlflowException as e:
-        log.warning("could not check MLflow run %s of %s: %s", info["run_id"], output_dir, e)
+        log.warning("could not check MLflow run %s of %s: %s", run_id, output_dir, e)
         return None
     log.warning(
-        "the run in %s stopped without ending (killed?): MLflow run %s marked KILLED",
-        output_dir,
-        info["run_id"],
+        "the run in %s stopped without ending (killed?): MLflow run %s marked KILLED", output_dir, run_id
     )
-    return info["run_id"]
+    return run_id

@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-from medseg_monai.io import write_json
-from medseg_monai.tracking import record_tags, start_run, tracking_uri
+from medseg_monai.tracking import record_run, record_tags, recorded_run, start_run, tracking_uri
 
 __all__ = ["MLflowTracker", "config_params"]
 
@@ -133,21 +132,13 @@ class MLflowTracker:
         if self.evaluator is not None and self.evaluator is not engine:
             self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._log_evaluation)
 
-    def _recorded_run(self) -> str | None:
-        """The run id in ``mlflow_run.json`` when it belongs to the current tracking store."""
-        record = self.output_dir / "mlflow_run.json"
-        if not record.is_file():
-            return None
-        info = json.loads(record.read_text())
-        return info["run_id"] if info.get("tracking_uri") == tracking_uri() else None
-
     def _open(self, engine: Engine) -> None:
         from mlflow.tracking import MlflowClient
 
         from medseg_monai.record import read_run_record
 
         self._client = MlflowClient(tracking_uri=tracking_uri())
-        recorded = self._recorded_run()
+        recorded = recorded_run(self.output_dir)
         if self.log_only and recorded is not None:
             # evaluation of a tracked training: its metrics join that run, whose status stays as it is
             self.run_id = recorded
@@ -177,8 +168,7 @@ class MLflowTracker:
         self.run_id = run.info.run_id
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if not self.log_only:
-            record = {"run_id": self.run_id, "experiment": self.experiment, "tracking_uri": tracking_uri()}
-            write_json(record, self.output_dir / "mlflow_run.json")
+            record_run(self.output_dir, self.run_id, self.experiment)
         logger.info(
             "MLflow run %s (%s / %s) at %s", self.run_id, self.experiment, self.run_name, tracking_uri()
         )
