@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-__all__ = ["ProgressLog", "format_duration"]
+__all__ = ["ProgressLog", "evaluation_values", "format_duration", "iteration_loss"]
 
 logger = logging.getLogger("medseg_monai.progress")
 
@@ -22,6 +22,32 @@ def format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def iteration_loss(output: Any) -> float | None:
+    """The batch loss of a trainer's iteration output (a dict, or decollated dicts that repeat it)."""
+    for item in output if isinstance(output, list) else [output]:
+        loss = item.get("loss") if isinstance(item, dict) else None
+        if loss is not None:
+            return float(torch.as_tensor(loss).detach().float().mean())
+    return None
+
+
+def evaluation_values(engine: Engine) -> dict[str, float]:
+    """An evaluator's scalar metrics and the means of its per-case summary (which win on a name
+    clash), the bundles' ``val_`` metric names without that part (``val_loss`` -> ``loss``); NaNs
+    (a class absent everywhere) and non-scalars left out."""
+    values: dict[str, Any] = {k.removeprefix("val_"): v for k, v in engine.state.metrics.items()}
+    summary = getattr(engine.state, "case_metrics", None)
+    if summary:
+        values.update(summary["mean"])
+    out = {}
+    for name, value in values.items():
+        if isinstance(value, torch.Tensor):
+            value = float(value) if value.numel() == 1 else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(float(value)):
+            out[name] = float(value)
+    return out
 
 
 class ProgressLog:
@@ -50,12 +76,9 @@ class ProgressLog:
         self._estimated = False
 
     def _iteration(self, engine: Engine) -> None:
-        output = engine.state.output
-        loss = output.get("loss") if isinstance(output, dict) else None
-        if loss is None and isinstance(output, list) and output and isinstance(output[0], dict):
-            loss = output[0].get("loss")
+        loss = iteration_loss(engine.state.output)
         if loss is not None:
-            self._loss_sum += float(torch.as_tensor(loss).detach().float().mean())
+            self._loss_sum += loss
             self._loss_n += 1
         done = engine.state.iteration - self._first_epoch * (engine.state.epoch_length or 0)
         if not self._estimated and done >= self.estimate_after and engine.state.epoch_length:
@@ -71,24 +94,8 @@ class ProgressLog:
             )
 
     def _headline(self) -> str:
-        if self.evaluator is None:
-            return ""
-        summary = getattr(self.evaluator.state, "case_metrics", None)
-        values: dict[str, Any] = dict(summary["mean"]) if summary else {}
-        values.update(
-            {
-                k.removeprefix("val_"): v
-                for k, v in self.evaluator.state.metrics.items()
-                if k.removeprefix("val_") not in values
-            }
-        )
-        shown = []
-        for name in self.headline:
-            value = values.get(name)
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                value = float(value)
-            if isinstance(value, (int, float)) and not math.isnan(value):
-                shown.append(f"{name} {value:.4f}")
+        values = evaluation_values(self.evaluator) if self.evaluator is not None else {}
+        shown = [f"{name} {values[name]:.4f}" for name in self.headline if name in values]
         return " | val " + ", ".join(shown) if shown else ""
 
     def _epoch(self, engine: Engine) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import time
 from contextlib import ExitStack
@@ -15,17 +14,12 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
+from medseg_monai.handlers.progress import evaluation_values, iteration_loss
 from medseg_monai.tracking import record_run, record_tags, recorded_run, start_run, tracking_uri
 
 __all__ = ["MLflowTracker", "config_params"]
 
 logger = logging.getLogger(__name__)
-
-
-def _scalar(value: Any) -> float | None:
-    if isinstance(value, torch.Tensor):
-        return float(value) if value.numel() == 1 else None
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 _RECORDED_SECTIONS = ("network_def", "loss", "optimizer", "lr_scheduler")
@@ -183,14 +177,10 @@ class MLflowTracker:
         self._client.log_batch(self.run_id, metrics=items)
 
     def _accumulate(self, engine: Engine) -> None:
-        output = engine.state.output
-        items = output if isinstance(output, list) else [output]
-        for item in items:
-            loss = item.get("loss") if isinstance(item, dict) else None
-            if loss is not None:
-                self._loss_sum += float(loss)
-                self._loss_n += 1
-                break  # decollated outputs repeat the batch loss
+        loss = iteration_loss(engine.state.output)
+        if loss is not None:
+            self._loss_sum += loss
+            self._loss_n += 1
 
     def _log_epoch(self, engine: Engine) -> None:
         step = engine.state.epoch
@@ -206,14 +196,8 @@ class MLflowTracker:
         self._log_metrics(metrics, step)
 
     def _engine_metrics(self, engine: Engine) -> dict[str, float]:
-        """The engine's scalar metrics and its case summary means, named ``<prefix><name>``; the
-        bundles' ``val_`` handler names lose that part first (``val_loss`` -> ``<prefix>loss``)."""
-        values = {k.removeprefix("val_"): _scalar(v) for k, v in engine.state.metrics.items()}
-        summary = getattr(engine.state, "case_metrics", None)
-        if summary:
-            values.update(summary["mean"])
-        p = self.metric_prefix
-        return {p + k: float(v) for k, v in values.items() if v is not None and not math.isnan(float(v))}
+        """:func:`~medseg_monai.handlers.progress.evaluation_values`, named ``<prefix><name>``."""
+        return {self.metric_prefix + k: v for k, v in evaluation_values(engine).items()}
 
     def _log_evaluation(self, evaluator: Engine) -> None:
         step = self._engine.state.epoch if self._engine.state.epoch else evaluator.state.epoch
