@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import yaml
 
-from medseg_monai.bundle import at_repo_root, config_files, studies
+from medseg_monai.bundle import config_files, config_parser, studies
 from medseg_monai.paths import project_root
 from medseg_monai.record import device_description
 
@@ -51,13 +51,7 @@ def settings(study: str) -> dict[str, Any]:
 
 def _bundle_parts(study: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """The bundle's own network, loss, optimiser, training handlers, inferer, device and AMP flag."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    with at_repo_root():
-        parser.read_config(config_files(study))
-        parser.update(overrides)
-        parser.parse()
+    parser = config_parser(config_files(study), overrides)
     keys = ("network", "loss", "optimizer", "train_handlers", "val_inferer", "device", "amp")
     return {k: parser.get_parsed_content(k) for k in keys}
 

@@ -34,6 +34,7 @@ __all__ = [
     "check_command_line",
     "check_interrupted",
     "command_line",
+    "config_parser",
     "config_files",
     "default_device",
     "default_output_dir",
@@ -200,6 +201,25 @@ def _as_command(argv: list[str]) -> Iterator[None]:
         sys.argv = old_argv
 
 
+def config_parser(
+    files: Sequence[str], overrides: dict[str, Any] | None = None, metas: Sequence[str] | None = None
+) -> Any:
+    """The ``ConfigParser`` MONAI builds for ``files`` (then the metadata ``metas``, then
+    ``overrides``), macros expanded from the repository root, where the studies' macros point;
+    nothing is evaluated yet (``get_parsed_content`` does that)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    absolute = [str(Path(f).resolve()) for f in files]  # named from the caller's working directory
+    with at_repo_root():
+        parser.read_config(absolute)
+        if metas:
+            parser.read_meta([str(Path(m).resolve()) for m in metas])
+        parser.update(dict(overrides or {}))
+        parser.resolve_macro_and_relative_ids()
+    return parser
+
+
 def run(files: Sequence[str], meta_dir: str | Path | None = None, **overrides: Any) -> None:
     """Run a bundle in this process, as ``python -m monai.bundle run`` would (see :func:`command_line`)."""
     from monai.bundle import run as bundle_run
@@ -292,15 +312,10 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
     command line (the launcher sets it for in-process runs); a no-op for bundles built from Python."""
     import difflib
 
-    from monai.bundle import ConfigParser
-
     files, _, overrides = parse_command_line(sys.argv if argv is None else argv)
     if not files:
         return
-    parser = ConfigParser()
-    parser.read_config(files)
-    parser.resolve_macro_and_relative_ids()
-    known = set(_ids(parser.get()))
+    known = set(_ids(config_parser(files).get()))
     for key, value in overrides.items():
         if key not in known:
             top = sorted(k for k in known if "#" not in k)

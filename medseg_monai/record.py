@@ -313,20 +313,12 @@ def merged_config(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     """The merged raw config (files, metadata under ``_meta_``, then overrides; expressions unevaluated,
     macros expanded) of the ``monai.bundle run`` command ``argv`` (default: this process's), as MONAI
     builds it; None when ``argv`` is no such command (e.g. a bundle built from Python)."""
-    import json
-
-    from monai.bundle import ConfigParser
+    from medseg_monai.bundle import config_parser
 
     files, metas, overrides = parse_command_line(sys.argv if argv is None else argv)
     if not files:
         return None
-    parser = ConfigParser()
-    parser.read_config(files)
-    if metas:
-        parser.read_meta(metas)
-    parser.update(overrides)
-    parser.resolve_macro_and_relative_ids()
-    return json.loads(json.dumps(parser.get(), default=str))
+    return json.loads(json.dumps(config_parser(files, overrides, metas).get(), default=str))
 
 
 def prepare_run(
@@ -451,8 +443,6 @@ def claim_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool, t
 
 def read_run_record(output_dir: str | Path, prefix: str = "") -> dict[str, Any]:
     """``<output_dir>/<prefix>run.json``, written by :func:`prepare_run` at the start of the run."""
-    import json
-
     path = Path(output_dir) / f"{prefix}run.json"
     if not path.is_file():
         raise InputError(f"no run record at {path}: the run's initialize step writes it (prepare_run)")

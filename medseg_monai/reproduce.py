@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from medseg_monai.bundle import at_repo_root, config_files
+from medseg_monai.bundle import config_files, config_parser
 from medseg_monai.data import DatasetError, get_dataset, resolve_data_root
 from medseg_monai.errors import InputError
 from medseg_monai.handlers.progress import format_duration
@@ -156,20 +156,9 @@ def plan(
     return [j for s in studies or list(found) for j in load_grid(found[s], profile, seeds, runs_dir)]
 
 
-def _parser(job: Job) -> Any:
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    with at_repo_root():
-        parser.read_config(job.configs)
-        parser.update(job.bundle_args())
-        parser.resolve_macro_and_relative_ids()
-    return parser
-
-
 def fingerprint(job: Job) -> dict[str, str]:
     """Merged-config hash, dataset id and data hash: what decides whether a finished run still counts."""
-    parser = _parser(job)
+    parser = config_parser(job.configs, job.bundle_args())
     config = dict(parser.get())
     config.pop("output_dir", None)  # where a run writes does not change what it computes
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -10,7 +10,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from monai.bundle import ConfigParser
 
-from medseg_monai.bundle import at_repo_root, command_line, config_files
+from medseg_monai.bundle import command_line, config_files, config_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,11 +44,8 @@ def train_quick(study: str, tmp_path_factory: Any, **overrides: object) -> tuple
 
 def parse(files: list[str], overrides: dict[str, object] | None = None) -> ConfigParser:
     """The parsed config of ``files`` with ``overrides``, as a bundle run builds it (from the root)."""
-    parser = ConfigParser()
-    with at_repo_root():
-        parser.read_config(files)
-        parser.update(overrides or {})
-        parser.parse()
+    parser = config_parser(files, overrides)
+    parser.parse()
     return parser
 
 
