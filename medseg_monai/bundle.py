@@ -152,12 +152,18 @@ def meta_files(files: Sequence[str], meta_dir: str | Path | None = None) -> list
     ]
 
 
+def _meta_and_logging(files: Sequence[str], meta_dir: str | Path | None) -> tuple[str | list[str], str]:
+    """``--meta_file`` (one file, or the list of :func:`meta_files`) and ``--logging_file``."""
+    configs = Path(meta_dir) if meta_dir is not None else Path(files[0]).parent
+    metas = meta_files(files, meta_dir)
+    return (metas[0] if len(metas) == 1 else metas), (configs / "logging.conf").as_posix()
+
+
 def command_line(files: Sequence[str], meta_dir: str | Path | None = None, **overrides: Any) -> list[str]:
     """The ``python -m monai.bundle run`` command of ``files`` and ``overrides``, with the bundle's
     metadata (:func:`meta_files`) and logging files named explicitly (in ``meta_dir``, default the
     first file's folder)."""
-    configs = Path(meta_dir) if meta_dir is not None else Path(files[0]).parent
-    metas = meta_files(files, meta_dir)
+    metas, logging_file = _meta_and_logging(files, meta_dir)
     args = [
         sys.executable,
         "-m",
@@ -168,9 +174,9 @@ def command_line(files: Sequence[str], meta_dir: str | Path | None = None, **ove
     ]
     args += [
         "--meta_file",
-        metas[0] if len(metas) == 1 else "[" + ",".join(f"'{m}'" for m in metas) + "]",
+        metas if isinstance(metas, str) else "[" + ",".join(f"'{m}'" for m in metas) + "]",
         "--logging_file",
-        (configs / "logging.conf").as_posix(),
+        logging_file,
     ]
     for key, value in overrides.items():
         args += [f"--{key}", _cli_value(value)]
@@ -224,16 +230,9 @@ def run(files: Sequence[str], meta_dir: str | Path | None = None, **overrides: A
     """Run a bundle in this process, as ``python -m monai.bundle run`` would (see :func:`command_line`)."""
     from monai.bundle import run as bundle_run
 
-    argv = command_line(files, meta_dir, **overrides)
-    configs = Path(meta_dir) if meta_dir is not None else Path(files[0]).parent
-    with _as_command(argv):
-        metas = meta_files(files, meta_dir)
-        bundle_run(
-            config_file=list(files),
-            meta_file=metas[0] if len(metas) == 1 else metas,
-            logging_file=(configs / "logging.conf").as_posix(),
-            **overrides,
-        )
+    metas, logging_file = _meta_and_logging(files, meta_dir)
+    with _as_command(command_line(files, meta_dir, **overrides)):
+        bundle_run(config_file=list(files), meta_file=metas, logging_file=logging_file, **overrides)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -342,8 +341,6 @@ def announce_run(
 ) -> None:
     """Say at the start what is about to run: where, on what, for how long, and how to check the
     pipeline in minutes instead (the quick profile)."""
-    import logging
-
     from medseg_monai.data import get_dataset
     from medseg_monai.record import device_description
 
