@@ -35,3 +35,6 @@ __all__ = [
     "write_datalist",
     "write_json",
 ]
+from medseg_monai.data.copies import AddedCopiesDataset, OnCopiesd, added_copies  # noqa: E402
+
+__all__ += ["AddedCopiesDataset", "OnCopiesd", "added_copies"]

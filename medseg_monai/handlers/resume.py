@@ -27,7 +27,9 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 def _randomizables(obj: Any, seen: set[int] | None = None) -> Iterator[Any]:
     """MONAI transforms with their own random state (``R``) inside ``obj``'s transform chain, in a
-    fixed order: the dataset's ``transform``, a ``Compose``'s ``transforms``, and so on down."""
+    fixed order: the dataset's ``transform``, a ``Compose``'s ``transforms``, and so on down, then
+    the data set a wrapper draws its items from (its ``data``, when that is a data set, e.g. a
+    ``medseg_monai.data.AddedCopiesDataset`` over a ``Dataset`` with random transforms)."""
     seen = set() if seen is None else seen
     if id(obj) in seen:
         return
@@ -35,6 +37,9 @@ def _randomizables(obj: Any, seen: set[int] | None = None) -> Iterator[Any]:
     if isinstance(getattr(obj, "R", None), np.random.RandomState):
         yield obj
     children = [getattr(obj, "transform", None), *(getattr(obj, "transforms", None) or ())]
+    data = getattr(obj, "data", None)
+    if isinstance(data, torch.utils.data.Dataset):
+        children.append(data)
     for child in children:
         if child is not None and not isinstance(child, (str, bytes)):
             yield from _randomizables(child, seen)
