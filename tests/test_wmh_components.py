@@ -1,26 +1,15 @@
 """WMH study components on hand-made tensors: focal Tversky loss, 2.5D slicing and inference,
-attention U-Net, voxel and lesion-wise metrics (Røvang 2021 thesis)."""
+attention U-Net (Røvang 2021 thesis); the metrics are in test_wmh_metrics.py."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Engine
 from monai.data import CacheDataset, DataLoader, MetaTensor
-from monai.handlers import IgniteMetricHandler
 from monai.transforms import Compose, RandFlipd
 
 from medseg_monai.losses import FocalTverskyLoss
-from medseg_monai.metrics import (
-    LesionMetrics,
-    average_recall,
-    bracket_labels,
-    lesion_table,
-    voxel_metrics,
-)
 from medseg_monai.networks import AttentionUNet, ClassicUNet
 from medseg_monai.slices import (
     EntropySliceFilterd,
@@ -334,166 +323,3 @@ def test_classic_unet_expresses_unet256() -> None:
     assert mish_group(torch.randn(1, 1, 32, 32)).shape == (1, 1, 32, 32)
     assert any(type(m).__name__ == "Mish" for m in mish_group.modules())  # MONAI's or torch's
     assert any(isinstance(m, torch.nn.GroupNorm) for m in mish_group.modules())
-
-
-# ---------------------------------------------------------------- metrics
-
-
-def test_voxel_metrics_hand_computed() -> None:
-    ref = np.array([1, 1, 1, 1, 1, 0, 0, 0])
-    prob = np.array([0.9, 0.5, 0.7, 0.2, 0.49, 0.6, 0.1, 0.0])  # 0.5 counts as lesion
-    # TP 3, FN 2, FP 1
-    m = voxel_metrics(prob, ref)
-    assert m["dice"] == pytest.approx((6 + 2) / (6 + 1 + 2 + 2))
-    assert m["recall"] == pytest.approx(5 / 7)
-    assert m["precision"] == pytest.approx(5 / 6)
-    assert m["f3"] == pytest.approx(30 / (30 + 1 + 9 * 2))
-    plain = voxel_metrics(prob, ref, smooth=0)
-    assert (plain["dice"], plain["recall"], plain["precision"]) == pytest.approx((6 / 9, 3 / 5, 3 / 4))
-    assert voxel_metrics(prob, ref, beta=1, smooth=0)["f1"] == pytest.approx(plain["dice"])
-
-
-def test_voxel_metrics_empty_masks_are_defined() -> None:
-    empty, lesion = np.zeros((4, 4, 4)), np.zeros((4, 4, 4))
-    lesion[1, 1, 1:3] = 1
-    for smooth in (0.0, 2.0):
-        assert voxel_metrics(empty, empty, smooth=smooth) == {"dice": 1, "recall": 1, "precision": 1, "f3": 1}
-    missed = voxel_metrics(empty, lesion, smooth=0)
-    assert missed == {"dice": 0, "recall": 0, "precision": 1, "f3": 0}
-    spurious = voxel_metrics(lesion, empty, smooth=0)
-    assert spurious == {"dice": 0, "recall": 1, "precision": 0, "f3": 0}
-    assert voxel_metrics(lesion, empty)["dice"] == pytest.approx(2 / 4)  # (0 + 2) / (2 + 2)
-    assert not any(math.isnan(v) for v in [*missed.values(), *spurious.values()])
-
-
-def test_lesion_detection_threshold_60_percent() -> None:
-    ref, pred = np.zeros((10, 10, 10), bool), np.zeros((10, 10, 10), bool)
-    ref[1, 1, 0:5] = True  # 5 voxels, 3 predicted: 60 % -> TP
-    pred[1, 1, 0:3] = True
-    ref[6, 6, 0:4] = True  # 4 voxels, 2 predicted: 50 % -> FN
-    pred[6, 6, 2:4] = True
-    t = lesion_table(pred, ref)
-    assert (t["0-10"]["n_ref"], t["0-10"]["tp"], t["0-10"]["fn"], t["0-10"]["fp"]) == (2, 1, 1, 0)
-    assert t["0-10"]["n_pred"] == 2  # a component overlapping a missed lesion is not a FP
-    assert t["all"]["lesion_recall"] == 0.5 and t["all"]["lesion_precision"] == 1.0
-    assert t["0-10"]["avg_recall"] == pytest.approx(((3 + 2) / (5 + 2) + (2 + 2) / (4 + 2)) / 2)
-    assert lesion_table(pred, ref, detection=0.5)["all"]["tp"] == 2
-
-
-def _bracket_volume() -> np.ndarray:
-    """Rectangles of 9, 10, 399, 400, 999 and 1000 voxels on separate slices."""
-    v = np.zeros((12, 140, 12), bool)
-    for z, (h, w) in zip(
-        range(0, 12, 2), [(1, 9), (1, 10), (3, 133), (4, 100), (9, 111), (10, 100)], strict=True
-    ):
-        v[:h, :w, z] = True
-    return v
-
-
-def test_lesion_bracket_edges_for_tp_fn_and_fp() -> None:
-    lesions = _bracket_volume()
-    empty = np.zeros_like(lesions)
-    labels = bracket_labels()
-    assert labels == ["0-10", "10-400", "400-1000", "1000-inf"]
-    found = lesion_table(lesions, lesions)
-    assert [found[b]["tp"] for b in labels] == [1, 2, 2, 1]
-    missed = lesion_table(empty, lesions)
-    assert [missed[b]["fn"] for b in labels] == [1, 2, 2, 1]
-    assert [missed[b]["lesion_recall"] for b in labels] == [0, 0, 0, 0]
-    spurious = lesion_table(lesions, empty)  # false positives in the bracket of their own size
-    assert [spurious[b]["fp"] for b in labels] == [1, 2, 2, 1]
-    assert [spurious[b]["lesion_precision"] for b in labels] == [0, 0, 0, 0]
-    assert spurious["all"]["lesion_recall"] == 1.0
-
-
-def test_false_positive_component_counted_by_its_size() -> None:
-    ref, pred = np.zeros((20, 20, 20), bool), np.zeros((20, 20, 20), bool)
-    ref[2:4, 2:4, 2:4] = True  # 8 voxels, fully found
-    pred[2:4, 2:4, 2:4] = True
-    pred[10:13, 10:15, 10:13] = True  # 45 voxels far away
-    t = lesion_table(pred, ref)
-    assert t["10-400"]["fp"] == 1 and t["0-10"]["fp"] == 0 and t["0-10"]["tp"] == 1
-    assert t["all"]["lesion_precision"] == 0.5
-
-
-def test_lesion_table_empty_masks_and_connectivity() -> None:
-    empty = np.zeros((5, 5, 5))
-    t = lesion_table(empty, empty)
-    assert t["all"] == {
-        "n_ref": 0,
-        "n_pred": 0,
-        "tp": 0,
-        "fn": 0,
-        "fp": 0,
-        "lesion_precision": 1,
-        "lesion_recall": 1,
-        "avg_recall": 1,
-    }
-    assert average_recall(t) == 1.0
-    diagonal = np.zeros((5, 5, 5))
-    diagonal[1, 1, 1] = diagonal[2, 2, 2] = 1
-    assert lesion_table(diagonal, diagonal)["all"]["n_ref"] == 1  # 26-connected
-    assert lesion_table(diagonal, diagonal, connectivity=1)["all"]["n_ref"] == 2
-
-
-def test_ignore_mask_excluded_from_voxels_and_lesions() -> None:
-    ref, pred, ignore = np.zeros((10, 10, 10)), np.zeros((10, 10, 10)), np.zeros((10, 10, 10))
-    ref[1, 1, 1:4] = 1  # found
-    pred[1, 1, 1:4] = 1
-    ignore[6:9, 6:9, 6:9] = 1
-    ref[7, 7, 7] = 1  # a lesion inside the ignored region: not missed
-    pred[6, 6, 6:9] = 1  # a prediction inside it: not a false positive
-    t = lesion_table(pred, ref, ignore)
-    assert (t["all"]["n_ref"], t["all"]["tp"], t["all"]["fn"], t["all"]["fp"]) == (1, 1, 0, 0)
-    assert voxel_metrics(pred, ref, ignore, smooth=0) == {"dice": 1, "recall": 1, "precision": 1, "f3": 1}
-    t_all = lesion_table(pred, ref)
-    assert (t_all["all"]["fn"], t_all["all"]["fp"]) == (1, 1)
-
-
-def test_average_recall_over_relevant_brackets() -> None:
-    ref, pred = _bracket_volume(), _bracket_volume()
-    pred[:, :, 2] = False  # the 10-voxel lesion missed: smooth recall 2 / 12
-    t = lesion_table(pred, ref)
-    assert t["10-400"]["avg_recall"] == pytest.approx((2 / 12 + 1) / 2)
-    assert average_recall(t) == pytest.approx(((2 / 12 + 1) / 2 + 1 + 1) / 3)
-    assert average_recall(t, relevant_from=400) == 1.0
-    assert average_recall(t, relevant_from=0) == pytest.approx(((2 / 12 + 1) / 2 + 3) / 4)
-
-
-def _cases() -> tuple[torch.Tensor, torch.Tensor]:
-    """Three (1, 12, 140, 12) cases: all found; the 10-voxel lesion missed and ignored voxels; empty."""
-    lesions = torch.as_tensor(_bracket_volume(), dtype=torch.float32)[None]
-    y = torch.stack([lesions, lesions.clone(), torch.zeros_like(lesions)])
-    y_pred = y.clone() * 0.8
-    y_pred[1, 0, :, :, 2] = 0.1  # missed 10-voxel lesion
-    y[1, 0, 11, 139, 11] = -1  # an ignored voxel, predicted
-    y_pred[1, 0, 11, 139, 11] = 0.9
-    return y_pred, y
-
-
-def test_lesion_metrics_rows_in_an_evaluator() -> None:
-    y_pred, y = _cases()
-    metric = LesionMetrics(ignore_index=-1)
-    handler = IgniteMetricHandler(metric_fn=metric, save_details=True)
-    batches = [(y_pred[:2], y[:2]), (y_pred[2:], y[2:])]  # batch sizes 2 and 1
-    engine = Engine(lambda e, batch: batch)
-    handler.attach(engine, "lesions")
-    engine.run(batches, max_epochs=1)
-
-    details = engine.state.metric_details["lesions"]
-    assert details.shape == (3, len(LesionMetrics.names)) and metric.names == LesionMetrics.names
-    rows = [dict(zip(LesionMetrics.names, r.tolist(), strict=True)) for r in details]
-    assert rows[0]["tp"] == 6 and rows[0]["dice"] == pytest.approx(1.0) and rows[0]["average_recall"] == 1
-    assert rows[1]["fn"] == 1 and rows[1]["fn_10-400"] == 1 and rows[1]["fp"] == 0
-    assert rows[1]["tp_0-10"] == 1 and rows[1]["n_ref_1000-inf"] == 1
-    single = lesion_table(y_pred[1, 0].numpy(), y[1, 0].numpy(), ignore=(y[1, 0] == -1).numpy())
-    assert rows[1]["avg_recall_10-400"] == pytest.approx(single["10-400"]["avg_recall"])
-    assert rows[1]["recall"] == pytest.approx(voxel_metrics(y_pred[1], y[1], y[1] == -1)["recall"])
-    assert rows[2]["n_ref"] == 0 and rows[2]["dice"] == 1 and rows[2]["lesion_recall"] == 1
-    assert not np.isnan(details.numpy()).any()
-
-    pooled = metric.table()
-    assert pooled["10-400"]["n_ref"] == 4 and pooled["10-400"]["tp"] == 3 and pooled["all"]["fp"] == 0
-    assert pooled["10-400"]["avg_recall"] == pytest.approx((1 + 1 + 1 + 2 / 12) / 4)
-    assert engine.state.metrics["lesions"] == pytest.approx(average_recall(pooled))
-    assert metric.aggregate("lesion_recall").item() == pytest.approx(11 / 12)

@@ -70,6 +70,9 @@ class CaseMetrics:
         class_names: the classes of the metric columns (background excluded when the metrics exclude it).
         columns: reported name -> column names, for metrics whose columns are not classes.
         aliases: extra names for reported values, e.g. ``{"dice": "dice_wmh"}`` for a one-class study.
+        summaries: metrics (or their handlers) with a ``summary()`` of data-set figures that are
+            not means over cases (e.g. lesion counts pooled over cases, the WMH thesis's mean over
+            mini-batches); they replace the case means of the same name in ``mean``.
     """
 
     def __init__(
@@ -79,12 +82,14 @@ class CaseMetrics:
         output_path: str | None = None,
         columns: dict[str, list[str]] | None = None,
         aliases: dict[str, str] | None = None,
+        summaries: list[Any] | None = None,
     ) -> None:
         self.metrics = dict(metrics)
         self.class_names = list(class_names)
         self.output_path = output_path
         self.columns = {k: list(v) for k, v in (columns or {}).items()}
         self.aliases = dict(aliases or {})
+        self.summaries = [getattr(m, "metric_fn", m) for m in summaries or []]
         self._ids: list[str] = []
 
     def attach(self, engine: Engine) -> None:
@@ -113,6 +118,8 @@ class CaseMetrics:
         summary = summarise_cases(
             {self.metrics[m]: details[m] for m in self.metrics}, self._ids, self.class_names, self.columns
         )
+        for metric in self.summaries:
+            summary["mean"].update(metric.summary())
         for values in (summary["mean"], *summary["cases"].values()):
             values.update({alias: values[name] for name, alias in self.aliases.items() if name in values})
         engine.state.case_metrics = summary

@@ -77,3 +77,10 @@ class FocalTverskyLoss(_Loss):
         one_minus_ti = self.tversky(input.float(), target.float())  # (1,): one TI for the batch
         # 1 - TI >= 0 in exact arithmetic; rounding must not give a NaN power
         return one_minus_ti.clamp_min(0).pow(self.gamma).sum()
+
+    def from_counts(self, tp: torch.Tensor, fn: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+        """The loss of eq. 4.8 and 4.12 from soft counts (any shape, one loss per element): what
+        ``forward`` gives for a mini-batch with these sums, e.g. to score validation mini-batches
+        from per-slice sums (``medseg_monai.metrics.MiniBatchMetrics``)."""
+        ti = (tp + self.smooth) / (tp + self.alpha * fn + self.beta * fp + self.smooth)
+        return (1 - ti).clamp_min(0).pow(self.gamma)

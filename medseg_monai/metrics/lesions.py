@@ -9,29 +9,38 @@ smoothing Omega of eq. 4.1-4.4 (Omega = 2, "for all experiments", sec. 7.6):
     f_beta    = (1 + b^2) TP / ((1 + b^2) TP + FP + b^2 FN),  b = 3: F3        (eq. 4.5, unsmoothed)
 
 A ratio whose denominator is 0 (possible only with ``smooth=0``, or for F-beta when the
-reference and the prediction are both empty) is 1: nothing to find and nothing wrongly found.
-So an empty reference with an empty prediction scores 1 everywhere, recall is 1 when the
-reference is empty and precision 1 when nothing is predicted; no metric is ever NaN.
+reference and the prediction are both empty) is 1: both masks are empty, nothing to find and
+nothing wrongly found. No voxel metric is ever NaN. How the figures of many slices or volumes
+are combined is the caller's choice: the thesis's own aggregation (the mean over 12-slice
+mini-batches, sec. 7.3) is :class:`medseg_monai.metrics.MiniBatchMetrics`; here
+:class:`LesionMetrics` gives the per-volume figures (``volume_*``) and the figures of all voxels
+of a data set at once (``pooled_*``).
 
 Lesion-wise analysis on whole volumes (sec. 7.5, Tables 8.5-8.17): lesions are the connected
 components of the reference and of the prediction with full connectivity (26-connected in 3D:
 the thesis uses scikit-image's ``label``, whose default is full connectivity, and lists the
 diagonal neighbours (x +- 1, y +- 1, z +- 1)). Size brackets by voxel count, default
-[0, 10), [10, 400), [400, 1000), [1000, inf):
+[0, 10), [10, 400), [400, 1000), [1000, inf). Counted as the tables count, so that every table's
+"Total" (predicted lesions) is TP + FP (Table 8.5: 441 = 266 + 175; Table 8.17: 9420 = 3144 + 6276):
 
 - a reference lesion is detected (TP) when at least 60 % of its voxels are predicted, otherwise
   it is a FN; both counted in the bracket of the reference lesion's size;
-- a predicted component that touches no reference lesion is a FP, counted in the bracket of
-  its own size (the thesis counts TP, FN and FP "for predicted lesions" without defining FP);
-- lesion precision = TP / (TP + FP), lesion recall = TP / (TP + FN) (1 when the denominator is 0);
+- every predicted component that does not take part in a detection (touches no detected
+  reference lesion) is a FP, counted in the bracket of its own size: a component that covers
+  4 voxels of a 32-voxel lesion is a FP beside that lesion's FN;
+- ``n_pred`` (the tables' "Total") = TP + FP;
+- lesion precision = TP / (TP + FP), lesion recall = TP / (TP + FN); reproduces the tables'
+  rates from their counts (Table 8.17: 3144 / 9420 = 0.33, 3103 / 3837 = 0.81, ...). A ratio
+  with nothing in it is 1 only when the row has no reference and no predicted lesion at all,
+  otherwise 0: predicting nothing in a case with lesions is precision 0, not 1;
 - ``avg_recall`` ("Avg. recall (smooth)") = the mean over the bracket's reference lesions of
   each lesion's smooth voxel recall (predicted voxels in it + Omega) / (its voxels + Omega),
   computed on the lesion's own voxels (Table 8.5; later captions say "inside the lesions bounding
-  box", which differs only where another lesion enters the box); 1 for a bracket without lesions;
-- ``average_recall`` (one number per case or data set, the abstract's "average recall ... for
-  clinically relevant lesion sizes") = the mean of the brackets' ``avg_recall`` over brackets
-  from ``relevant_from`` voxels up (default 10: the brackets the thesis reports, it prints "-" for
-  [0, 10)) that have reference lesions; 1 when none has.
+  box", which differs only where another lesion enters the box); NaN for a bracket without
+  reference lesions (the tables print "-");
+- ``large_lesion_recall`` = ``avg_recall`` of the last bracket, [1000, inf): the abstract's
+  "the large and most important lesions had an average recall score of 0.93" is Table 8.17's
+  [1000, ~) entry (the mean of its brackets from 10 voxels up would be 0.89).
 
 Voxels to ignore (WMH 2017 label 2, other pathology): an ``ignore`` mask, or reference voxels
 equal to ``ignore_index`` (-1 from ``RemapLabelsd(..., ignore_index=-1)``), are removed from both
@@ -40,14 +49,15 @@ FP nor FN voxels, and a predicted component lying wholly inside them does not ex
 
 :func:`voxel_metrics` and :func:`lesion_table` are the pure functions (``lesion_table`` gives the
 per-bracket table of one case, ready for ``pandas.DataFrame.from_dict(..., orient="index")``);
-:class:`LesionMetrics` is a MONAI ``CumulativeIterationMetric`` for
-``IgniteMetricHandler(..., save_details=True)``: one row per case, columns ``names``.
+:func:`lesion_rates` turns counts into the tables' rates; :class:`LesionMetrics` is a MONAI
+``CumulativeIterationMetric`` for ``IgniteMetricHandler(..., save_details=True)``: one row per
+case, columns ``names``, and ``summary()`` pools the cases as the tables do.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,22 +72,26 @@ __all__ = [
     "BRACKETS",
     "LesionMetrics",
     "LesionTableWriter",
-    "average_recall",
     "bracket_labels",
+    "lesion_rates",
     "lesion_table",
     "voxel_metrics",
+    "voxel_scores",
 ]
 
 BRACKETS: tuple[float, ...] = (0, 10, 400, 1000)
 """Lower edges of the lesion size brackets in voxels; the last bracket is open-ended."""
 
 _VOXEL = ("dice", "recall", "precision")
-_LESION = ("n_ref", "n_pred", "tp", "fn", "fp", "lesion_precision", "lesion_recall", "avg_recall")
-_PER_BRACKET = ("n_ref", "n_pred", "tp", "fn", "fp", "avg_recall")
+_COUNTS = ("n_ref", "n_pred", "tp", "fn", "fp")
+_RATES = ("lesion_precision", "lesion_recall", "avg_recall")
 
 
-def _ratio(num: float, den: float) -> float:
-    return 1.0 if den == 0 else float(num) / float(den)
+def _ratio(num: float, den: float, nothing: bool) -> float:
+    """num / den; with den 0, 1 when the row holds nothing at all (``nothing``), else 0."""
+    if den == 0:
+        return 1.0 if nothing else 0.0
+    return float(num) / float(den)
 
 
 def _check_brackets(brackets: Sequence[float]) -> tuple[float, ...]:
@@ -97,8 +111,8 @@ def _fbeta_name(beta: float) -> str:
     return f"f{beta:g}".replace(".", "_")
 
 
-def _voxel_scores(counts: torch.Tensor, smooth: float, beta: float) -> torch.Tensor:
-    """(..., 3) TP, FP, FN -> (..., 4) dice, recall, precision, F-beta (0/0 -> 1)."""
+def voxel_scores(counts: torch.Tensor, smooth: float = 2.0, beta: float = 3.0) -> torch.Tensor:
+    """(..., 3) voxel TP, FP, FN -> (..., 4) dice, recall, precision, F-beta (eq. 4.1-4.5; 0/0 -> 1)."""
     tp, fp, fn = counts.double().unbind(-1)
     b2 = beta**2
 
@@ -138,6 +152,10 @@ def _masks(
     return p, r
 
 
+def _voxel_counts(p: np.ndarray, r: np.ndarray) -> list[int]:
+    return [int((p & r).sum()), int((p & ~r).sum()), int((~p & r).sum())]
+
+
 def voxel_metrics(
     pred: np.ndarray | torch.Tensor,
     ref: np.ndarray | torch.Tensor,
@@ -152,8 +170,7 @@ def voxel_metrics(
     (values < 0.5, e.g. -1, are not lesion); ``ignore``: non-zero where voxels are left out.
     """
     p, r = _masks(pred, ref, ignore, threshold)
-    tp, fp, fn = int((p & r).sum()), int((p & ~r).sum()), int((~p & r).sum())
-    scores = _voxel_scores(torch.tensor([tp, fp, fn]), smooth, beta).tolist()
+    scores = voxel_scores(torch.tensor(_voxel_counts(p, r)), smooth, beta).tolist()
     return dict(zip((*_VOXEL, _fbeta_name(beta)), scores, strict=True))
 
 
@@ -165,16 +182,17 @@ def _lesion_sums(
     connectivity: int | None,
     smooth: float,
 ) -> np.ndarray:
-    """(n_brackets, 6): n_ref, n_pred, tp, fn, fp and the sum of per-lesion smooth recalls."""
+    """(n_brackets, 5): n_ref, tp, fn, fp and the sum of per-lesion smooth recalls."""
     structure = ndimage.generate_binary_structure(ref.ndim, connectivity or ref.ndim)
     ref_lab, n_ref = ndimage.label(ref, structure)
     pred_lab, n_pred = ndimage.label(pred, structure)
     ref_size = np.bincount(ref_lab.ravel(), minlength=n_ref + 1)[1:]
     covered = np.bincount(ref_lab[pred], minlength=n_ref + 1)[1:]  # predicted voxels in each lesion
     pred_size = np.bincount(pred_lab.ravel(), minlength=n_pred + 1)[1:]
-    touches = np.bincount(pred_lab[ref], minlength=n_pred + 1)[1:] > 0
 
     detected = covered >= detection * ref_size - 1e-9  # 3 of 5 voxels is 60 %, despite rounding
+    in_detected = np.concatenate([[False], detected])[ref_lab]  # voxels of detected lesions
+    detecting = np.bincount(pred_lab[in_detected], minlength=n_pred + 1)[1:] > 0
     recall = (covered + smooth) / (ref_size + smooth)
     n = len(brackets)
     ref_bracket = np.searchsorted(brackets, ref_size, side="right") - 1
@@ -184,45 +202,43 @@ def _lesion_sums(
     return np.stack(
         [
             n_ref_b,
-            np.bincount(pred_bracket, minlength=n),
             tp_b,
             n_ref_b - tp_b,
-            np.bincount(pred_bracket, weights=~touches, minlength=n),
+            np.bincount(pred_bracket, weights=~detecting, minlength=n),
             np.bincount(ref_bracket, weights=recall, minlength=n),
         ],
         axis=1,
     ).astype(np.float64)
 
 
+def lesion_rates(tp: float, fn: float, fp: float) -> dict[str, float]:
+    """The tables' rates from their counts: ``n_pred`` (their "Total") = TP + FP, lesion
+    precision TP / (TP + FP) and lesion recall TP / (TP + FN); an empty ratio is 1 only when
+    there is neither a reference nor a predicted lesion, else 0."""
+    nothing = tp + fn + fp == 0
+    return {
+        "n_pred": tp + fp,
+        "lesion_precision": _ratio(tp, tp + fp, nothing),
+        "lesion_recall": _ratio(tp, tp + fn, nothing),
+    }
+
+
 def _table_from_sums(sums: np.ndarray, labels: Sequence[str]) -> dict[str, dict[str, float]]:
     rows = {}
     for label, s in zip([*labels, "all"], [*sums, sums.sum(axis=0)], strict=True):
-        n_ref, n_pred, tp, fn, fp, recall_sum = (float(v) for v in s)
+        n_ref, tp, fn, fp, recall_sum = (float(v) for v in s)
+        rates = lesion_rates(tp, fn, fp)
         rows[label] = {
             "n_ref": n_ref,
-            "n_pred": n_pred,
+            "n_pred": rates["n_pred"],
             "tp": tp,
             "fn": fn,
             "fp": fp,
-            "lesion_precision": _ratio(tp, tp + fp),
-            "lesion_recall": _ratio(tp, tp + fn),
-            "avg_recall": _ratio(recall_sum, n_ref),
+            "lesion_precision": rates["lesion_precision"],
+            "lesion_recall": rates["lesion_recall"],
+            "avg_recall": recall_sum / n_ref if n_ref else math.nan,
         }
     return rows
-
-
-def average_recall(
-    table: Mapping[str, Mapping[str, float]], brackets: Sequence[float] = BRACKETS, relevant_from: float = 10
-) -> float:
-    """Mean of the brackets' ``avg_recall`` over brackets whose lower edge is at least
-    ``relevant_from`` voxels and that have reference lesions; 1 when none has."""
-    edges = _check_brackets(brackets)
-    values = [
-        table[label]["avg_recall"]
-        for lo, label in zip(edges, bracket_labels(edges), strict=True)
-        if lo >= relevant_from and table[label]["n_ref"] > 0
-    ]
-    return float(np.mean(values)) if values else 1.0
 
 
 def lesion_table(
@@ -249,9 +265,9 @@ def lesion_table(
 
     Returns:
         ``{bracket label: row, ..., "all": row}``, each row with ``n_ref`` (reference lesions),
-        ``n_pred`` (predicted components), ``tp``, ``fn``, ``fp``, ``lesion_precision``,
-        ``lesion_recall``, ``avg_recall``; "all" sums the counts over brackets and averages the
-        per-lesion recall over all reference lesions.
+        ``n_pred`` (TP + FP, the tables' "Total"), ``tp``, ``fn``, ``fp``, ``lesion_precision``,
+        ``lesion_recall``, ``avg_recall`` (NaN without reference lesions); "all" sums the counts
+        over brackets and averages the per-lesion recall over all reference lesions.
     """
     edges = _check_brackets(brackets)
     p, r = _masks(pred, ref, ignore, threshold)
@@ -262,7 +278,7 @@ def _plain(x: Any) -> torch.Tensor:
     return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
 
 
-def _case_masks(
+def case_masks(
     y_pred: torch.Tensor,
     y: torch.Tensor,
     ignore: torch.Tensor | None,
@@ -289,26 +305,20 @@ class LesionMetrics(CumulativeIterationMetric):
     through a sigmoid); ``y`` (B, 1, X, Y, Z) in {0, 1}, voxels equal to ``ignore_index`` left
     out (or ``ignore=`` a mask when calling directly). Row columns, in order (``names``):
 
-    - ``dice``, ``recall``, ``precision``, ``f3``: :func:`voxel_metrics`;
+    - ``volume_dice``, ``volume_recall``, ``volume_precision``, ``volume_f3``: :func:`voxel_metrics`
+      of the case; ``voxel_tp``, ``voxel_fp``, ``voxel_fn``: its voxel counts;
     - ``n_ref``, ``n_pred``, ``tp``, ``fn``, ``fp``, ``lesion_precision``, ``lesion_recall``,
       ``avg_recall``: the "all" row of :func:`lesion_table`;
-    - ``average_recall``: :func:`average_recall` of the case;
+    - ``large_lesion_recall``: ``avg_recall`` of the last bracket (NaN without such lesions);
     - for each bracket b (``bracket_labels``): ``n_ref_b``, ``n_pred_b``, ``tp_b``, ``fn_b``,
-      ``fp_b``, ``avg_recall_b``.
+      ``fp_b``, ``lesion_precision_b``, ``lesion_recall_b``, ``avg_recall_b``.
 
     ``table()`` pools the cases as the thesis's tables do (counts summed over volumes, the
-    per-lesion recall averaged over all lesions of a bracket); ``aggregate(name)`` returns
-    ``name`` from the pooled table's "all" row, ``average_recall`` (the default ``headline``)
-    pooled, or the case mean of a voxel metric, as a scalar tensor; ``summary()`` gives them all.
+    per-lesion recall averaged over all lesions of a bracket); ``summary()`` gives the data set's
+    figures: the pooled table (every column above but the voxel ones, same names),
+    ``volume_*`` as the mean over cases and ``pooled_*`` from the voxel counts of all cases;
+    ``aggregate(name)`` returns one of them (default ``headline``) as a scalar tensor.
     """
-
-    names: tuple[str, ...] = (
-        *_VOXEL,
-        "f3",
-        *_LESION,
-        "average_recall",
-        *(f"{c}_{b}" for b in bracket_labels(BRACKETS) for c in _PER_BRACKET),
-    )
 
     def __init__(
         self,
@@ -319,8 +329,7 @@ class LesionMetrics(CumulativeIterationMetric):
         detection: float = 0.6,
         brackets: Sequence[float] = BRACKETS,
         connectivity: int | None = None,
-        relevant_from: float = 10,
-        headline: str = "average_recall",
+        headline: str = "large_lesion_recall",
     ) -> None:
         super().__init__()
         self.threshold = threshold
@@ -331,32 +340,35 @@ class LesionMetrics(CumulativeIterationMetric):
         self.brackets = _check_brackets(brackets)
         self.labels = bracket_labels(self.brackets)
         self.connectivity = connectivity
-        self.relevant_from = relevant_from
         self.headline = headline
-        self.voxel_names = (*_VOXEL, _fbeta_name(beta))
+        self.voxel_names = tuple(f"volume_{n}" for n in (*_VOXEL, _fbeta_name(beta)))
+        self.lesion_names = (*_COUNTS, *_RATES)
         self.names = (
             *self.voxel_names,
-            *_LESION,
-            "average_recall",
-            *(f"{c}_{b}" for b in self.labels for c in _PER_BRACKET),
+            "voxel_tp",
+            "voxel_fp",
+            "voxel_fn",
+            *self.lesion_names,
+            "large_lesion_recall",
+            *(f"{c}_{b}" for b in self.labels for c in self.lesion_names),
         )
 
     def _row(self, p: np.ndarray, r: np.ndarray) -> list[float]:
-        tp, fp, fn = int((p & r).sum()), int((p & ~r).sum()), int((~p & r).sum())
-        voxel = _voxel_scores(torch.tensor([tp, fp, fn]), self.smooth, self.beta).tolist()
+        counts = _voxel_counts(p, r)
+        voxel = voxel_scores(torch.tensor(counts), self.smooth, self.beta).tolist()
         sums = _lesion_sums(p, r, self.brackets, self.detection, self.connectivity, self.smooth)
         table = _table_from_sums(sums, self.labels)
-        per_bracket = [table[b][c] for b in self.labels for c in _PER_BRACKET]
-        case_recall = average_recall(table, self.brackets, self.relevant_from)
-        return [*voxel, *(table["all"][c] for c in _LESION), case_recall, *per_bracket]
+        per_bracket = [table[b][c] for b in self.labels for c in self.lesion_names]
+        lesions = [table["all"][c] for c in self.lesion_names]
+        return [*voxel, *counts, *lesions, table[self.labels[-1]]["avg_recall"], *per_bracket]
 
     def _compute_tensor(  # type: ignore[override]
         self, y_pred: torch.Tensor, y: torch.Tensor, ignore: torch.Tensor | None = None
     ) -> torch.Tensor:
-        p, r = _case_masks(y_pred, y, ignore, self.ignore_index, self.threshold)
+        p, r = case_masks(y_pred, y, ignore, self.ignore_index, self.threshold)
         p_np, r_np = p[:, 0].cpu().numpy(), r[:, 0].cpu().numpy()
         rows = [self._row(pi, ri) for pi, ri in zip(p_np, r_np, strict=True)]
-        return torch.tensor(rows, dtype=torch.float32, device=y_pred.device)
+        return torch.tensor(rows, dtype=torch.float64, device=y_pred.device)
 
     def _rows(self) -> np.ndarray:
         buffer = self.get_buffer()
@@ -368,23 +380,30 @@ class LesionMetrics(CumulativeIterationMetric):
         """The lesion table pooled over all cases so far (format of :func:`lesion_table`)."""
         rows = self._rows()
         column = {name: i for i, name in enumerate(self.names)}
-        sums = np.zeros((len(self.labels), 6))
+        sums = np.zeros((len(self.labels), 5))
         for i, b in enumerate(self.labels):
             n_ref = rows[:, column[f"n_ref_{b}"]]
-            sums[i, :5] = [rows[:, column[f"{c}_{b}"]].sum() for c in ("n_ref", "n_pred", "tp", "fn", "fp")]
-            sums[i, 5] = (rows[:, column[f"avg_recall_{b}"]] * n_ref).sum()
+            sums[i, :4] = [rows[:, column[f"{c}_{b}"]].sum() for c in ("n_ref", "tp", "fn", "fp")]
+            sums[i, 4] = np.nansum(rows[:, column[f"avg_recall_{b}"]] * n_ref)
         return _table_from_sums(sums, self.labels)
 
     def summary(self) -> dict[str, float]:
-        """Voxel metrics averaged over cases; lesion counts and rates pooled (``table()``)."""
+        """The data set's figures: pooled lesion table, ``volume_*`` case means, ``pooled_*``."""
         rows = self._rows()
+        column = {name: i for i, name in enumerate(self.names)}
         out = {
-            name: float(rows[:, i].mean()) if len(rows) else math.nan
-            for i, name in enumerate(self.voxel_names)
+            name: float(np.nanmean(rows[:, column[name]])) if len(rows) else math.nan
+            for name in self.voxel_names
         }
+        counts = torch.tensor([rows[:, column[f"voxel_{c}"]].sum() for c in ("tp", "fp", "fn")])
+        pooled = voxel_scores(counts, self.smooth, self.beta).tolist()
+        out.update(
+            {n.replace("volume_", "pooled_"): v for n, v in zip(self.voxel_names, pooled, strict=True)}
+        )
         table = self.table()
         out.update(table["all"])
-        out["average_recall"] = average_recall(table, self.brackets, self.relevant_from)
+        out.update({f"{c}_{b}": table[b][c] for b in self.labels for c in self.lesion_names})
+        out["large_lesion_recall"] = table[self.labels[-1]]["avg_recall"]
         return out
 
     def aggregate(self, name: str | None = None) -> torch.Tensor:  # type: ignore[override]
