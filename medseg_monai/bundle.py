@@ -287,6 +287,8 @@ def _check_value(key: str, value: Any) -> None:
         raise InputError(f"seed must be a whole number, got {value!r}")
     if key in ("resume", "overwrite"):
         flag(value, key)
+    if key == "train_split" and value not in ("train", "all"):
+        raise InputError(f"train_split must be train or all, got {value!r}")
     if key == "split" and value not in SPLITS:
         raise InputError(f"split must be one of {', '.join(SPLITS)}, got {value!r}")
     if key in ("dataset", "output_dir", "ckpt_path", "input_path") and not isinstance(value, str):

@@ -16,7 +16,15 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import LoadImage, MapTransform, Resize
+from monai.transforms import (
+    CenterSpatialCropd,
+    Compose,
+    LoadImage,
+    MapTransform,
+    Resize,
+    Spacingd,
+    SpatialPadd,
+)
 
 from medseg_monai.data.registry import DatasetError
 
@@ -25,12 +33,14 @@ __all__ = [
     "CheckFilesd",
     "CheckGeometryd",
     "CheckIntensityd",
+    "InPlaneGridd",
     "LabelToRegionsd",
     "LoadMasksd",
     "MasksToLabeld",
     "RemapLabelsd",
     "ResizeToMatchd",
     "ScaleByBitDepthd",
+    "SpatialPadSliceMinimumd",
 ]
 
 
@@ -429,3 +439,87 @@ class CaseGaussianNoised(MapTransform):
             noise = torch.randn(img.shape, generator=generator, dtype=torch.float32) * self.std
             d[key] = _like((img.float() + noise).clamp(0, 1), d[key])
         return d
+
+
+def _in_plane(size: int | float, slice_axis: int, ndim: int = 3) -> list[Any]:
+    """``size`` on every spatial axis but ``slice_axis``, which keeps its own (-1)."""
+    return [-1 if a == slice_axis else size for a in range(ndim)]
+
+
+class SpatialPadSliceMinimumd(SpatialPadd):
+    """Pad (C, X, Y, Z) images in the plane of the slices to ``spatial_size`` with each slice's
+    own minimum, per channel (the WMH thesis, sec. 9.2: "The padding method was done using the
+    minimum value in the slice instead of zeros after z-standardization, as zero's have a new
+    meaning after standardization"). Symmetric, as ``SpatialPadd``, and invertible like it
+    (``Invertd`` crops the padding off again); ``spatial_size`` -1 keeps an axis as it is.
+
+    Args:
+        keys: image keys.
+        spatial_size: the padded size, e.g. ``[256, 256, -1]`` for axial slices.
+        slice_axis: spatial axis along which the slices lie (2: axial after RAS orientation).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        spatial_size: Sequence[int] | int,
+        slice_axis: int = 2,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, spatial_size, mode="constant", allow_missing_keys=allow_missing_keys)
+        self.slice_axis = slice_axis
+
+    def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            plain = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+            plane = tuple(1 + a for a in range(plain.ndim - 1) if a != self.slice_axis)
+            low = plain.amin(dim=plane, keepdim=True)  # (C, 1, 1, Z) for axial slices
+            # zero padding of (image - slice minimum), then the minimum back: the pad is the minimum
+            d[key] = self.padder(img - low, mode="constant") + low
+        return d
+
+
+class InPlaneGridd(Compose):
+    """The WMH thesis's in-plane grid for 2D slices of (C, X, Y, Z) volumes (sec. 9.2): optional
+    resampling to ``spacing`` mm in the plane (not in the thesis: for scans much finer than the
+    ~1 mm it used, e.g. 512 x 512 clinical FLAIR at 0.47 mm), padding to ``size`` x ``size``
+    with the slice minimum (images) or 0 (labels), centre crop of wider slices. No stretching:
+    the voxels keep their aspect, unlike resizing. Invertible as a whole (``Invertd`` with this
+    transform maps a prediction back to the volume's own grid, where metrics are computed).
+
+    Args:
+        image_keys: intensity images, padded with the slice minimum, resampled linearly.
+        label_keys: labels, padded with 0, resampled nearest (none at evaluation: labels stay
+            on their own grid).
+        size: in-plane size in voxels (thesis: 256).
+        slice_axis: spatial axis along which the slices lie (2: axial after RAS orientation).
+        spacing: in-plane voxel size in mm, or None to keep the volume's own voxels (thesis).
+    """
+
+    def __init__(
+        self,
+        image_keys: KeysCollection,
+        label_keys: KeysCollection = (),
+        size: int = 256,
+        slice_axis: int = 2,
+        spacing: float | None = None,
+    ) -> None:
+        images = [image_keys] if isinstance(image_keys, str) else list(image_keys)
+        labels = [label_keys] if isinstance(label_keys, str) else list(label_keys)
+        keys = [*images, *labels]
+        steps: list[Any] = []
+        if spacing is not None:
+            steps.append(
+                Spacingd(
+                    keys,
+                    pixdim=_in_plane(spacing, slice_axis),
+                    mode=["bilinear"] * len(images) + ["nearest"] * len(labels),
+                )
+            )
+        steps.append(SpatialPadSliceMinimumd(images, _in_plane(size, slice_axis), slice_axis))
+        if labels:
+            steps.append(SpatialPadd(labels, _in_plane(size, slice_axis), mode="constant"))
+        steps.append(CenterSpatialCropd(keys, _in_plane(size, slice_axis)))
+        super().__init__(steps)

@@ -11,6 +11,8 @@ from medseg_monai.data.datalist import (
     select_split,
     split_cases,
     take,
+    training_cases,
+    validation_cases,
     write_datalist,
     write_json,
 )
@@ -32,6 +34,8 @@ __all__ = [
     "select_split",
     "split_cases",
     "take",
+    "training_cases",
+    "validation_cases",
     "write_datalist",
     "write_json",
 ]

@@ -34,6 +34,8 @@ __all__ = [
     "split_cases",
     "take",
     "select_split",
+    "training_cases",
+    "validation_cases",
     "write_datalist",
     "write_json",
 ]
@@ -311,6 +313,33 @@ def select_split(parts: dict[str, list[dict[str, Any]]], split: str) -> list[dic
     if split == "all":
         return sorted((it for part in parts.values() for it in part), key=lambda it: it["case_id"])
     return parts[split]
+
+
+TRAIN_SPLITS = ("train", "all")
+
+
+def training_cases(parts: dict[str, list[dict[str, Any]]], train_split: str = "train") -> list[dict[str, Any]]:
+    """The cases a training uses: the ``train`` part, or ``all`` cases of the dataset (every
+    case trains; for small real samples, where a held-out validation set costs too much)."""
+    if train_split not in TRAIN_SPLITS:
+        raise DatasetError(f"train_split must be one of {', '.join(TRAIN_SPLITS)}, got {train_split!r}")
+    return select_split(parts, train_split)
+
+
+def validation_cases(parts: dict[str, list[dict[str, Any]]], train_split: str = "train") -> list[dict[str, Any]]:
+    """The cases a training validates on: the ``val`` part, or with ``train_split='all'`` the
+    training cases themselves, which the log says (its figures are then not held-out and the
+    best epoch is the best fit to the training cases)."""
+    if train_split == "all":
+        cases = training_cases(parts, train_split)
+        logger.warning(
+            "train_split all: all %d cases train and validation reuses them: validation figures "
+            "are not held-out; evaluate on unseen cases (evaluate.yaml with another dataset)",
+            len(cases),
+        )
+        return cases
+    training_cases(parts, train_split)  # refuses an unknown train_split
+    return parts["val"]
 
 
 def decathlon_doc(
