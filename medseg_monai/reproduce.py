@@ -59,6 +59,7 @@ class Job:
     metrics: list[str] = field(default_factory=list)
     figures: list[dict[str, Any]] = field(default_factory=list)
     overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: str = ""
 
     @property
     def label(self) -> str:
@@ -135,9 +136,38 @@ def load_grid(
                     metrics=list(spec.get("metrics", ["dice"])),
                     figures=list(spec.get("figures", [])),
                     overrides=exp["overrides"],
+                    init_from=exp.get("init_from", ""),
                 )
             )
-    return jobs
+    return _chain(jobs, spec_path)
+
+
+def _chain(jobs: list[Job], spec_path: Path) -> list[Job]:
+    """Jobs of an entry with ``init_from: <entry>`` start from that entry's best model of the same
+    seed (``pretrained_ckpt``), as the thesis fine-tuned one experiment's weights in the next; every
+    parent is ordered before its children (otherwise the grid's order is kept)."""
+    by_key = {(j.experiment, j.seed): j for j in jobs}
+    for job in jobs:
+        if not job.init_from:
+            continue
+        parent = by_key.get((job.init_from, job.seed))
+        if parent is None:
+            raise DatasetError(f"{spec_path}: '{job.experiment}' starts from '{job.init_from}', no such entry")
+        job.overrides = {**job.overrides, "pretrained_ckpt": str(Path(parent.output_dir) / "model.pt")}
+    ordered: list[Job] = []
+
+    def place(job: Job, seen: tuple[str, ...] = ()) -> None:
+        if job in ordered:
+            return
+        if job.experiment in seen:
+            raise DatasetError(f"{spec_path}: init_from cycle through '{job.experiment}'")
+        if job.init_from:
+            place(by_key[(job.init_from, job.seed)], (*seen, job.experiment))
+        ordered.append(job)
+
+    for job in jobs:
+        place(job)
+    return ordered
 
 
 def plan(
@@ -164,6 +194,9 @@ def fingerprint(job: Job) -> dict[str, str]:
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
     dataset = parser.get_parsed_content("dataset")
     data_root = parser.get_parsed_content("data_root")
+    start = config.get("pretrained_ckpt")
+    if job.init_from and start and Path(start).is_file():  # a retrained parent makes its children stale
+        digest = hashlib.sha256((digest + content_hash([Path(start)])).encode()).hexdigest()[:16]
     return {
         "config_hash": digest,
         "dataset": dataset,

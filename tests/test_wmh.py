@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
+from monai.data import MetaTensor
 
 from bundle_utils import ROOT, error_lines, mlflow_client, parse_study, run_bundle, train_quick
 from medseg_monai.networks import AttentionUNet, ClassicUNet
@@ -35,16 +36,15 @@ def test_default_is_the_thesis_best_model() -> None:
     assert (loss.alpha, loss.beta, loss.gamma, loss.smooth) == (0.85, 0.15, pytest.approx(4 / 3), 2.0)
     opt = p.get_parsed_content("optimizer")
     assert isinstance(opt, torch.optim.Adam) and opt.defaults["lr"] == 1e-4
-    assert (p["batch_size"], p["max_epochs"], p["seed"], p["min_entropy"], p["flip_prob"]) == (
-        12,
-        50,
-        123,
-        2.0,
-        0.5,
-    )
+    assert (p["batch_size"], p["max_epochs"], p["seed"], p["min_entropy"]) == (12, 50, 123, 2.0)
+    # flips: 19 % of the slices added once as flipped copies (sec. 8.6: 9421 -> 11221)
+    assert (p["flip_copies"], p["flip_prob"]) == (0.19, 0.5)
+    assert p["train_dataset"]["_target_"] == "medseg_monai.data.AddedCopiesDataset"
     sched = p.get_parsed_content("lr_scheduler")
     assert (sched.factor, sched.patience, sched.mode) == (0.2, 5, "min") and p["key_metric_mode"] == "min"
-    assert p.get_parsed_content("spatial_size") == [256, 256, -1]  # axial slices at 256 x 256
+    # axial slices padded with the slice minimum / centre-cropped to 256 x 256, no resampling
+    assert (p["slice_axis"], p["in_plane_size"], p["in_plane_spacing"]) == (2, 256, None)
+    assert p["key_metric"]["val_loss"]["metric_fn"]["_target_"] == "medseg_monai.metrics.MiniBatchMetrics"
     meta = json.loads((CONFIGS / "metadata.json").read_text())
     assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 3
 
@@ -59,8 +59,15 @@ def test_every_experiment_network_takes_its_slices(experiment: Path) -> None:
     assert p.get_parsed_content("in_channels") == in_channels
     x = torch.randn(2, in_channels, 32, 32)
     assert net(x).shape == (2, 1, 32, 32)
-    size, axis = p.get_parsed_content("spatial_size"), p["slice_axis"]
-    assert size[axis] == -1 and [s for a, s in enumerate(size) if a != axis] == [p["in_plane_size"]] * 2
+    # the slices' plane is padded or cropped to in_plane_size (at the quick profile's spacing)
+    axis, size = p["slice_axis"], p["in_plane_size"]
+    shape = [37, 45, 190]  # mm at 1 voxel per mm: one axis narrower, one wider than the square
+    volume = MetaTensor(torch.randn(1, *shape), affine=torch.eye(4))
+    out = p.get_parsed_content("val_grid")({"image": volume})["image"]
+    spacing = p["in_plane_spacing"] or 1.0
+    expected = [shape[a] if a == axis else size for a in range(3)]
+    expected[axis] = shape[axis]
+    assert list(out.shape[1:]) == expected, (out.shape, spacing)
 
 
 def test_experiment_grid_matches_chapter_8() -> None:
@@ -74,17 +81,45 @@ def test_experiment_grid_matches_chapter_8() -> None:
         "three_slices_alpha070",
         "three_slices_alpha085",
         "three_slices_flips",
+        "three_slices_flair_only_base",
         "three_slices_flair_only",
+        "mish_small_set",
         "mish_groupnorm4",
         "mish_groupnorm32",
         "sagittal",
+        "mish_no_flips",
     }
     pyramid = _parser("attention_unet_pyramid").get_parsed_content("network_def")
     assert pyramid.pyramid_input
-    t1 = _parser("three_slices_alpha070")
-    assert t1["channels"] == ["flair", "t1"] and t1.get_parsed_content("in_channels") == 6
-    sag = _parser("sagittal")
-    assert sag.get_parsed_content("spatial_size") == [-1, 256, 256]
+    # sec. 8.1-8.9: the small set, sagittal; FLAIR and T1 until sec. 8.7 drops T1
+    for name in ("unet256_alpha070", "attention_unet", "three_slices_alpha070", "three_slices_flips"):
+        p = _parser(name)
+        assert p["channels"] == ["flair", "t1"] and p["slice_axis"] == 0, name
+    assert _parser("three_slices_alpha070").get_parsed_content("in_channels") == 6
+    for name in ("three_slices_flair_only", "mish_small_set", "mish_groupnorm4"):
+        p = _parser(name)
+        assert p["channels"] == ["flair"] and p["slice_axis"] == 0 and p["flip_copies"] > 0, name
+    # no augmentation before sec. 8.6, and in the large-data Mish run of sec. 8.14
+    for name in ("unet256_alpha085", "three_slices_alpha085", "three_slices_flair_only_base", "mish_no_flips"):
+        assert _parser(name)["flip_copies"] == 0, name
+    assert _parser("best_model")["slice_axis"] == 2 and _parser("sagittal")["slice_axis"] == 0
+
+
+def test_grid_fine_tunes_from_the_parent_entry(tmp_path: Path) -> None:
+    from medseg_monai.reproduce import plan
+
+    jobs = plan("quick", ["wmh"], runs_dir=tmp_path)
+    order = [j.experiment for j in jobs]
+    for child, parent in (
+        ("three_slices_flips", "three_slices_alpha085"),
+        ("three_slices_flair_only", "three_slices_flair_only_base"),
+    ):
+        job = jobs[order.index(child)]
+        assert order.index(parent) < order.index(child)
+        assert job.overrides["pretrained_ckpt"] == str(Path(jobs[order.index(parent)].output_dir) / "model.pt")
+    test_job = jobs[order.index("mish_small_set_test")]
+    assert test_job.split == "test" and test_job.paper == {"f3": 0.80, "dice": 0.66, "recall": 0.90}
+    assert "pretrained_ckpt" not in jobs[order.index("best_model")].overrides
 
 
 @pytest.fixture(scope="module")
