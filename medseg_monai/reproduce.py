@@ -152,7 +152,9 @@ def _chain(jobs: list[Job], spec_path: Path) -> list[Job]:
             continue
         parent = by_key.get((job.init_from, job.seed))
         if parent is None:
-            raise DatasetError(f"{spec_path}: '{job.experiment}' starts from '{job.init_from}', no such entry")
+            raise DatasetError(
+                f"{spec_path}: '{job.experiment}' starts from '{job.init_from}', no such entry"
+            )
         job.overrides = {**job.overrides, "pretrained_ckpt": str(Path(parent.output_dir) / "model.pt")}
     ordered: list[Job] = []
 

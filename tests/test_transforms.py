@@ -12,6 +12,7 @@ from monai.transforms import (
     Compose,
     ConvertToMultiChannelBasedOnBratsClasses,
     EnsureChannelFirstd,
+    Invertd,
     LoadImaged,
 )
 
@@ -19,6 +20,7 @@ from medseg_monai.data import DatasetError, get_dataset, load_datalist
 from medseg_monai.io import apply_palette
 from medseg_monai.transforms import (
     CheckFilesd,
+    InPlaneGridd,
     LabelToRegionsd,
     LoadMasksd,
     MasksToLabeld,
@@ -166,3 +168,33 @@ def test_truncated_nifti_is_one_line_naming_case_and_file(tmp_path: Path, suffix
         DatasetError, match=rf"^case 'A1': {path}: (truncated|cannot read this file \(EOFError)"
     ):
         CheckFilesd("image")({"image": str(path), "case_id": "A1"})
+
+
+def test_in_plane_grid_pads_with_slice_minimum_crops_and_inverts() -> None:
+    """WMH thesis sec. 9.2: narrow slices padded with the slice's own minimum, wide ones centre
+    cropped, the voxels never stretched; Invertd maps a prediction back to the volume's grid."""
+    gen = torch.Generator().manual_seed(0)
+    img = torch.randn(2, 6, 12, 3, generator=gen)  # (C, X, Y, Z): X narrower, Y wider than 8
+    img[1, :, :, 2] -= 5  # each channel and slice has its own minimum
+    label = (torch.rand(1, 6, 12, 3, generator=gen) > 0.7).float()
+    grid = InPlaneGridd("image", "label", size=8, slice_axis=2)
+    out = grid({"image": MetaTensor(img), "label": MetaTensor(label)})
+    assert out["image"].shape == (2, 8, 8, 3) and out["label"].shape == (1, 8, 8, 3)
+    # X padded by one voxel each side with the slice minimum; Y cropped to its centre 8 (2..9)
+    assert torch.allclose(out["image"][:, 1:7].as_tensor(), img[:, :, 2:10], atol=1e-6)
+    for c in range(2):
+        for z in range(3):
+            assert torch.all(out["image"][c, [0, 7], :, z] == img[c, :, :, z].min())
+    assert torch.equal(out["label"][:, 1:7].as_tensor(), label[:, :, 2:10]) and out["label"][:, 0].sum() == 0
+
+    image_only = InPlaneGridd("image", size=8, slice_axis=2)
+    seen = image_only({"image": MetaTensor(img)})
+    back = Invertd("pred", image_only, orig_keys="image", nearest_interp=False)(
+        {"pred": seen["image"].clone(), "image": seen["image"]}
+    )["pred"]
+    assert back.shape == img.shape
+    assert torch.allclose(back[:, :, 2:10].as_tensor(), img[:, :, 2:10], atol=1e-6)
+    assert back[:, :, :2].abs().sum() == 0  # cropped away: nothing predicted there
+
+    sagittal = InPlaneGridd("image", size=8, slice_axis=0)({"image": MetaTensor(img)})["image"]
+    assert sagittal.shape == (2, 6, 8, 8)  # the slice axis keeps its length

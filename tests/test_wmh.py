@@ -100,7 +100,12 @@ def test_experiment_grid_matches_chapter_8() -> None:
         p = _parser(name)
         assert p["channels"] == ["flair"] and p["slice_axis"] == 0 and p["flip_copies"] > 0, name
     # no augmentation before sec. 8.6, and in the large-data Mish run of sec. 8.14
-    for name in ("unet256_alpha085", "three_slices_alpha085", "three_slices_flair_only_base", "mish_no_flips"):
+    for name in (
+        "unet256_alpha085",
+        "three_slices_alpha085",
+        "three_slices_flair_only_base",
+        "mish_no_flips",
+    ):
         assert _parser(name)["flip_copies"] == 0, name
     assert _parser("best_model")["slice_axis"] == 2 and _parser("sagittal")["slice_axis"] == 0
 
@@ -116,7 +121,9 @@ def test_grid_fine_tunes_from_the_parent_entry(tmp_path: Path) -> None:
     ):
         job = jobs[order.index(child)]
         assert order.index(parent) < order.index(child)
-        assert job.overrides["pretrained_ckpt"] == str(Path(jobs[order.index(parent)].output_dir) / "model.pt")
+        assert job.overrides["pretrained_ckpt"] == str(
+            Path(jobs[order.index(parent)].output_dir) / "model.pt"
+        )
     test_job = jobs[order.index("mish_small_set_test")]
     assert test_job.split == "test" and test_job.paper == {"f3": 0.80, "dice": 0.66, "recall": 0.90}
     assert "pretrained_ckpt" not in jobs[order.index("best_model")].overrides

@@ -318,7 +318,9 @@ def select_split(parts: dict[str, list[dict[str, Any]]], split: str) -> list[dic
 TRAIN_SPLITS = ("train", "all")
 
 
-def training_cases(parts: dict[str, list[dict[str, Any]]], train_split: str = "train") -> list[dict[str, Any]]:
+def training_cases(
+    parts: dict[str, list[dict[str, Any]]], train_split: str = "train"
+) -> list[dict[str, Any]]:
     """The cases a training uses: the ``train`` part, or ``all`` cases of the dataset (every
     case trains; for small real samples, where a held-out validation set costs too much)."""
     if train_split not in TRAIN_SPLITS:
@@ -326,7 +328,9 @@ def training_cases(parts: dict[str, list[dict[str, Any]]], train_split: str = "t
     return select_split(parts, train_split)
 
 
-def validation_cases(parts: dict[str, list[dict[str, Any]]], train_split: str = "train") -> list[dict[str, Any]]:
+def validation_cases(
+    parts: dict[str, list[dict[str, Any]]], train_split: str = "train"
+) -> list[dict[str, Any]]:
     """The cases a training validates on: the ``val`` part, or with ``train_split='all'`` the
     training cases themselves, which the log says (its figures are then not held-out and the
     best epoch is the best fit to the training cases)."""
