@@ -12,7 +12,8 @@ from ignite.engine import Engine, Events
 from mlflow.tracking import MlflowClient
 
 from medseg_monai import bundle, record, tracking
-from medseg_monai.handlers import MLflowTracker, SchedulerStepper, config_params
+from medseg_monai.handlers import MLflowTracker, SchedulerStepper, ValidationSchedule, config_params
+from medseg_monai.handlers.training import validation_iterations
 from medseg_monai.io import write_json
 
 
@@ -54,6 +55,52 @@ def test_plateau_scheduler_follows_the_key_metric_after_each_validation() -> Non
     assert lrs == [1.0, 1.0, 1.0, 0.5, 0.5]
     with pytest.raises(ValueError, match="needs the evaluator"):
         SchedulerStepper(sched)
+
+
+def test_validation_iterations_are_evenly_spaced_and_end_the_epoch() -> None:
+    assert validation_iterations(8, 1) == [8]
+    assert validation_iterations(8, 5) == [2, 4, 5, 7, 8]
+    assert validation_iterations(100, 5) == [20, 40, 60, 80, 100]
+    assert validation_iterations(3, 5) == [1, 2, 3]  # a short epoch: after every iteration
+    with pytest.raises(ValueError, match="at least 1"):
+        ValidationSchedule(None, per_epoch=0)
+
+
+@pytest.mark.parametrize(
+    ("per_epoch", "interval", "expected"),
+    [(1, 1, [8, 16, 24]), (1, 2, [16]), (5, 1, [2, 4, 5, 7, 8, 10, 12, 13, 15, 16, 18, 20, 21, 23, 24])],
+)
+def test_validation_schedule_runs_k_times_an_epoch(
+    per_epoch: int, interval: int, expected: list[int]
+) -> None:
+    trainer = Engine(lambda e, b: None)
+    schedule = ValidationSchedule(None, per_epoch=per_epoch, interval=interval)
+    ran: list[tuple[int, int]] = []
+
+    class _Validator:  # MONAI's evaluator.run(global_epoch), recorded with the trainer's iteration
+        def run(self, epoch: int) -> None:
+            ran.append((trainer.state.iteration, epoch))
+
+    schedule.validator = _Validator()
+    schedule.attach(trainer)
+    trainer.run(list(range(8)), max_epochs=3)
+    assert [it for it, _ in ran] == expected
+    assert [ep for _, ep in ran] == [(it - 1) // 8 + 1 for it in expected]  # the trainer's epoch
+
+
+def test_plateau_scheduler_steps_after_every_validation_of_an_epoch() -> None:
+    # the reference's ReduceLROnPlateau steps after each of its 5 evaluations an epoch
+    opt = _optimizer()
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=2)
+    evaluator = _evaluator([0.5] * 10)
+    trainer = Engine(lambda e, b: None)
+    SchedulerStepper(sched, evaluator).attach(trainer)
+    schedule = ValidationSchedule(None, per_epoch=5)
+    schedule.validator = type("V", (), {"run": lambda self, epoch: evaluator.run([0])})()
+    schedule.attach(trainer)
+    trainer.run(list(range(10)), max_epochs=2)
+    # 10 validations, no improvement after the first: halved after bad runs 3 and 6 and 9
+    assert opt.param_groups[0]["lr"] == 0.125
 
 
 @pytest.mark.parametrize(("epoch_level", "steps"), [(False, 6), (True, 2)])

@@ -141,8 +141,54 @@ def test_experiment_grid_is_complete() -> None:
         assert jobs[name].configs[1].endswith("experiments/baseline.yaml")
     assert jobs["train_size_005"].paper == {"dice": 0.98667}
     noisy = _parser("noise_train_val")
-    assert (noisy["train_noise_fraction"], noisy["val_noise_fraction"]) == (0.5, 0.5)
-    assert _parser("noise_val_only")["train_noise_fraction"] == 0.0
+    assert (noisy["train_noisy_copies"], noisy["val_noisy_copies"], noisy["max_epochs"]) == (1, 1, 200)
+    assert (
+        _parser("noise_val_only")["train_noisy_copies"],
+        _parser("noise_val_only")["val_noisy_copies"],
+    ) == (0, 1)
+    assert _parser("noise_train_val", "quick")["max_epochs"] == 12  # the quick profile stays quick
+
+
+def _images(dataset: object) -> dict[str, torch.Tensor]:
+    return {item["case_id"]: item["image"] for item in (dataset[i] for i in range(len(dataset)))}
+
+
+@pytest.mark.parametrize(
+    ("experiment", "train_copies", "val_copies"),
+    [("noise_train_val", True, True), ("noise_val_only", False, True)],
+)
+def test_noise_experiments_add_noisy_copies_to_clean_originals(
+    experiment: str, train_copies: bool, val_copies: bool
+) -> None:
+    # poster, exp. 2: the originals plus newly transformed noisy copies; exp. 3: 60 clean + 60 noisy validation images
+    kw = {"dataset": "xray-synthetic", "cache_rate": 0.0}
+    base, noisy = _parser(None, "quick", **kw), _parser(experiment, "quick", **kw)
+    cases = base.get_parsed_content("cases")
+    for part, copies in (("train", train_copies), ("val", val_copies)):
+        ids = [c["case_id"] for c in cases[part]]
+        expected = ids + [f"{i}_noisy" for i in ids] if copies else ids
+        listed = noisy.get_parsed_content("train_datalist" if part == "train" else "val_datalist")
+        assert [c["case_id"] for c in listed] == expected
+        assert [c["noisy"] for c in listed] == [0] * len(ids) + [1] * (len(expected) - len(ids))
+        assert [
+            c["case_id"] for c in noisy.get_parsed_content("datalist")[part]
+        ] == expected  # evaluate's too
+    if experiment != "noise_train_val":
+        return  # the images of the copies: once is enough (loading takes seconds)
+    kw["train_size"] = 3
+    noisy, base = _parser(experiment, "quick", **kw), _parser(None, "quick", **kw)
+    train, clean_train = (_images(p.get_parsed_content("train_dataset")) for p in (noisy, base))
+    val, clean_val = (_images(p.get_parsed_content("validate#dataset")) for p in (noisy, base))
+    assert (len(train), len(clean_train), len(val), len(clean_val)) == (6, 3, 10, 5)
+    for images, clean in ((train, clean_train), (val, clean_val)):
+        for cid, image in clean.items():
+            assert torch.equal(images[cid], image)  # the originals stay clean
+            # sigma 5000 on the 16-bit scale (a little less: clipped to [0, 1])
+            sigma = float((images[f"{cid}_noisy"] - image).std()) * 65535
+            assert 4000 < sigma < 5100, sigma
+    # fixed: the copy is the same whenever it is made (the cache keeps it; a rebuild agrees)
+    rebuilt = _parser(experiment, "quick", **kw).get_parsed_content("validate#dataset")
+    assert torch.equal(rebuilt[len(rebuilt) - 1]["image"], val[rebuilt[len(rebuilt) - 1]["case_id"]])
 
 
 def test_default_is_the_posters_baseline() -> None:
@@ -155,6 +201,11 @@ def test_default_is_the_posters_baseline() -> None:
     sched = p.get_parsed_content("lr_scheduler")
     assert (sched.mode, sched.patience) == ("max", 5) and p["key_metric_mode"] == "max"
     assert p.get_parsed_content("noise_sigma_16bit") == 5000 and p["max_epochs"] == 50
+    assert (p["train_noisy_copies"], p["val_noisy_copies"]) == (0, 0)
+    # as the reference implementation: validation, and the plateau scheduler, 5 times an epoch
+    validation = p["train#handlers#1"]
+    assert validation["_target_"] == "medseg_monai.handlers.ValidationSchedule"
+    assert validation["per_epoch"] == "@validations_per_epoch" and p["validations_per_epoch"] == 5
     meta = json.loads((CONFIGS / "metadata.json").read_text())
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {
         "0": "background",
@@ -186,6 +237,11 @@ def test_quick_profile_trains_and_improves(trained: tuple[Path, Path]) -> None:
     ]
     assert len(dice) == 12
     assert max(dice[-3:]) > dice[0] + 0.25 and max(dice) > 0.6, dice
+    # 5 validations an epoch (5 iterations: after each); model.pt is the best of them all
+    by_iteration = client.get_metric_history(run.info.run_id, "val_dice_by_iteration")
+    assert sorted(m.step for m in by_iteration) == list(range(1, 61))
+    best = torch.load(out / "checkpoint.pt", weights_only=False)["best_metric"]
+    assert best == pytest.approx(max(m.value for m in by_iteration), abs=1e-5) and best > max(dice) - 1e-5
     assert {"val_dice_lungs", "val_dice_heart", "train_loss", "lr"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.json", "run.json", "datalist.json", "val_overlay.png", "model.pt"} <= artifacts

@@ -74,7 +74,7 @@ class MLflowTracker:
     versions) for the run's tags, and logs as params the settings of the run's ``config.json`` plus
     ``params``. Each epoch it logs the mean training loss and the learning rate; each epoch of
     ``evaluator`` (if given) its scalar metrics and the means of its ``case_metrics``, at the training
-    epoch as step. On completion it logs the files of ``record_dir`` matching ``artifacts`` and ends the
+    epoch as step (several validations an epoch: see :meth:`_log_evaluation`). On completion it logs the files of ``record_dir`` matching ``artifacts`` and ends the
     run FINISHED, or KILLED when a signal stopped the engine; an exception ends it FAILED and
     propagates. The run id is written to ``<record_dir>/mlflow_run.json``; with ``resume=True`` (a
     resumed training) the run recorded there is continued. With ``log_only=True`` (evaluation) the
@@ -114,6 +114,7 @@ class MLflowTracker:
         self._loss_sum = 0.0
         self._loss_n = 0
         self.run_id: str | None = None
+        self._iteration_series = False
 
     def attach(self, engine: Engine) -> None:
         self._engine = engine
@@ -200,8 +201,21 @@ class MLflowTracker:
         return {self.metric_prefix + k: v for k, v in evaluation_values(engine).items()}
 
     def _log_evaluation(self, evaluator: Engine) -> None:
-        step = self._engine.state.epoch if self._engine.state.epoch else evaluator.state.epoch
-        self._log_metrics(self._engine_metrics(evaluator), step)
+        """An evaluation's metrics at the training epoch as step. With several validations an epoch
+        (``medseg_monai.handlers.ValidationSchedule``) only the one that ends the epoch is logged so,
+        and every one's key metric goes into ``<prefix><key>_by_iteration`` at the training
+        iteration as step (from the first validation inside an epoch on)."""
+        trainer = self._engine.state
+        metrics = self._engine_metrics(evaluator)
+        length = trainer.epoch_length
+        inside_epoch = bool(trainer.iteration and length and trainer.iteration % length)
+        self._iteration_series = self._iteration_series or inside_epoch
+        key = getattr(evaluator.state, "key_metric_name", None)
+        name = self.metric_prefix + key.removeprefix("val_") if key else None
+        if self._iteration_series and name in metrics:
+            self._log_metrics({f"{name}_by_iteration": metrics[name]}, trainer.iteration)
+        if not inside_epoch:
+            self._log_metrics(metrics, trainer.epoch if trainer.epoch else evaluator.state.epoch)
 
     def _log_artifacts(self) -> None:
         for path in sorted(self.output_dir.rglob("*")):

@@ -1,14 +1,56 @@
-"""Training-loop handlers: gradient clipping and learning-rate scheduler stepping."""
+"""Training-loop handlers: gradient clipping, learning-rate scheduler stepping and how often
+validation runs."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
+from monai.handlers import ValidationHandler
 
-__all__ = ["GradientClipping", "SchedulerStepper"]
+__all__ = ["GradientClipping", "SchedulerStepper", "ValidationSchedule", "validation_iterations"]
+
+
+def validation_iterations(epoch_length: int, per_epoch: int) -> list[int]:
+    """The iterations of an epoch (1 .. ``epoch_length``) after which validation runs when it runs
+    ``per_epoch`` times an epoch: evenly spaced, ``ceil(j * epoch_length / per_epoch)`` for
+    j = 1 .. ``per_epoch``, so the last one ends the epoch; every iteration when the epoch is shorter."""
+    if per_epoch < 1:
+        raise ValueError(f"validations_per_epoch must be at least 1, got {per_epoch}")
+    return sorted({math.ceil(j * epoch_length / per_epoch) for j in range(1, per_epoch + 1)})
+
+
+class ValidationSchedule(ValidationHandler):
+    """MONAI's ``ValidationHandler`` run ``per_epoch`` times in every ``interval``-th epoch.
+
+    ``per_epoch=1`` is MONAI's epoch-level validation every ``interval`` epochs. With
+    ``per_epoch=k > 1`` validation runs after the iterations :func:`validation_iterations` gives
+    (k evenly spaced, the last at the epoch's end; every iteration when an epoch has fewer than k),
+    as the X-ray poster's reference implementation (milesial/Pytorch-UNet, ``train.py``) evaluates
+    every ``n_train // (5 * batch_size)`` steps, i.e. 5 times an epoch. A ``ReduceLROnPlateau``
+    stepped by :class:`SchedulerStepper` then steps after each of them, and the best-model saver
+    sees each; the one that ends the epoch is what per-epoch logs and checkpoints show.
+    """
+
+    def __init__(self, validator: Any, per_epoch: int = 1, interval: int = 1) -> None:
+        super().__init__(interval=int(interval), validator=validator, epoch_level=True)
+        self.per_epoch = int(per_epoch)
+        validation_iterations(1, self.per_epoch)  # refuses per_epoch < 1 now, not mid-run
+
+    def attach(self, engine: Engine) -> None:
+        if self.per_epoch == 1:
+            super().attach(engine)
+            return
+        engine.add_event_handler(Events.ITERATION_COMPLETED(event_filter=self._due), self)
+
+    def _due(self, engine: Engine, iteration: int) -> bool:
+        length = engine.state.epoch_length
+        if not length or engine.state.epoch % self.interval:
+            return False
+        return (iteration - 1) % length + 1 in validation_iterations(length, self.per_epoch)
 
 
 class GradientClipping:
