@@ -19,6 +19,7 @@ from monai.data import MetaTensor
 from monai.transforms import (
     CenterSpatialCropd,
     Compose,
+    InvertibleTransform,
     LoadImage,
     MapTransform,
     Resize,
@@ -481,7 +482,7 @@ class SpatialPadSliceMinimumd(SpatialPadd):
         return d
 
 
-class InPlaneGridd(Compose):
+class InPlaneGridd(MapTransform, InvertibleTransform):
     """The WMH thesis's in-plane grid for 2D slices of (C, X, Y, Z) volumes (sec. 9.2): optional
     resampling to ``spacing`` mm in the plane (not in the thesis: for scans much finer than the
     ~1 mm it used, e.g. 512 x 512 clinical FLAIR at 0.47 mm), padding to ``size`` x ``size``
@@ -522,4 +523,13 @@ class InPlaneGridd(Compose):
         if labels:
             steps.append(SpatialPadd(labels, _in_plane(size, slice_axis), mode="constant"))
         steps.append(CenterSpatialCropd(keys, _in_plane(size, slice_axis)))
-        super().__init__(steps)
+        super().__init__(keys)
+        # a Compose inside, not a Compose subclass: MONAI counts any Compose as random, and a
+        # CacheDataset would then redo the grid (and copy the volume) on every access
+        self.steps = Compose(steps)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        return self.steps(data)
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        return self.steps.inverse(data)

@@ -20,6 +20,8 @@ from medseg_monai.data import (
     load_datalist,
     load_registry,
     split_cases,
+    training_cases,
+    validation_cases,
     write_datalist,
 )
 
@@ -385,3 +387,21 @@ def test_synthetic_generated_on_first_use_then_cached(caplog: pytest.LogCaptureF
 def test_synthetic_into_explicit_root(tmp_path: Path) -> None:
     items = load_datalist("xray-synthetic", data_root=tmp_path / "xr", split="all")
     assert len(items) == 24 and Path(items[0]["image"][0]).is_relative_to(tmp_path / "xr")
+
+
+def test_train_split_all_trains_on_every_case_and_says_validation_reuses_them(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    parts = {
+        "train": [{"case_id": "b"}],
+        "val": [{"case_id": "c"}],
+        "test": [{"case_id": "a"}],
+    }
+    assert training_cases(parts) == [{"case_id": "b"}] and validation_cases(parts) == [{"case_id": "c"}]
+    with caplog.at_level("WARNING"):
+        every = training_cases(parts, "all")
+        assert validation_cases(parts, "all") == every == [{"case_id": c} for c in "abc"]
+    assert "validation reuses them" in caplog.text and "not held-out" in caplog.text
+    for wrong in ("val", "test", "everything"):
+        with pytest.raises(DatasetError, match="train_split must be one of train, all"):
+            validation_cases(parts, wrong)
