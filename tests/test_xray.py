@@ -135,7 +135,8 @@ def test_noise_subset_is_fixed_per_case_and_seed() -> None:
 def test_experiment_grid_is_complete() -> None:
     jobs = {j.experiment: j for j in plan("quick", studies=["xray"])}
     sizes = {f"train_size_{n:03d}": n for n in (5, 10, 15, 20, 25, 45, 65, 85, 105)}
-    assert {"baseline", "noise_train_val", "noise_val_only", *sizes} == set(jobs)
+    assert {"baseline", "noise_train_val", "noise_val_only", "strong", *sizes} == set(jobs)
+    assert not jobs["strong"].paper and "beyond the poster" in jobs["strong"].note  # not a poster number
     for name, n in sizes.items():  # the sweep: the baseline with one training-set size each
         assert jobs[name].overrides == {"train_size": n, "experiment": name}
         assert jobs[name].configs[1].endswith("experiments/baseline.yaml")
