@@ -216,9 +216,12 @@ def test_quick_train_then_evaluate_writes_the_contract(study: str, tmp_path: Pat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("study", STUDIES)
-@pytest.mark.parametrize("fault", ["dataset", "checkpoint"])
+@pytest.mark.parametrize("fault", ["dataset", "checkpoint", "train_split"])
 def test_bad_setting_is_one_error_line(study: str, fault: str, tmp_path: Path) -> None:
-    if fault == "dataset":
+    if fault == "train_split":
+        result = run_bundle(study, tmp_path / "mlflow", train_split="val", output_dir=tmp_path)
+        expected = "train_split must be train or all, got 'val'"
+    elif fault == "dataset":
         result = run_bundle(study, tmp_path / "mlflow", dataset="no-such-dataset", output_dir=tmp_path)
         expected = "unknown dataset 'no-such-dataset'; known:"
     else:
