@@ -497,6 +497,8 @@ class InPlaneGridd(MapTransform, InvertibleTransform):
         size: in-plane size in voxels (thesis: 256).
         slice_axis: spatial axis along which the slices lie (2: axial after RAS orientation).
         spacing: in-plane voxel size in mm, or None to keep the volume's own voxels (thesis).
+        slice_spacing: distance between slices in mm, or None to keep them (thesis; a coarser
+            one makes fewer slices, e.g. for quick checks).
     """
 
     def __init__(
@@ -506,16 +508,19 @@ class InPlaneGridd(MapTransform, InvertibleTransform):
         size: int = 256,
         slice_axis: int = 2,
         spacing: float | None = None,
+        slice_spacing: float | None = None,
     ) -> None:
         images = [image_keys] if isinstance(image_keys, str) else list(image_keys)
         labels = [label_keys] if isinstance(label_keys, str) else list(label_keys)
         keys = [*images, *labels]
         steps: list[Any] = []
-        if spacing is not None:
+        if spacing is not None or slice_spacing is not None:
+            pixdim = _in_plane(-1 if spacing is None else spacing, slice_axis)
+            pixdim[slice_axis] = -1 if slice_spacing is None else slice_spacing
             steps.append(
                 Spacingd(
                     keys,
-                    pixdim=_in_plane(spacing, slice_axis),
+                    pixdim=pixdim,
                     mode=["bilinear"] * len(images) + ["nearest"] * len(labels),
                 )
             )
