@@ -13,6 +13,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
+from monai.networks.nets import BasicUNet
 
 from bundle_utils import ROOT, error_lines, mlflow_client, parse_study, run_bundle, train_quick
 from medseg_monai.data import load_datalist
@@ -55,8 +56,12 @@ def test_default_is_the_thesis_best_model() -> None:
 def test_every_experiment_network_takes_its_slices(experiment: Path) -> None:
     p = _parser(experiment.stem, "quick")
     net = p.get_parsed_content("network_def")
-    expected = type(net) is AttentionUNet if "attention" in experiment.stem else type(net) is ClassicUNet
-    assert expected
+    kinds = {
+        "attention_unet": AttentionUNet,
+        "attention_unet_pyramid": AttentionUNet,
+        "real_samples": BasicUNet,
+    }
+    assert type(net) is kinds.get(experiment.stem, ClassicUNet)
     in_channels = len(p["channels"]) * p["neighbours"]
     assert p.get_parsed_content("in_channels") == in_channels
     x = torch.randn(2, in_channels, 32, 32)
@@ -90,6 +95,7 @@ def test_experiment_grid_matches_chapter_8() -> None:
         "mish_groupnorm32",
         "sagittal",
         "mish_no_flips",
+        "real_samples",
     }
     pyramid = _parser("attention_unet_pyramid").get_parsed_content("network_def")
     assert pyramid.pyramid_input
