@@ -66,13 +66,14 @@ def test_every_bundle_grid_plans(tmp_path: Path) -> None:
     studies = {j.study for j in jobs}
     assert "xray" in studies
     xray = [j for j in jobs if j.study == "xray"]
-    assert len(xray) == 12 and {j.experiment for j in xray} >= {
+    assert len(xray) == 13 and {j.experiment for j in xray} >= {
         "baseline",
         "noise_val_only",
         "train_size_105",
+        "strong",
     }
     assert all(Path(c).is_file() for j in jobs for c in j.configs)
-    assert len(plan("paper", studies=["xray"], runs_dir=tmp_path)) == 36
+    assert len(plan("paper", studies=["xray"], runs_dir=tmp_path)) == 39
 
 
 @pytest.mark.slow
