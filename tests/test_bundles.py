@@ -40,11 +40,13 @@ def _layers(study: str) -> list[tuple[str, str | None, str | None, dict[str, Any
         ("multi_gpu_train", None, "quick", {}),
     ]
     layers += [("train", p.stem, "quick", {}) for p in sorted((configs / "experiments").glob("*.yaml"))]
-    layers += [
-        ("train", j.configs[1].split("configs/")[1], "quick", j.overrides)
+    # a grid entry's own settings (a fine-tuning entry's start checkpoint exists only once its
+    # parent has run: test_wmh checks that override)
+    grid = [
+        (j, {k: v for k, v in j.overrides.items() if k != "pretrained_ckpt"})
         for j in plan("quick", studies=[study])
-        if j.overrides
     ]
+    layers += [("train", j.configs[1].split("configs/")[1], "quick", own) for j, own in grid if own]
     return layers
 
 
