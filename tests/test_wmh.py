@@ -297,6 +297,8 @@ def test_bad_input_is_one_line_and_leaves_no_finished_run(tmp_path: Path, fault:
         output_dir=tmp_path / "out",
         max_epochs=1,
         cache_rate=1.0,
+        slice_axis=2,  # 32 x 32 axial slices as they are: padded to 256, noise has too little entropy
+        in_plane_size=32,
     )
     assert result.returncode != 0
     lines = error_lines(result)
