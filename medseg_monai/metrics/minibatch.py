@@ -94,7 +94,7 @@ class MiniBatchMetrics(CumulativeIterationMetric):
             per_slice(hard & ~ref),
             per_slice(~hard & ref),
             per_slice(prob * target),
-            per_slice(prob * (1 - target) * keep),
+            per_slice(prob * (1 - target)),  # prob is already 0 at ignored voxels
             per_slice((1 - prob) * target),
         ]
         return torch.stack(columns, dim=1).double()
