@@ -69,15 +69,26 @@ def bundle_root(study: str) -> str:
     return str(project_root() / "bundles" / study)
 
 
-def default_output_dir(study: str, experiment: str, seed: int, profile: str = "paper") -> str:
-    """``<repo>/runs/<study>/<profile>/<experiment>/seed<seed>`` (git-ignored): a quick check never
-    lands on a full run's results."""
-    return str(project_root() / "runs" / study / profile / experiment / f"seed{seed}")
+def _fold_suffix(fold: int | None, sep: str) -> str:
+    return "" if fold is None else f"{sep}fold{fold}"
 
 
-def run_name(experiment: str, seed: int, profile: str = "paper") -> str:
-    """The MLflow run name: ``<experiment> seed<seed>``, with ``(<profile>)`` unless the paper's."""
-    return f"{experiment} seed{seed}" + ("" if profile == "paper" else f" ({profile})")
+def default_output_dir(
+    study: str, experiment: str, seed: int, profile: str = "paper", fold: int | None = None
+) -> str:
+    """``<repo>/runs/<study>/<profile>/<experiment>/seed<seed>[_fold<k>]`` (git-ignored): a quick
+    check never lands on a full run's results, nor one fold on another's."""
+    return str(
+        project_root() / "runs" / study / profile / experiment / f"seed{seed}{_fold_suffix(fold, '_')}"
+    )
+
+
+def run_name(experiment: str, seed: int, profile: str = "paper", fold: int | None = None) -> str:
+    """The MLflow run name: ``<experiment> seed<seed>[ fold<k>]``, with ``(<profile>)`` unless the
+    paper's."""
+    return f"{experiment} seed{seed}{_fold_suffix(fold, ' ')}" + (
+        "" if profile == "paper" else f" ({profile})"
+    )
 
 
 def studies(bundles_dir: str | Path | None = None) -> list[str]:
@@ -287,6 +298,14 @@ def _check_value(key: str, value: Any) -> None:
         raise InputError(f"seed must be a whole number, got {value!r}")
     if key in ("resume", "overwrite"):
         flag(value, key)
+    if (
+        key == "fold"
+        and value is not None
+        and (isinstance(value, bool) or not isinstance(value, int) or value < 0)
+    ):
+        raise InputError(f"fold must be a whole number from 0 (one fold of n_folds), got {value!r}")
+    if key == "n_folds" and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
+        raise InputError(f"n_folds must be a whole number >= 2, got {value!r}")
     if key == "train_split" and value not in ("train", "all"):
         raise InputError(f"train_split must be train or all, got {value!r}")
     if key == "split" and value not in SPLITS:

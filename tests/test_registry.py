@@ -15,6 +15,7 @@ from monai.data import load_decathlon_datalist
 
 from medseg_monai.data import (
     DatasetError,
+    fold_cases,
     get_dataset,
     list_datasets,
     load_datalist,
@@ -405,3 +406,59 @@ def test_train_split_all_trains_on_every_case_and_says_validation_reuses_them(
     for wrong in ("val", "test", "everything"):
         with pytest.raises(DatasetError, match="train_split must be one of train, all"):
             validation_cases(parts, wrong)
+
+
+def test_folds_partition_the_non_test_cases_by_patient() -> None:
+    # 13 patients, two of them with a second time point: folds must never split a patient
+    items = [
+        {"case_id": f"p{g:02d}_{t}", "group": f"p{g:02d}"}
+        for g in range(13)
+        for t in ((1, 2) if g in (3, 8) else (1,))
+    ]
+    parts = split_cases(items, [0.8, 0.1, 0.1], seed=0)
+    seen: list[str] = []
+    for k in range(5):
+        fold = fold_cases(parts, k, 5, seed=0)
+        assert fold["test"] is parts["test"]
+        train = {it["case_id"] for it in fold["train"]}
+        val = {it["case_id"] for it in fold["val"]}
+        assert not train & val and train | val == {it["case_id"] for it in parts["train"] + parts["val"]}
+        assert not {it["group"] for it in fold["train"]} & {it["group"] for it in fold["val"]}
+        assert len({it["group"] for it in fold["val"]}) in (2, 3)  # 11 patients over 5 folds
+        seen += sorted(val)
+    assert sorted(seen) == sorted(
+        it["case_id"] for it in parts["train"] + parts["val"]
+    )  # each validates once
+    assert fold_cases(parts, None) is parts
+    assert fold_cases(parts, 2, 5, seed=0) == fold_cases(parts, 2, 5, seed=0)  # deterministic
+    assert fold_cases(parts, 2, 5, seed=1) != fold_cases(parts, 2, 5, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("fold", "n_folds", "message"),
+    [
+        (5, 5, "fold must be a whole number from 0 to 4"),
+        (-1, 5, "fold must be a whole number from 0 to 4"),
+        (True, 5, "fold must be"),
+        (0, 1, "n_folds must be a whole number >= 2"),
+        (0, 12, "needs at least 12 patients outside the test part, found 4"),
+    ],
+)
+def test_bad_fold_is_refused_in_one_line(fold: object, n_folds: int, message: str) -> None:
+    parts = {
+        "train": [{"case_id": c, "group": c} for c in "abc"],
+        "val": [{"case_id": "d", "group": "d"}],
+        "test": [],
+    }
+    with pytest.raises(DatasetError, match=message):
+        fold_cases(parts, fold, n_folds)  # type: ignore[arg-type]
+
+
+def test_fold_of_a_real_dataset(shared_data: Path) -> None:
+    """A fold of the shared JSRT images (40 patients, one image each)."""
+    root = shared_data / "jsrt-scr"
+    plain = load_datalist("jsrt-scr", data_root=root, split="val")
+    fold = load_datalist("jsrt-scr", data_root=root, split="val", fold=1, n_folds=4)
+    train = load_datalist("jsrt-scr", data_root=root, split="train", fold=1, n_folds=4)
+    assert len(fold) == 10 and len(train) == 30 and fold != plain  # the registry's split has no test part
+    assert not {it["case_id"] for it in fold} & {it["case_id"] for it in train}

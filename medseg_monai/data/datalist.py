@@ -268,12 +268,50 @@ def load_splits(
     data_root: str | Path | None = None,
     seed: int | None = None,
     channels: list[str] | None = None,
+    fold: int | None = None,
+    n_folds: int = 5,
 ) -> dict[str, list[dict[str, Any]]]:
     """All cases of ``dataset_id`` split into ``train``/``val``/``test`` in one scan of its files
-    (arguments as in :func:`load_datalist`)."""
+    (arguments as in :func:`load_datalist`); with ``fold``, ``train`` and ``val`` are that fold of
+    :func:`fold_cases` (the test part stays as it is)."""
     spec = get_dataset(dataset_id)
+    seed = spec.split["seed"] if seed is None else seed
     items = find_cases(spec, resolve_data_root(dataset_id, data_root), channels)
-    return split_cases(items, spec.split["fractions"], spec.split["seed"] if seed is None else seed)
+    return fold_cases(split_cases(items, spec.split["fractions"], seed), fold, n_folds, seed)
+
+
+def fold_cases(
+    parts: dict[str, list[dict[str, Any]]], fold: int | None, n_folds: int = 5, seed: int = 0
+) -> dict[str, list[dict[str, Any]]]:
+    """Fold ``fold`` of a k-fold cross-validation over the ``train`` and ``val`` cases, grouped by
+    patient: their groups are shuffled with ``seed`` and dealt round-robin into ``n_folds`` folds;
+    fold ``fold`` validates, the others train. ``test`` is untouched (it never takes part in model
+    selection). ``fold=None`` returns ``parts`` as they are.
+
+    Kayalibay et al. chose their best network by 5-fold cross-validation on the training cases.
+    """
+    if fold is None:
+        return parts
+    if isinstance(n_folds, bool) or not isinstance(n_folds, int) or n_folds < 2:
+        raise DatasetError(f"n_folds must be a whole number >= 2, got {n_folds!r}")
+    if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < n_folds:
+        raise DatasetError(
+            f"fold must be a whole number from 0 to {n_folds - 1} (n_folds {n_folds}), got {fold!r}"
+        )
+    pool = sorted(parts["train"] + parts["val"], key=lambda it: it["case_id"])
+    groups = sorted({it["group"] for it in pool})
+    if len(groups) < n_folds:
+        raise DatasetError(
+            f"{n_folds}-fold cross-validation needs at least {n_folds} patients outside the test part, "
+            f"found {len(groups)}: pass a smaller --n_folds"
+        )
+    random.Random(seed).shuffle(groups)
+    held = set(groups[fold::n_folds])
+    return {
+        "train": [it for it in pool if it["group"] not in held],
+        "val": [it for it in pool if it["group"] in held],
+        "test": parts["test"],
+    }
 
 
 def load_datalist(
@@ -282,6 +320,8 @@ def load_datalist(
     split: str = "train",
     seed: int | None = None,
     channels: list[str] | None = None,
+    fold: int | None = None,
+    n_folds: int = 5,
 ) -> list[dict[str, Any]]:
     """The cases of one split of ``dataset_id`` as MONAI data dicts with absolute paths.
 
@@ -291,10 +331,11 @@ def load_datalist(
         split: ``train``, ``val``, ``test`` or ``all``.
         seed: split seed (default: the registry's for this dataset).
         channels: channel names that make up ``image``, in order (default: all).
+        fold, n_folds: one fold of a k-fold cross-validation (:func:`fold_cases`), or None.
     """
     if split not in SPLITS:
         raise DatasetError(f"unknown split '{split}'; use one of {', '.join(SPLITS)}")
-    parts = load_splits(dataset_id, data_root, seed, channels)
+    parts = load_splits(dataset_id, data_root, seed, channels, fold, n_folds)
     if split == "all":
         return select_split(parts, split)
     if not parts[split]:
