@@ -1,6 +1,7 @@
 """Networks of the studies that MONAI does not configure exactly, one module per family."""
 
 from medseg_monai.networks.attention import AttentionGate, AttentionUNet
+from medseg_monai.networks.multiscale import MultiScaleMapUNet
 from medseg_monai.networks.unet import ClassicUNet
 
-__all__ = ["AttentionGate", "AttentionUNet", "ClassicUNet"]
+__all__ = ["AttentionGate", "AttentionUNet", "ClassicUNet", "MultiScaleMapUNet"]
