@@ -37,6 +37,7 @@ __all__ = [
     "config_parser",
     "config_files",
     "default_device",
+    "channel_cases",
     "default_output_dir",
     "distributed_sampler",
     "end_distributed",
@@ -479,6 +480,61 @@ def image_files(path: str, suffixes: Sequence[str] = (".png",)) -> list[dict[str
     if not files or not files[0].is_file():
         raise DatasetError(f"no input image at {p} (expected a file or a folder of {', '.join(suffixes)})")
     return [{"image": str(f), "case_id": f.name.split(".")[0]} for f in files]
+
+
+def channel_cases(path: str | Sequence[str], dataset: str, channels: Sequence[str]) -> list[dict[str, Any]]:
+    """Multi-channel inference inputs as ``{"image": [one path per channel], "case_id": ...}``:
+
+    - one case as a list of files, one per channel in ``channels`` order (on the command line a
+      comma-separated string);
+    - a case folder, or a folder of case folders: in each, the file of channel ``c`` is the one
+      whose name ends as the file of ``c`` does in ``dataset``'s layout (``_t1ce.nii.gz`` in
+      BraTS 2018, ``T1c_subtrMeanDivStd.nii.gz`` in the BRATS 2015 files).
+
+    A case folder that lacks a channel stops with one line naming the folder and the channel.
+    """
+    from medseg_monai.data import get_dataset
+
+    files = [str(p) for p in path] if isinstance(path, (list, tuple)) else str(path).split(",")
+    if len(files) > 1:
+        if len(files) != len(channels):
+            raise DatasetError(
+                f"one case needs {len(channels)} files ({', '.join(channels)}), got {len(files)}"
+            )
+        for f in files:
+            if not Path(f).expanduser().is_file():
+                raise DatasetError(f"no input image at {Path(f).expanduser().resolve()}")
+        name = Path(files[0]).name.split(".")[0]
+        return [{"image": [str(Path(f).expanduser().resolve()) for f in files], "case_id": name}]
+    layout = get_dataset(dataset).layout["images"]
+    tails = {c: Path(layout[c]).name.rsplit("}", 1)[-1].lower() for c in channels}
+    root = Path(files[0]).expanduser().resolve()
+    if not root.is_dir():
+        raise DatasetError(
+            f"{root}: give a case folder, a folder of case folders, or {len(channels)} files ({', '.join(channels)})"
+        )
+
+    def match(folder: Path) -> dict[str, list[Path]]:
+        names = sorted(p for p in folder.iterdir() if p.is_file())
+        return {c: [p for p in names if p.name.lower().endswith(t)] for c, t in tails.items()}
+
+    own = match(root)
+    folders = [root] if any(own.values()) else sorted(p for p in root.iterdir() if p.is_dir())
+    cases = []
+    for folder in folders:
+        found = own if folder == root else match(folder)
+        if not any(found.values()):
+            continue
+        for c, hits in found.items():
+            if len(hits) != 1:
+                what = "no file" if not hits else f"{len(hits)} files"
+                raise DatasetError(
+                    f"case folder {folder}: {what} for channel '{c}' (a name ending '{tails[c]}')"
+                )
+        cases.append({"image": [str(found[c][0]) for c in channels], "case_id": folder.name})
+    if not cases:
+        raise DatasetError(f"no case under {root}: no file name ends as {', '.join(tails.values())}")
+    return cases
 
 
 # ----------------------------------------------------------------------------- engine helpers

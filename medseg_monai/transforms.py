@@ -30,6 +30,7 @@ from monai.transforms import (
 from medseg_monai.data.registry import DatasetError
 
 __all__ = [
+    "BackgroundToZerod",
     "CaseGaussianNoised",
     "CheckFilesd",
     "CheckGeometryd",
@@ -231,6 +232,23 @@ class CheckIntensityd(MapTransform):
                     raise DatasetError(f"case '{case}': {names[c]} has {n} NaN or infinite voxels")
                 if not img[c].any():
                     raise DatasetError(f"case '{case}': {names[c]} is all zero")
+        return d
+
+
+class BackgroundToZerod(MapTransform):
+    """Shift each channel of ``keys`` (C, *spatial) by its minimum, so that the background of a
+    skull-stripped volume (its lowest value) is 0 and ``CropForegroundd`` / ``NormalizeIntensityd
+    (nonzero=True)`` find the brain. Raw scans (BraTS 2018: background 0) are unchanged; volumes
+    z-scored before release (the BRATS 2015 four-class files: background about -3.6) get their
+    background back to 0."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            t = torch.as_tensor(img)
+            low = t.reshape(t.shape[0], -1).amin(dim=1).reshape(-1, *([1] * (t.ndim - 1)))
+            d[key] = _like(t - low, img)
         return d
 
 

@@ -65,13 +65,16 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _first_input(study: str) -> str:
-    """One file of the study's synthetic dataset that its inference reads."""
+    """One case of the study's synthetic dataset as its inference reads it: the file, or the files of
+    a multi-channel case, comma-separated."""
     parser = parse(config_files(study, profile="quick"), {})
-    suffixes = tuple(parser.get_parsed_content("infer_suffixes"))
     case = load_splits(parser.get_parsed_content("dataset"))["val"][0]
-    image = case["image"][0] if isinstance(case["image"], list) else case["image"]
-    assert image.endswith(suffixes), (image, suffixes)
-    return image
+    images = case["image"] if isinstance(case["image"], list) else [case["image"]]
+    if len(images) > 1:
+        return ",".join(images)
+    suffixes = tuple(parser.get_parsed_content("infer_suffixes"))
+    assert images[0].endswith(suffixes), (images[0], suffixes)
+    return images[0]
 
 
 @pytest.mark.parametrize(
@@ -218,9 +221,12 @@ def test_quick_train_then_evaluate_writes_the_contract(study: str, tmp_path: Pat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("study", STUDIES)
-@pytest.mark.parametrize("fault", ["dataset", "checkpoint", "train_split"])
+@pytest.mark.parametrize("fault", ["dataset", "checkpoint", "train_split", "fold"])
 def test_bad_setting_is_one_error_line(study: str, fault: str, tmp_path: Path) -> None:
-    if fault == "train_split":
+    if fault == "fold":
+        result = run_bundle(study, tmp_path / "mlflow", fold=5, output_dir=tmp_path)
+        expected = "fold must be a whole number from 0 to 4 (n_folds 5), got 5"
+    elif fault == "train_split":
         result = run_bundle(study, tmp_path / "mlflow", train_split="val", output_dir=tmp_path)
         expected = "train_split must be train or all, got 'val'"
     elif fault == "dataset":
