@@ -483,7 +483,8 @@ def image_files(path: str, suffixes: Sequence[str] = (".png",)) -> list[dict[str
 
 
 def channel_cases(path: str | Sequence[str], dataset: str, channels: Sequence[str]) -> list[dict[str, Any]]:
-    """Multi-channel inference inputs as ``{"image": [one path per channel], "case_id": ...}``:
+    """Multi-channel inference inputs as ``{"image": [one path per channel], "case_id": ..., <channel>:
+    path, ...}`` (the registry's datalist shape):
 
     - one case as a list of files, one per channel in ``channels`` order (on the command line a
       comma-separated string);
@@ -504,8 +505,14 @@ def channel_cases(path: str | Sequence[str], dataset: str, channels: Sequence[st
         for f in files:
             if not Path(f).expanduser().is_file():
                 raise DatasetError(f"no input image at {Path(f).expanduser().resolve()}")
-        name = Path(files[0]).name.split(".")[0]
-        return [{"image": [str(Path(f).expanduser().resolve()) for f in files], "case_id": name}]
+        paths = [str(Path(f).expanduser().absolute()) for f in files]
+        return [
+            {
+                "image": paths,
+                "case_id": Path(files[0]).name.split(".")[0],
+                **dict(zip(channels, paths, strict=True)),
+            }
+        ]
     layout = get_dataset(dataset).layout["images"]
     tails = {c: Path(layout[c]).name.rsplit("}", 1)[-1].lower() for c in channels}
     root = Path(files[0]).expanduser().resolve()
@@ -531,7 +538,8 @@ def channel_cases(path: str | Sequence[str], dataset: str, channels: Sequence[st
                 raise DatasetError(
                     f"case folder {folder}: {what} for channel '{c}' (a name ending '{tails[c]}')"
                 )
-        cases.append({"image": [str(found[c][0]) for c in channels], "case_id": folder.name})
+        paths = [str(found[c][0]) for c in channels]
+        cases.append({"image": paths, "case_id": folder.name, **dict(zip(channels, paths, strict=True))})
     if not cases:
         raise DatasetError(f"no case under {root}: no file name ends as {', '.join(tails.values())}")
     return cases

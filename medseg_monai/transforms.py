@@ -211,13 +211,20 @@ class CheckGeometryd(MapTransform):
 
 class CheckIntensityd(MapTransform):
     """After loading: no NaN or infinite voxel, and no all-zero channel, in ``keys`` (C, *spatial);
-    otherwise one line naming the case and the file."""
+    otherwise one line naming the case and the file. A multi-file image keeps only its first
+    file's name in its metadata: ``channel_keys`` name the data-dict keys that hold each channel's
+    file (the registry's datalists and ``medseg_monai.bundle.channel_cases`` carry one per channel)."""
 
     def __init__(
-        self, keys: KeysCollection, id_key: str = "case_id", allow_missing_keys: bool = False
+        self,
+        keys: KeysCollection,
+        id_key: str = "case_id",
+        channel_keys: Sequence[str] | None = None,
+        allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.id_key = id_key
+        self.channel_keys = list(channel_keys or [])
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -225,6 +232,8 @@ class CheckIntensityd(MapTransform):
             img = torch.as_tensor(d[key])
             names = (getattr(d[key], "meta", {}) or {}).get("filename_or_obj", key)
             names = names if isinstance(names, (list, tuple)) else [names] * img.shape[0]
+            if len(self.channel_keys) == img.shape[0] and all(k in d for k in self.channel_keys):
+                names = [d[k] for k in self.channel_keys]
             case = d.get(self.id_key, "?")
             for c in range(img.shape[0]):
                 if not torch.isfinite(img[c]).all():
