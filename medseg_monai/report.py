@@ -194,6 +194,8 @@ def build_report(output_dir: str | Path | None = None) -> Path:
                     if f"eval_{split}_{metric}" in r.data.metrics
                 ]
                 paper = tags.get(f"paper.{metric}", "-")
+                if not values and paper == "-":  # a metric of another label set (e.g. BraTS 2015's classes)
+                    continue
                 run_ids = " ".join(r.info.run_id[:8] for r in runs)
                 rows.append(
                     [name, f"{split} {metric}", paper, _mean_sd(values), str(len(values)), dataset, run_ids]

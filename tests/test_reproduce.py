@@ -74,6 +74,18 @@ def test_every_bundle_grid_plans(tmp_path: Path) -> None:
     }
     assert all(Path(c).is_file() for j in jobs for c in j.configs)
     assert len(plan("paper", studies=["xray"], runs_dir=tmp_path)) == 39
+    brats = {j.experiment: j for j in jobs if j.study == "brats"}
+    modalities = {"flair", "t1", "t1c", "t2", "flair_t1c", "flair_t1c_t2", "baseline"}
+    assert set(brats) == modalities | {"cross_entropy", "no_long_skips", "single_scale", "sum_skips"}
+    # the slides' table: necrosis / edema / enhancing / non-enhancing per modality subset
+    assert brats["flair_t1c_t2"].paper == {
+        "dice_necrosis": 0.55,
+        "dice_edema": 0.82,
+        "dice_enhancing": 0.49,
+        "dice_non_enhancing": 0.80,
+    }
+    assert all(len(brats[m].paper) == 4 for m in modalities)
+    assert {"dice_wt", "dice_tc", "dice_et"} <= set(brats["baseline"].metrics)
 
 
 @pytest.mark.slow
