@@ -35,6 +35,8 @@ from monai.inferers import Inferer
 from monai.transforms import MapTransform, Transform
 from monai.utils import ensure_tuple
 
+from medseg_monai.data.registry import DatasetError
+
 try:
     from monai.transforms.traits import MultiSampleTrait, ReduceTrait
 except ImportError:  # older MONAI: Compose maps every transform over a list of samples
@@ -301,6 +303,12 @@ class SliceDataset(Dataset):
         self.volumes = volumes
         self.extractor = ExtractSlicesd(keys, centre_keys, axis, neighbours, min_entropy, **extract_args)
         index = [(v, z) for v in range(len(volumes)) for z in self.extractor.slice_indices(volumes[v])]
+        if len(volumes) and not index:
+            # else the DataLoader's sampler fails later with "num_samples=0", naming nothing
+            raise DatasetError(
+                f"no training slice: all slices of the {len(volumes)} volume(s) have a histogram entropy "
+                f"below min_entropy {min_entropy} bits (lower --min_entropy, or check the images)"
+            )
         super().__init__(data=index, transform=transform)
         self.index: list[tuple[int, int]] = index
 

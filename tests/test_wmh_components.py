@@ -9,6 +9,7 @@ import torch
 from monai.data import CacheDataset, DataLoader, MetaTensor
 from monai.transforms import Compose, RandFlipd
 
+from medseg_monai.data import DatasetError
 from medseg_monai.losses import FocalTverskyLoss
 from medseg_monai.networks import AttentionUNet, ClassicUNet
 from medseg_monai.slices import (
@@ -222,6 +223,9 @@ def test_slice_dataset_length_and_shuffled_batches() -> None:
     cached = CacheDataset([_entropy_volume(), _entropy_volume()], transform=Compose([]), progress=False)
     filtered = SliceDataset(cached, min_entropy=2.0)
     assert filtered.index == [(0, 2), (0, 3), (1, 2), (1, 3)]
+    # nothing left to train on: one line, not the sampler's "num_samples=0" later
+    with pytest.raises(DatasetError, match="no training slice: all slices of the 2 volume"):
+        SliceDataset(cached, min_entropy=9.0)
 
 
 def test_neighbour_slice_inferer_restacks_to_input_geometry() -> None:
