@@ -243,3 +243,17 @@ def test_bad_setting_is_one_error_line(study: str, fault: str, tmp_path: Path) -
     assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_fold_selects_the_cases_and_names_the_run(study: str) -> None:
+    plain = parse(config_files(study, profile="quick"), {})
+    fold = parse(config_files(study, profile="quick"), {"fold": 1, "n_folds": 3})
+    assert fold.get_parsed_content("output_dir").endswith(f"seed{fold['seed']}_fold1")
+    assert plain.get_parsed_content("output_dir").endswith(f"seed{plain['seed']}")
+    train, val = (fold.get_parsed_content(k) for k in ("train_datalist", "val_datalist"))
+    pool = plain.get_parsed_content("datalist")
+    assert {c["case_id"] for c in train + val} == {c["case_id"] for c in pool["train"] + pool["val"]}
+    assert not {c["group"] for c in train} & {c["group"] for c in val} and val != pool["val"]
+    tracker = fold.get_parsed_content("train#handlers")[0]
+    assert tracker.run_name.endswith("fold1 (quick)")
