@@ -605,12 +605,26 @@ def wrap_ddp(network: Any, device: Any) -> Any:
 
 def distributed_sampler(dataset: Any, shuffle: bool) -> Any:
     """MONAI's ``DistributedSampler`` over ``dataset`` under DDP (training shards are padded to equal
-    length, validation shards are not), else None (the data loader's own order)."""
+    length, validation shards are not), else None (the data loader's own order).
+
+    A validation set smaller than the number of processes would leave a process without a case,
+    which MONAI refuses: its shards are then padded with repeated cases, and the log says that
+    the validation means count those cases twice."""
     if not is_distributed():
         return None
+    import torch.distributed as dist
     from monai.data import DistributedSampler
 
-    return DistributedSampler(dataset, shuffle=shuffle, even_divisible=shuffle)
+    world = dist.get_world_size()
+    pad = shuffle or len(dataset) < world
+    if pad and not shuffle:
+        logging.getLogger("medseg_monai.bundle").warning(
+            "validation has %d case(s) for %d processes: cases are repeated to give each one, and the "
+            "validation means count them more than once",
+            len(dataset),
+            world,
+        )
+    return DistributedSampler(dataset, shuffle=shuffle, even_divisible=pad)
 
 
 def _rank0_only() -> tuple[type, ...]:
