@@ -70,7 +70,7 @@ def _first_input(study: str) -> str:
     parser = parse(config_files(study, profile="quick"), {})
     case = load_splits(parser.get_parsed_content("dataset"))["val"][0]
     images = case["image"] if isinstance(case["image"], list) else [case["image"]]
-    if len(images) > 1:
+    if "channel_cases" in str(parser["infer_datalist"]):  # one file per channel
         return ",".join(images)
     suffixes = tuple(parser.get_parsed_content("infer_suffixes"))
     assert images[0].endswith(suffixes), (images[0], suffixes)
