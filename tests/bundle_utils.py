@@ -60,5 +60,10 @@ def mlflow_client(mlflow_dir: Path) -> MlflowClient:
     return MlflowClient(tracking_uri=f"sqlite:///{mlflow_dir / 'mlflow.db'}")
 
 
+def metric_values(client: MlflowClient, run_id: str, metric: str) -> list[float]:
+    """A run's history of ``metric``, in step order."""
+    return [m.value for m in sorted(client.get_metric_history(run_id, metric), key=lambda m: m.step)]
+
+
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("error: ")]

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bundle_utils import error_lines, mlflow_client, parse_study, run_bundle, train_quick
+from bundle_utils import error_lines, metric_values, mlflow_client, parse_study, run_bundle, train_quick
 from medseg_monai.bundle import channel_cases
 from medseg_monai.data import DatasetError, load_splits
 from medseg_monai.errors import is_input_error
@@ -108,9 +108,7 @@ def test_quick_profile_trains_and_improves(trained: tuple[Path, Path]) -> None:
     client = mlflow_client(store)
     run = client.search_runs([client.get_experiment_by_name("brats").experiment_id])[0]
     assert run.info.status == "FINISHED" and run.data.tags["dataset.kind"] == "synthetic"
-    dice = [
-        m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_dice"), key=lambda m: m.step)
-    ]
+    dice = metric_values(client, run.info.run_id, "val_dice")
     assert len(dice) == 12 and max(dice[-3:]) > dice[0] + 0.3, dice
     assert {"val_dice_wt", "val_dice_tc", "val_dice_et", "val_hd95_wt"} <= set(run.data.metrics)
 

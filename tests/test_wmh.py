@@ -15,7 +15,7 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.networks.nets import BasicUNet
 
-from bundle_utils import ROOT, error_lines, mlflow_client, parse_study, run_bundle, train_quick
+from bundle_utils import ROOT, error_lines, metric_values, mlflow_client, parse_study, run_bundle, train_quick
 from medseg_monai.data import load_datalist
 from medseg_monai.metrics import lesion_table
 from medseg_monai.networks import AttentionUNet, ClassicUNet
@@ -149,9 +149,7 @@ def test_quick_profile_trains_on_synthetic_and_dice_rises(trained: tuple[Path, P
     client = mlflow_client(store)
     run = client.search_runs([client.get_experiment_by_name("wmh").experiment_id])[0]
     assert run.info.status == "FINISHED" and run.data.tags["dataset.id"] == "wmh-synthetic"
-    dice = [
-        m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_dice"), key=lambda m: m.step)
-    ]
+    dice = metric_values(client, run.info.run_id, "val_dice")
     assert max(dice[-2:]) > dice[0] + 0.2, dice
     assert {"val_f3", "val_recall", "val_precision", "val_lesion_recall", "val_loss", "train_loss"} <= set(
         run.data.metrics

@@ -15,7 +15,7 @@ from monai.losses import DiceLoss
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from PIL import Image
 
-from bundle_utils import ROOT, error_lines, mlflow_client, parse_study, run_bundle, train_quick
+from bundle_utils import ROOT, error_lines, metric_values, mlflow_client, parse_study, run_bundle, train_quick
 from medseg_monai.losses import ForegroundBackgroundDiceLoss, SumOfLosses
 from medseg_monai.networks import ClassicUNet
 from medseg_monai.reproduce import plan
@@ -233,9 +233,7 @@ def test_quick_profile_trains_and_improves(trained: tuple[Path, Path]) -> None:
     run = client.search_runs([client.get_experiment_by_name("xray").experiment_id])[0]
     assert run.info.status == "FINISHED" and run.info.run_name == "baseline seed1 (quick)"
     assert run.data.tags["dataset.kind"] == "synthetic" and run.data.tags["profile"] == "quick"
-    dice = [
-        m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_dice"), key=lambda m: m.step)
-    ]
+    dice = metric_values(client, run.info.run_id, "val_dice")
     assert len(dice) == 12
     assert max(dice[-3:]) > dice[0] + 0.25 and max(dice) > 0.6, dice
     # 5 validations an epoch (5 iterations: after each); model.pt is the best of them all
