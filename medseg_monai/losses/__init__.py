@@ -1,6 +1,7 @@
 """Losses from the studies that MONAI does not provide, one module per family."""
 
 from medseg_monai.losses.dice import ForegroundBackgroundDiceLoss, SumOfLosses
+from medseg_monai.losses.iou import SoftIoULoss
 from medseg_monai.losses.tversky import FocalTverskyLoss
 
-__all__ = ["FocalTverskyLoss", "ForegroundBackgroundDiceLoss", "SumOfLosses"]
+__all__ = ["FocalTverskyLoss", "ForegroundBackgroundDiceLoss", "SoftIoULoss", "SumOfLosses"]

@@ -1,7 +1,15 @@
 """Networks of the studies that MONAI does not configure exactly, one module per family."""
 
 from medseg_monai.networks.attention import AttentionGate, AttentionUNet
+from medseg_monai.networks.factorized import FactorizedConvUNet, weight_decay_groups
 from medseg_monai.networks.multiscale import MultiScaleMapUNet
 from medseg_monai.networks.unet import ClassicUNet
 
-__all__ = ["AttentionGate", "AttentionUNet", "ClassicUNet", "MultiScaleMapUNet"]
+__all__ = [
+    "AttentionGate",
+    "AttentionUNet",
+    "ClassicUNet",
+    "FactorizedConvUNet",
+    "MultiScaleMapUNet",
+    "weight_decay_groups",
+]
