@@ -16,7 +16,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -287,6 +287,14 @@ def flag(value: Any, name: str) -> bool:
     if text not in _FLAGS:
         raise InputError(f"{name} must be true or false, got {value!r}")
     return _FLAGS[text]
+
+
+def choose(name: str, value: Any, options: Mapping[str, Any]) -> Any:
+    """``options[value]`` for a setting that names one of a few variants (e.g. the knee's
+    ``label_mode``); anything else is refused in one line that lists the choices."""
+    if not isinstance(value, str) or value not in options:
+        raise InputError(f"{name} must be one of {', '.join(options)}, got {value!r}")
+    return options[value]
 
 
 def _check_value(key: str, value: Any) -> None:

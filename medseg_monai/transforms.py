@@ -565,3 +565,77 @@ class InPlaneGridd(MapTransform, InvertibleTransform):
 
     def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         return self.steps.inverse(data)
+
+
+class SplitByNearestLabeld(MapTransform):
+    """Split a merged binary prediction (1, *spatial) into one channel per class (K, *spatial):
+    each predicted voxel goes to the class of the nearest reference voxel among ``classes``.
+
+    The knee thesis also trains one merged "bone" map (sec. 4.3.6); this scores such a model per
+    bone wherever the reference separates them (``label_key``: class indices (1, *spatial)). A
+    class absent from the reference gets an empty channel; with no class present all are empty.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        label_key: str = "label",
+        classes: Sequence[int] = (1, 2, 3),
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.label_key = label_key
+        self.classes = [int(c) for c in classes]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from scipy import ndimage
+
+        d = dict(data)
+        label = torch.as_tensor(d[self.label_key]).detach().cpu().round().long().numpy()[0]
+        inside = np.isin(label, self.classes)
+        if inside.any():
+            index = ndimage.distance_transform_edt(~inside, return_distances=False, return_indices=True)
+            nearest = torch.from_numpy(label[tuple(index)])
+        else:
+            nearest = torch.zeros(label.shape, dtype=torch.long)
+        for key in self.key_iterator(d):
+            pred = torch.as_tensor(d[key])
+            if pred.shape[0] != 1 or pred.shape[1:] != nearest.shape:
+                raise ValueError(
+                    f"{key}: expected one merged map of shape {tuple(nearest.shape)}, got {tuple(pred.shape)}"
+                )
+            on = pred[0].detach().cpu() > 0.5
+            split = torch.stack([(on & (nearest == c)) for c in self.classes]).to(torch.float32)
+            d[key] = _like(split.to(pred.device), d[key])
+        return d
+
+
+class MapsToLabeld(MapTransform):
+    """Per-structure probability maps (C, *spatial) -> a label map (1, *spatial) of file values:
+    ``values[c]`` where map c is the highest and at least ``threshold``, 0 elsewhere (sigmoid maps
+    may overlap; the most probable structure wins)."""
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        values: Sequence[int],
+        threshold: float = 0.5,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.values = [int(v) for v in values]
+        self.threshold = float(threshold)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            maps = torch.as_tensor(d[key]).float()
+            if maps.shape[0] != len(self.values):
+                raise ValueError(
+                    f"{key}: {maps.shape[0]} maps for {len(self.values)} label values {self.values}"
+                )
+            best, index = maps.max(dim=0)
+            lut = torch.tensor(self.values, dtype=torch.float32, device=maps.device)
+            label = torch.where(best >= self.threshold, lut[index], torch.zeros_like(best))
+            d[key] = _like(label[None], d[key])
+        return d

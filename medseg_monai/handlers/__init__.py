@@ -1,7 +1,7 @@
 """Ignite handlers the bundles attach (in ``train#handlers`` / ``validate#handlers`` and the studies'
 ``train_handlers`` / ``val_handlers``), one module per concern:
 
-- :mod:`.training`: :class:`GradientClipping`, :class:`SchedulerStepper`, :class:`ValidationSchedule`.
+- :mod:`.training`: :class:`EarlyStopping`, :class:`GradientClipping`, :class:`SchedulerStepper`, :class:`ValidationSchedule`.
 - :mod:`.case_metrics`: :class:`CaseMetrics`, the ``metrics.json`` contract.
 - :mod:`.tracking`: :class:`MLflowTracker`, one tagged MLflow run per training (or evaluation).
 - :mod:`.resume`: :class:`TrainingCheckpoint`, resumable and interruptible trainings.
@@ -15,11 +15,17 @@ from medseg_monai.handlers.case_metrics import CaseMetrics, summarise_cases
 from medseg_monai.handlers.progress import ProgressLog
 from medseg_monai.handlers.resume import TrainingCheckpoint
 from medseg_monai.handlers.tracking import MLflowTracker, config_params
-from medseg_monai.handlers.training import GradientClipping, SchedulerStepper, ValidationSchedule
+from medseg_monai.handlers.training import (
+    EarlyStopping,
+    GradientClipping,
+    SchedulerStepper,
+    ValidationSchedule,
+)
 from medseg_monai.metrics.lesions import LesionTableWriter
 
 __all__ = [
     "CaseMetrics",
+    "EarlyStopping",
     "GradientClipping",
     "LesionTableWriter",
     "MLflowTracker",

@@ -1,5 +1,5 @@
-"""Training-loop handlers: gradient clipping, learning-rate scheduler stepping and how often
-validation runs."""
+"""Training-loop handlers: gradient clipping, learning-rate scheduler stepping, how often
+validation runs and early stopping."""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 from monai.handlers import ValidationHandler
 
-__all__ = ["GradientClipping", "SchedulerStepper", "ValidationSchedule", "validation_iterations"]
+__all__ = [
+    "EarlyStopping",
+    "GradientClipping",
+    "SchedulerStepper",
+    "ValidationSchedule",
+    "validation_iterations",
+]
 
 
 def validation_iterations(epoch_length: int, per_epoch: int) -> list[int]:
@@ -101,3 +107,46 @@ class SchedulerStepper:
 
     def __call__(self, engine: Engine) -> None:
         self.lr_scheduler.step()
+
+
+class EarlyStopping:
+    """Stop training after ``patience`` validations in a row without a better key metric: Ignite's
+    ``EarlyStopping`` (as Keras's, which the knee thesis used: sec. 4.5.5, patience 9) on the
+    evaluator, whose key metric and ``key_metric_mode`` say what better is.
+
+    Attach it to the trainer (a study's ``train_handlers``). Its counter and best score live in
+    ``trainer.state`` (a ``state_dict`` user key), so a resumed run continues the count.
+    """
+
+    STATE_KEY = "early_stopping"
+
+    def __init__(self, evaluator: Engine, patience: int, mode: str = "max") -> None:
+        if int(patience) < 1:
+            raise ValueError(f"patience must be a positive number of validations, got {patience}")
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got '{mode}'")
+        self.evaluator = evaluator
+        self.patience = int(patience)
+        self.sign = 1.0 if mode == "max" else -1.0
+        self.trainer: Engine | None = None
+        self.stopper: Any = None
+
+    def _score(self, evaluator: Engine) -> float:
+        return self.sign * float(evaluator.state.metrics[evaluator.state.key_metric_name])
+
+    def attach(self, trainer: Engine) -> None:
+        from ignite.handlers import EarlyStopping as IgniteEarlyStopping
+
+        self.trainer = trainer
+        self.stopper = IgniteEarlyStopping(self.patience, self._score, trainer)
+        if self.STATE_KEY not in trainer._state_dict_user_keys:
+            trainer._state_dict_user_keys.append(self.STATE_KEY)
+        setattr(trainer.state, self.STATE_KEY, dict(self.stopper.state_dict()))
+        self.evaluator.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, evaluator: Engine) -> None:
+        if self.trainer is None or self.trainer.state.epoch == 0:
+            return  # an evaluation outside training
+        self.stopper.load_state_dict(getattr(self.trainer.state, self.STATE_KEY))  # a resumed count
+        self.stopper(evaluator)
+        setattr(self.trainer.state, self.STATE_KEY, dict(self.stopper.state_dict()))

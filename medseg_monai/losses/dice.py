@@ -1,5 +1,5 @@
-"""Dice-family losses of the X-ray study that MONAI lacks: DL2 (foreground + background-complement
-Dice) and a weighted sum of losses (e.g. DL2 + cross-entropy), documented options of that bundle."""
+"""Dice-family losses that MONAI lacks: the X-ray study's DL2 (foreground + background-complement
+Dice) and weighted sum of losses (e.g. DL2 + cross-entropy), and the knee study's negative soft Dice."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.loss import _Loss
 
-__all__ = ["ForegroundBackgroundDiceLoss", "SumOfLosses"]
+__all__ = ["ForegroundBackgroundDiceLoss", "NegativeSoftDiceLoss", "SumOfLosses"]
 
 
 def _probabilities_and_onehot(
@@ -84,3 +84,32 @@ class SumOfLosses(_Loss):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return sum(w * loss(input, target) for w, loss in zip(self.weights, self.losses, strict=True))
+
+
+class NegativeSoftDiceLoss(_Loss):
+    """The knee thesis's loss (sec. 4.5.2: "the negative DICE coefficient was used"), read as the
+    Keras ``dice_coef`` that U-Nets of its time minimised (e.g. github.com/jocicmarko/
+    ultrasound-nerve-segmentation): the sigmoid maps and binary references are flattened over
+    batch, channels and voxels together and
+
+        loss = -(2 sum p t + smooth) / (sum p + sum t + smooth),   smooth = 1,
+
+    so it runs from -1 (perfect) towards 0, and a bone's weight is its voxel count (pooled, not a
+    mean over bones). Its gradient is that of MONAI's ``DiceLoss`` only with one channel.
+
+    Args:
+        input: (B, C, *spatial) logits (``sigmoid=True``) or probabilities, one map per structure.
+        target: (B, C, *spatial) binary maps.
+    """
+
+    def __init__(self, sigmoid: bool = True, smooth: float = 1.0) -> None:
+        super().__init__()
+        self.sigmoid = sigmoid
+        self.smooth = float(smooth)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if input.shape != target.shape:
+            raise ValueError(f"target {tuple(target.shape)} does not match prediction {tuple(input.shape)}")
+        p = torch.sigmoid(input) if self.sigmoid else input
+        t = target.to(p.dtype)
+        return -(2 * (p * t).sum() + self.smooth) / (p.sum() + t.sum() + self.smooth)

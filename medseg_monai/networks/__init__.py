@@ -1,6 +1,7 @@
 """Networks of the studies that MONAI does not configure exactly, one module per family."""
 
 from medseg_monai.networks.attention import AttentionGate, AttentionUNet
+from medseg_monai.networks.dropout_unet import EncoderDropoutUNet
 from medseg_monai.networks.factorized import FactorizedConvUNet, weight_decay_groups
 from medseg_monai.networks.multiscale import MultiScaleMapUNet
 from medseg_monai.networks.unet import ClassicUNet
@@ -9,6 +10,7 @@ __all__ = [
     "AttentionGate",
     "AttentionUNet",
     "ClassicUNet",
+    "EncoderDropoutUNet",
     "FactorizedConvUNet",
     "MultiScaleMapUNet",
     "weight_decay_groups",
