@@ -1,0 +1,160 @@
+"""The knee bundle end to end: its configuration as the thesis sets it, training on synthetic knees
+(every bone learns), and a NIfTI knee of another shape and spacing in the knee-mr-bones layout that
+trains, evaluates and comes back from inference in its own geometry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from bundle_utils import error_lines, metric_values, mlflow_client, parse_study, run_bundle, train_quick
+from medseg_monai.synthetic import knee
+
+
+def test_configuration_is_the_thesis() -> None:
+    parser = parse_study("knee")
+    assert parser.get_parsed_content("size") == [224, 224, 36]
+    net = parser.get_parsed_content("network_def")
+    assert [m.p for m in net.modules() if isinstance(m, torch.nn.Dropout)] == [0.2] * 5
+    optimizer = parser.get_parsed_content("optimizer")
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.param_groups[0]["lr"] == 1e-3
+    scheduler = parser.get_parsed_content("lr_scheduler")
+    for _ in range(9000):  # Keras decay 1e-3 per step: 1e-3 / (1 + 9) after 9000 steps (sec. 4.5.4)
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+    assert parser.get_parsed_content("patience") == 9 and parser.get_parsed_content("out_channels") == 3
+    assert get_fractions() == [0.8, 0.2, 0.0]
+    merged = parse_study("knee", "merged")
+    assert merged.get_parsed_content("out_channels") == 1 and merged.get_parsed_content("target_classes") == [
+        [1, 2, 3]
+    ]
+    two_d = parse_study("knee", "slices_2d", "quick").get_parsed_content("network_def")
+    assert not any(isinstance(m, torch.nn.Conv3d) for m in two_d.modules())
+
+
+def get_fractions() -> list[float]:
+    from medseg_monai.data import get_dataset
+
+    return list(get_dataset("knee-synthetic").split["fractions"])
+
+
+def test_bad_label_mode_is_one_line() -> None:
+    from medseg_monai.errors import InputError
+
+    with pytest.raises(Exception) as caught:  # noqa: PT011 (MONAI wraps it)
+        parse_study("knee", label_mode="bones").get_parsed_content("target_classes")
+    from medseg_monai.errors import is_input_error
+
+    found = is_input_error(caught.value)
+    assert (
+        isinstance(found, InputError)
+        and str(found) == "label_mode must be one of separate, merged, got 'bones'"
+    )
+
+
+def test_2d_training_samples_are_the_slices_of_a_volume() -> None:
+    parser = parse_study("knee", "slices_2d", "quick")
+    dataset = parser.get_parsed_content("train_dataset")
+    samples = dataset[0]
+    assert isinstance(samples, list) and len(samples) == 16  # the quick profile's 16 slices
+    assert samples[0]["image"].shape == (1, 64, 64) and samples[0]["label"].shape == (3, 64, 64)
+
+
+# --- training on the synthetic knees ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return train_quick("knee", tmp_path_factory)
+
+
+@pytest.mark.slow
+def test_quick_profile_every_bone_learns(trained: tuple[Path, Path]) -> None:
+    out, store = trained
+    client = mlflow_client(store)
+    run = client.search_runs([client.get_experiment_by_name("knee").experiment_id])[0]
+    assert run.info.status == "FINISHED" and run.data.tags["dataset.kind"] == "synthetic"
+    for bone in ("femur", "tibia", "fibula"):
+        dice = metric_values(client, run.info.run_id, f"val_dice_{bone}")
+        assert max(dice[-3:]) > dice[0] + 0.25, (bone, dice)
+    assert {"val_iou_femur", "val_iou_fibula"} <= set(run.data.metrics)
+    assert (out / "model.pt").is_file() and (out / "checkpoint.pt").is_file()
+
+
+@pytest.mark.slow
+def test_evaluate_scores_on_the_native_grid(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    out, store = trained
+    result = run_bundle(
+        "knee", store, mode="evaluate", output_dir=out, ckpt_path=out / "model.pt", split="val"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["cases"]) == 2
+    assert {"dice", "dice_femur", "dice_tibia", "dice_fibula", "iou_femur", "iou_tibia", "iou_fibula"} <= set(
+        metrics["mean"]
+    )
+    assert metrics["mean"]["dice_femur"] > 0.6, metrics["mean"]
+
+
+# --- a real-layout knee of another shape and spacing ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bones_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A knee-mr-bones folder of 5 synthetic knees at 120 x 120 x 24 (0.93 x 0.93 x 4.5 mm, like the
+    thesis's 24-slice source) instead of the synthetic set's 160 x 160 x 36."""
+    root = tmp_path_factory.mktemp("knee-mr-bones")
+    knee.generate(root, seed=7, n_cases=5, shape=(120, 120, 24))
+    return root
+
+
+@pytest.mark.slow
+def test_other_geometry_trains_evaluates_and_infers_in_its_own_geometry(
+    bones_root: Path, tmp_path: Path
+) -> None:
+    out, store = tmp_path / "run", tmp_path / "mlflow"
+    common = {"dataset": "knee-mr-bones", "data_root": bones_root, "output_dir": out}
+    result = run_bundle("knee", store, max_epochs=2, **common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_bundle("knee", store, mode="evaluate", ckpt_path=out / "model.pt", split="val", **common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["cases"]
+    # inference on an LPS-flipped, cropped copy with a wider window than training: sliding window
+    image = nib.load(bones_root / "imagesTr" / "knee_004.nii.gz")
+    data = np.asarray(image.dataobj)[::-1, 3:-5, :]
+    affine = image.affine @ np.array(
+        [[-1, 0, 0, data.shape[0] - 1], [0, 1, 0, 3], [0, 0, 1, 0], [0, 0, 0, 1]]
+    )
+    moved = tmp_path / "in" / "knee_x.nii.gz"
+    moved.parent.mkdir()
+    nib.save(nib.Nifti1Image(data, affine), moved)
+    result = run_bundle(
+        "knee",
+        store,
+        mode="inference",
+        ckpt_path=out / "model.pt",
+        input_path=moved,
+        output_dir=tmp_path / "pred",
+        infer_window_mm=150.0,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    pred = nib.load(tmp_path / "pred" / "knee_x_seg.nii.gz")
+    assert pred.shape == data.shape and np.allclose(pred.affine, affine, atol=1e-4)
+    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2, 3}
+
+
+@pytest.mark.slow
+def test_missing_input_is_one_error_line(tmp_path: Path) -> None:
+    ckpt = tmp_path / "model.pt"
+    torch.save(parse_study("knee", profile="quick").get_parsed_content("network_def").state_dict(), ckpt)
+    result = run_bundle(
+        "knee", tmp_path / "mlflow", mode="inference", ckpt_path=ckpt, input_path=tmp_path / "nowhere.nii.gz"
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert len(error_lines(result)) == 1, result.stderr[-2000:]
