@@ -206,6 +206,18 @@ def build_report(output_dir: str | Path | None = None) -> Path:
         md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         md += ["| " + " | ".join(r) + " |" for r in rows]
         md.append("")
+        # where the paper column is empty the grid's notes say why (e.g. a draft without results)
+        notes = [
+            (name, runs[0].data.tags.get("reproduce.note", "")) for name, runs in sorted(variants.items())
+        ]
+        notes = [(name, note) for name, note in notes if note]
+        if notes:
+            md += ["Notes:", ""] + [f"- {name}: {note}" for name, note in notes] + [""]
+            parts_html.append(
+                "<p>Notes:</p><ul>"
+                + "".join(f"<li>{html.escape(n)}: {html.escape(t)}</li>" for n, t in notes)
+                + "</ul>"
+            )
         parts_html.append(
             "<table><tr>"
             + "".join(f"<th>{h}</th>" for h in header)

@@ -22,7 +22,12 @@ GRID = {
     "seeds": {"quick": [0, 1], "paper": [0]},
     "experiments": [
         {"name": "baseline", "config": "experiments/baseline.yaml", "paper": {"dice": 0.99105}},
-        {"name": "noise_val_only", "config": "experiments/noise_val_only.yaml", "paper": {"dice": 0.6648}},
+        {
+            "name": "noise_val_only",
+            "config": "experiments/noise_val_only.yaml",
+            "paper": {"dice": 0.6648},
+            "note": "poster, exp. 1",
+        },
     ],
     "figures": [{"kind": "curves", "title": "Validation Dice per epoch", "metric": "val_dice"}],
 }
@@ -86,6 +91,20 @@ def test_every_bundle_grid_plans(tmp_path: Path) -> None:
     }
     assert all(len(brats[m].paper) == 4 for m in modalities)
     assert {"dice_wt", "dice_tc", "dice_et"} <= set(brats["baseline"].metrics)
+    # the knee thesis is a draft without results: no paper figures, a note for every entry
+    knee = {j.experiment: j for j in jobs if j.study == "knee"}
+    assert set(knee) == {
+        "baseline",
+        "merged",
+        "dropout_010",
+        "dropout_030",
+        "slices_2d",
+        "patience_19",
+        "lr_2e-3",
+        "pooled_dice",
+    }
+    assert all(not j.paper and j.note.startswith("no figures") for j in knee.values())
+    assert {"dice_femur", "dice_tibia", "dice_fibula", "iou_fibula"} <= set(knee["merged"].metrics)
 
 
 @pytest.mark.slow
@@ -114,6 +133,7 @@ def test_tiny_grid_end_to_end(bundles: Path, tmp_path: Path) -> None:
     assert len(rows) == 2 and "0.99105" in rows[0] and "0.6648" in rows[1]
     assert all("| 2 |" in r and "synthetic" in r for r in rows)
     assert "check the pipeline and reproduce nothing" in report
+    assert "- noise_val_only: poster, exp. 1" in report  # the grid's notes explain the paper column
     html = (tmp_path / "mlflow" / "reports" / "report.html").read_text()
     assert "data:image/png;base64," in html
 
