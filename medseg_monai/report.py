@@ -3,7 +3,8 @@
 For every study (MLflow experiment) and profile: a table with, per experiment, the paper's
 number, ours as mean +- sd over seeds, n, the dataset (id, real or synthetic, content hash) and
 the run ids; then the figures the bundle asked for (validation curves, sweeps, lesion brackets)
-and the failed runs. Writes ``report.md`` and a self-contained ``report.html`` (figures inlined)
+and the failed runs; then a section per hyperparameter search (``medseg_monai.search``) with its
+trajectory. Writes ``report.md`` and a self-contained ``report.html`` (figures inlined)
 to ``<mlflow dir>/reports``.
 
     python -m medseg_monai.report [--output_dir DIR]
@@ -156,6 +157,58 @@ def _log_figures(client: Any, figures: dict[tuple[str, str], list[Path]]) -> Non
             client.log_artifact(run_id, str(path), artifact_path="figures")
 
 
+def _search_sections(client: Any, out: Path, md: list[str], parts_html: list[str]) -> None:
+    """One section per hyperparameter search (a parent run tagged ``search.role``, its trials the
+    child runs): what was searched, the best trial, and the trajectory drawn from the children's
+    ``search.score``, appended to ``md`` and ``parts_html``; the figure goes to ``out/figures``."""
+    from medseg_monai.search import plot_trajectory
+
+    for exp in client.search_experiments():
+        parents = client.search_runs([exp.experiment_id], "tags.`search.role` = 'parent'", max_results=500)
+        for parent in sorted(parents, key=lambda r: r.info.start_time or 0):
+            tags, pid = parent.data.tags, parent.info.run_id
+            children = client.search_runs(
+                [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{pid}'", max_results=5000
+            )
+            points = [
+                {
+                    "number": int(c.data.tags.get("search.trial", -1)),
+                    "score": c.data.metrics.get("search.score"),
+                    "params": json.loads(c.data.tags.get("search.params", "{}")),
+                }
+                for c in children
+                if "search.trial" in c.data.tags
+            ]
+            name, profile = tags.get("search.name", "?"), tags.get("profile", "?")
+            metric, direction = tags.get("search.metric", "score"), tags.get("search.direction", "maximize")
+            done = [p for p in points if p["score"] is not None]
+            title = f"{exp.name} search '{name}' ({profile})"
+            text = (
+                f"{len(done)} of {tags.get('search.trials', '?')} trials complete ({len(points) - len(done)} "
+                f"failed or interrupted), {tags.get('search.steps', '?')} steps each, {metric} ({direction}); "
+            )
+            if done:
+                best = (max if direction == "maximize" else min)(done, key=lambda p: p["score"])
+                shown = ", ".join(f"{k}={v:.4g}" for k, v in best["params"].items())
+                text += f"best {best['score']:.4f} in trial {best['number']} ({shown}); "
+            kinds = {c.data.tags.get("dataset.kind") for c in children} - {None}
+            text += f"MLflow run {pid[:8]}" + (" (synthetic data)" if "synthetic" in kinds else "") + "."
+            md += [f"## Hyperparameter search: {title}", "", text, ""]
+            parts_html += [
+                f"<h2>Hyperparameter search: {html.escape(title)}</h2>",
+                f"<p>{html.escape(text)}</p>",
+            ]
+            if not points:
+                continue
+            png = plot_trajectory(points, metric, direction, title)
+            figure = f"search-{exp.name}-{profile}-{name}.png".replace("/", "_")
+            (out / "figures" / figure).write_bytes(png)
+            md += [f"![{title}](figures/{figure})", ""]
+            parts_html.append(
+                f"<img alt='{html.escape(title)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'/>"
+            )
+
+
 def build_report(output_dir: str | Path | None = None) -> Path:
     """Write ``report.md``, ``report.html`` and ``figures/*.png``; returns the Markdown path."""
     from mlflow.tracking import MlflowClient
@@ -256,6 +309,7 @@ def build_report(output_dir: str | Path | None = None) -> Path:
                 parts_html.append(f"<li>{html.escape(line)}</li>")
             md.append("")
             parts_html.append("</ul>")
+    _search_sections(client, out, md, parts_html)
     (out / "report.md").write_text("\n".join(md))
     _log_figures(client, figures)
     style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}img{max-width:100%}"

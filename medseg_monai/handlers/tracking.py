@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from contextlib import ExitStack
@@ -20,6 +21,8 @@ from medseg_monai.tracking import record_run, record_tags, recorded_run, start_r
 __all__ = ["MLflowTracker", "config_params"]
 
 logger = logging.getLogger(__name__)
+
+PARENT_RUN_ENV = "MEDSEG_MLFLOW_PARENT_RUN_ID"  # set: the run is a child of that run (nested in the UI)
 
 
 _RECORDED_SECTIONS = ("network_def", "loss", "optimizer", "lr_scheduler")
@@ -150,6 +153,9 @@ class MLflowTracker:
             "seed": str(record["seed"]),
             **self.tags,
         }
+        parent = os.environ.get(PARENT_RUN_ENV)
+        if parent:  # a trial of a hyperparameter search (medseg_monai.search): the search's child run
+            tags.setdefault("mlflow.parentRunId", parent)
         self._stack = ExitStack()
         run = self._stack.enter_context(
             start_run(
