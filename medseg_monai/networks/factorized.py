@@ -141,6 +141,14 @@ class FactorizedConvUNet(nn.Module):
         self.ups = nn.ModuleList(block(2 * f, f) for _, f in pairs)
         self.out_dropout = nn.Dropout(dropout)
         self.out = nn.Conv3d(widths[0], out_channels, kernel_size=1)
+        # He-normal weights, zero biases: the paper gives no initialisation, and with about 30
+        # ReLU convolutions, dropout after each and no normalisation, PyTorch's default (variance
+        # 1/(3 fan-in)) left the synthetic hearts' quick runs barely learning in a few hundred steps
+        for m in self.modules():
+            if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 5:
