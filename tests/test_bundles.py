@@ -212,7 +212,13 @@ def test_quick_train_then_evaluate_writes_the_contract(study: str, tmp_path: Pat
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     parser = parse(config_files(study, profile="quick"), {})
-    names = [c for c in get_dataset(parser.get_parsed_content("dataset")).class_names() if c != "background"]
+    # the bundle's class set where it chooses one (LV: the LV's classes), else the dataset's default
+    classes = (
+        parser.get_parsed_content("class_names")
+        if "class_names" in parser
+        else get_dataset(parser.get_parsed_content("dataset")).class_names()
+    )
+    names = [c for c in classes if c != "background"]
     assert {"dice", *(f"dice_{c}" for c in names)} <= set(metrics["mean"])
     val = json.loads((out / "eval_val_datalist.json").read_text())["validation"]
     assert set(metrics["cases"]) == {c["case_id"] for c in val}
