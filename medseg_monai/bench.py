@@ -2,7 +2,8 @@
 PyTorch loop over the same network, loss, optimiser and pre-loaded tensors.
 
 Each bundle says what to measure in ``configs/bench.yaml`` (overrides for its train.yaml, the shapes
-of one training batch and one inference input); this module builds the bundle through the launcher
+of one training batch and one inference input, optional ``variants``: named overrides whose
+training step is timed too); this module builds the bundle through the launcher
 and times it. The engine's overhead (MONAI ``SupervisedTrainer`` with the bundle's own training
 handlers, Ignite events, batch preparation) is the ratio ``engine_s / plain_s`` per step. Results go
 to JSON (``--output``, default ``bench.json``) with the device and versions.
@@ -134,6 +135,16 @@ def bench_study(study: str, steps: int = 5, warmup: int = 2) -> dict[str, Any]:
 
     per_call = time_steps(infer, max(1, steps // 2), 1, device)
     batch, unit, per = train["image"][0], cfg.get("unit", "samples"), cfg["inference"].get("per", 1)
+    variants = {}  # the same step with other settings, e.g. the LV study's full 3x3x3 convolutions
+    for name, extra in (cfg.get("variants") or {}).items():
+        other = _bundle_parts(study, {**cfg.get("overrides", {}), **extra})
+        timed = train_throughput(other, images, labels, steps, warmup)
+        variants[name] = {
+            "overrides": extra,
+            "parameters": sum(p.numel() for p in other["network"].parameters()),
+            "train_plain_s_per_step": timed["train_plain_s_per_step"],
+            "train_engine_s_per_step": timed["train_engine_s_per_step"],
+        }
     return {
         "overrides": cfg.get("overrides", {}),
         "amp": bool(amp),
@@ -144,6 +155,8 @@ def bench_study(study: str, steps: int = 5, warmup: int = 2) -> dict[str, Any]:
         "inference_input_shape": cfg["inference"]["image"],
         "inference_s_per_input": per_call / per,
         "peak_memory_mb": _peak_memory_mb(device),
+        "parameters": sum(p.numel() for p in net.parameters()),
+        **({"variants": variants} if variants else {}),
     }
 
 
