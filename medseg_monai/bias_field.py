@@ -4,7 +4,9 @@ MONAI dictionary transform with an optional on-disk cache so that a volume is co
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import time
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,8 @@ from monai.transforms import MapTransform
 from medseg_monai.transforms import _like
 
 __all__ = ["N4BiasFieldCorrectiond", "n4_bias_field"]
+
+logger = logging.getLogger(__name__)
 
 # an axis is shrunk only while this many voxels remain (the 36 thick coronal slices of a knee are not)
 _MIN_SHRUNK_SIZE = 32
@@ -105,12 +109,15 @@ class N4BiasFieldCorrectiond(MapTransform):
         h.update(repr((arr.shape, [round(float(s), 6) for s in spacing], self.settings)).encode())
         return self.cache_dir / f"{h.hexdigest()[:32]}.npy"
 
-    def correct(self, arr: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    def correct(self, arr: np.ndarray, spacing: Sequence[float], name: str = "volume") -> np.ndarray:
         """``arr`` (X, Y, Z) divided by its bias field, through the cache when there is one."""
         path = self._cache_path(arr, spacing)
         if path is not None and path.is_file():
             return np.load(path)
+        start = time.perf_counter()
         out = np.where(arr > 0, arr / n4_bias_field(arr, spacing, **self.settings), arr).astype(np.float32)
+        # a line per volume: a first run over a large data set spends minutes here before epoch 1
+        logger.info("N4 bias-field correction of %s %s: %.1f s", name, arr.shape, time.perf_counter() - start)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
@@ -126,6 +133,8 @@ class N4BiasFieldCorrectiond(MapTransform):
             arr = torch.as_tensor(img).detach().cpu().numpy().astype(np.float32)
             if arr.ndim != 4 or arr.shape[0] != 1:
                 raise ValueError(f"{key}: N4 corrects one-channel 3D volumes (1, X, Y, Z), got {arr.shape}")
-            corrected = torch.from_numpy(self.correct(arr[0], spacing))[None]
+            meta = getattr(img, "meta", {}) or {}
+            name = os.path.basename(str(meta.get("filename_or_obj", key)))
+            corrected = torch.from_numpy(self.correct(arr[0], spacing, name))[None]
             d[key] = _like(corrected, img)
         return d
