@@ -19,9 +19,12 @@ from monai.data import MetaTensor
 from monai.transforms import (
     CenterSpatialCropd,
     Compose,
+    EnsureChannelFirstd,
     InvertibleTransform,
     LoadImage,
+    LoadImaged,
     MapTransform,
+    Orientationd,
     Resize,
     Spacingd,
     SpatialPadd,
@@ -43,6 +46,7 @@ __all__ = [
     "ResizeToMatchd",
     "ScaleByBitDepthd",
     "SpatialPadSliceMinimumd",
+    "load_volumes",
 ]
 
 
@@ -639,3 +643,37 @@ class MapsToLabeld(MapTransform):
             label = torch.where(best >= self.threshold, lut[index], torch.zeros_like(best))
             d[key] = _like(label[None], d[key])
         return d
+
+
+def load_volumes(
+    keys: Sequence[str] | str = ("image", "label"),
+    axcodes: str = "RAS",
+    label_mapping: Mapping[int, int] | None = None,
+    channel_keys: Sequence[str] | None = None,
+    check_geometry: bool = True,
+    image_key: str = "image",
+    label_key: str = "label",
+    **remap: Any,
+) -> list[Any]:
+    """The volume bundles' loading steps, one list for training, validation and inference: check
+    the files (and, with ``check_geometry``, that a case's NIfTI files share shape and affine),
+    load them channel first, check the image's intensities (``channel_keys``: one data-dict key
+    per channel file, for messages), orient to ``axcodes`` (nibabel's axis labels, named so MONAI
+    does not warn) and, when ``label_mapping`` is given and ``label_key`` is among ``keys``, map
+    file values to class indices (``remap``: e.g. ``ignore_values``, ``ignore_index``).
+
+    Images (C, *spatial) and labels (1, *spatial) leave it as MetaTensors on the file's grid.
+    """
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    steps: list[Any] = [CheckFilesd(keys)]
+    if check_geometry:
+        steps.append(CheckGeometryd(keys))
+    steps += [
+        LoadImaged(keys, image_only=True),
+        EnsureChannelFirstd(keys),
+        CheckIntensityd(image_key, channel_keys=channel_keys),
+        Orientationd(keys, axcodes=axcodes, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+    ]
+    if label_mapping is not None and label_key in keys:
+        steps.append(RemapLabelsd(label_key, label_mapping, **remap))
+    return steps
