@@ -1,4 +1,5 @@
-"""Running bundles from tests: the launcher's command line in a subprocess, against a private MLflow store."""
+"""Helpers the tests share: running bundles (the launcher's command line in a subprocess, against a
+private MLflow store), inputs in another geometry, and a network's gradient check."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
+import numpy as np
+import torch
 from mlflow.tracking import MlflowClient
 from monai.bundle import ConfigParser
 
@@ -67,3 +71,27 @@ def metric_values(client: MlflowClient, run_id: str, metric: str) -> list[float]
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+
+
+def flipped_crop(src: str | Path, dst: Path, y: slice, z: slice) -> tuple[np.ndarray, np.ndarray]:
+    """Write the NIfTI ``src`` flipped along x and cropped to ``y`` and ``z`` (starts >= 0) as ``dst``,
+    with the affine that keeps every voxel where it was in the world: another shape, orientation
+    and origin for the same anatomy. Returns (data, affine)."""
+    image = nib.load(src)
+    data = np.asarray(image.dataobj)[::-1, y, z]
+    affine = image.affine @ np.array(
+        [[-1, 0, 0, data.shape[0] - 1], [0, 1, 0, y.start or 0], [0, 0, 1, z.start or 0], [0, 0, 0, 1]]
+    )
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, affine), dst)
+    return data, affine
+
+
+def gradient_check(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``net(x)``, after checking that a loss on it sends a finite, non-zero gradient to every parameter."""
+    y = net(x)
+    y.square().mean().backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+    return y

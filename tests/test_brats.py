@@ -12,7 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bundle_utils import error_lines, metric_values, mlflow_client, parse_study, run_bundle, train_quick
+from bundle_utils import (
+    error_lines,
+    flipped_crop,
+    metric_values,
+    mlflow_client,
+    parse_study,
+    run_bundle,
+    train_quick,
+)
 from medseg_monai.bundle import channel_cases
 from medseg_monai.data import DatasetError, load_splits
 from medseg_monai.errors import is_input_error
@@ -121,18 +129,9 @@ def test_inference_writes_the_dataset_labels_in_the_input_geometry(
     own geometry with BraTS 2018 label values."""
     out, store = trained
     case = load_splits("brats-synthetic")["test"][0]
-    moved = tmp_path / "case"
-    moved.mkdir()
-    files = []
-    for path in case["image"] + [case["label"]]:
-        img = nib.load(path)
-        data = np.asarray(img.dataobj)[::-1, 4:-4, 2:]  # flip x, crop: another affine and shape
-        affine = img.affine @ np.array(
-            [[-1, 0, 0, data.shape[0] - 1], [0, 1, 0, 4], [0, 0, 1, 2], [0, 0, 0, 1]]
-        )
-        target = moved / Path(path).name
-        nib.save(nib.Nifti1Image(data, affine), target)
-        files.append(target)
+    files = [tmp_path / "case" / Path(path).name for path in case["image"] + [case["label"]]]
+    for path, target in zip(case["image"] + [case["label"]], files, strict=True):
+        flipped_crop(path, target, slice(4, -4), slice(2, None))  # another affine and shape
     result = run_bundle(
         "brats",
         store,

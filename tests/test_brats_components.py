@@ -6,23 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bundle_utils import gradient_check
 from medseg_monai.networks import MultiScaleMapUNet
-
-
-def _grad_check(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    y = net(x)
-    y.square().mean().backward()
-    for name, p in net.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().sum() > 0, f"no gradient reaches {name}"
-    return y
 
 
 def test_paper_crop_shape_and_gradient_flow() -> None:
     """4 modalities at the paper's 160 x 144 x 128 crop in, 5 class maps of the same size out."""
     torch.manual_seed(0)
     net = MultiScaleMapUNet(in_channels=4, out_channels=5)
-    y = _grad_check(net, torch.randn(1, 4, 160, 144, 128))
+    y = gradient_check(net, torch.randn(1, 4, 160, 144, 128))
     assert y.shape == (1, 5, 160, 144, 128)
 
 
@@ -31,7 +23,7 @@ def test_paper_crop_shape_and_gradient_flow() -> None:
 def test_patch_shape_and_gradient_for_each_switch(skip: str, n_maps: int) -> None:
     torch.manual_seed(0)
     net = MultiScaleMapUNet(in_channels=2, out_channels=3, features=(4, 8, 16, 32), n_maps=n_maps, skip=skip)
-    y = _grad_check(net, torch.randn(2, 2, 32, 24, 16))
+    y = gradient_check(net, torch.randn(2, 2, 32, 24, 16))
     assert y.shape == (2, 3, 32, 24, 16)
 
 

@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from bundle_utils import error_lines, metric_values, mlflow_client, parse_study, run_bundle, train_quick
+from bundle_utils import (
+    error_lines,
+    flipped_crop,
+    metric_values,
+    mlflow_client,
+    parse_study,
+    run_bundle,
+    train_quick,
+)
 from medseg_monai.synthetic import knee
 
 
@@ -126,14 +134,8 @@ def test_other_geometry_trains_evaluates_and_infers_in_its_own_geometry(
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["cases"]
     # inference on an LPS-flipped, cropped copy with a wider window than training: sliding window
-    image = nib.load(bones_root / "imagesTr" / "knee_004.nii.gz")
-    data = np.asarray(image.dataobj)[::-1, 3:-5, :]
-    affine = image.affine @ np.array(
-        [[-1, 0, 0, data.shape[0] - 1], [0, 1, 0, 3], [0, 0, 1, 0], [0, 0, 0, 1]]
-    )
     moved = tmp_path / "in" / "knee_x.nii.gz"
-    moved.parent.mkdir()
-    nib.save(nib.Nifti1Image(data, affine), moved)
+    data, affine = flipped_crop(bones_root / "imagesTr" / "knee_004.nii.gz", moved, slice(3, -5), slice(None))
     result = run_bundle(
         "knee",
         store,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from bundle_utils import metric_values, mlflow_client, parse_study, run_bundle, train_quick
+from bundle_utils import flipped_crop, metric_values, mlflow_client, parse_study, run_bundle, train_quick
 from medseg_monai.data import load_splits
 from medseg_monai.losses import SoftIoULoss
 from medseg_monai.networks import FactorizedConvUNet
@@ -86,14 +86,8 @@ def test_evaluate_on_test_and_infer_in_the_input_geometry(trained: tuple[Path, P
     assert {"iou", "iou_myocardium", "iou_lv_cavity", "dice"} <= set(metrics)
     # a stack of another size (not a multiple of 8, 11 slices), flipped: whole-volume inference
     case = load_splits("lv-synthetic")["test"][0]
-    image = nib.load(case["image"][0])
-    data = np.asarray(image.dataobj)[::-1, 5:-2, :11]
-    affine = image.affine @ np.array(
-        [[-1, 0, 0, data.shape[0] - 1], [0, 1, 0, 5], [0, 0, 1, 0], [0, 0, 0, 1]]
-    )
     moved = tmp_path / "in" / "heart.nii.gz"
-    moved.parent.mkdir()
-    nib.save(nib.Nifti1Image(data, affine), moved)
+    data, affine = flipped_crop(case["image"][0], moved, slice(5, -2), slice(None, 11))
     result = run_bundle(
         "lv",
         store,

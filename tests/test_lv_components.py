@@ -9,18 +9,23 @@ import pytest
 import torch
 from monai.losses import DiceLoss
 
+from bundle_utils import gradient_check
 from medseg_monai.losses import SoftIoULoss
 from medseg_monai.networks import FactorizedConvUNet, weight_decay_groups
 from medseg_monai.networks.factorized import FACTORIZED_KERNELS
 
 
-def _grad_check(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    y = net(x)
-    y.square().mean().backward()
-    for name, p in net.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().sum() > 0, f"no gradient reaches {name}"
-    return y
+def _monai_jaccard() -> DiceLoss:
+    """MONAI's soft Jaccard loss of the foreground classes, unsmoothed: per-class IoUs averaged."""
+    return DiceLoss(
+        jaccard=True,
+        softmax=True,
+        to_onehot_y=True,
+        include_background=False,
+        batch=True,
+        smooth_nr=0,
+        smooth_dr=0,
+    )
 
 
 def _convs(m: torch.nn.Module) -> list[torch.nn.Conv3d]:
@@ -31,7 +36,7 @@ def test_paper_width_shape_and_gradient_flow() -> None:
     """The paper's network (30 channels first, 3 poolings) on a small short-axis block."""
     torch.manual_seed(0)
     net = FactorizedConvUNet(in_channels=1, out_channels=3)
-    y = _grad_check(net, torch.randn(1, 1, 64, 64, 16))
+    y = gradient_check(net, torch.randn(1, 1, 64, 64, 16))
     assert y.shape == (1, 3, 64, 64, 16)
 
 
@@ -40,14 +45,14 @@ def test_full_slice_size_shape_and_gradient_flow(conv: str) -> None:
     """A whole 256 x 256 x 16 short-axis stack (narrow, to keep the test short)."""
     torch.manual_seed(0)
     net = FactorizedConvUNet(in_channels=1, out_channels=2, features=4, conv=conv)
-    y = _grad_check(net, torch.randn(1, 1, 256, 256, 16))
+    y = gradient_check(net, torch.randn(1, 1, 256, 256, 16))
     assert y.shape == (1, 2, 256, 256, 16)
 
 
 def test_batch_norm_switch_shape_and_gradient_flow() -> None:
     torch.manual_seed(0)
     net = FactorizedConvUNet(in_channels=2, out_channels=3, features=4, norm="batch")
-    y = _grad_check(net, torch.randn(2, 2, 16, 16, 8))
+    y = gradient_check(net, torch.randn(2, 2, 16, 16, 8))
     assert y.shape == (2, 3, 16, 16, 8)
 
 
@@ -186,30 +191,14 @@ def test_soft_iou_is_the_papers_formula_by_hand() -> None:
     loss.backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
     # MONAI's Jaccard averages per-class IoUs (1 - (1/4 / 15/8 + 1 / 5/2) / 2 = 11/15): not the paper's
-    monai = DiceLoss(
-        jaccard=True,
-        softmax=True,
-        to_onehot_y=True,
-        include_background=False,
-        batch=True,
-        smooth_nr=0,
-        smooth_dr=0,
-    )
+    monai = _monai_jaccard()
     assert monai(logits, labels).item() == pytest.approx(11 / 15, abs=1e-12)
 
 
 def test_soft_iou_equals_monai_jaccard_with_one_foreground_class() -> None:
     torch.manual_seed(0)
     logits, labels = torch.randn(2, 2, 4, 4, 4), torch.randint(0, 2, (2, 1, 4, 4, 4))
-    monai = DiceLoss(
-        jaccard=True,
-        softmax=True,
-        to_onehot_y=True,
-        include_background=False,
-        batch=True,
-        smooth_nr=0,
-        smooth_dr=0,
-    )
+    monai = _monai_jaccard()
     torch.testing.assert_close(SoftIoULoss()(logits, labels), monai(logits, labels))
 
 
