@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -238,13 +239,61 @@ def config_parser(
     return parser
 
 
-def run(files: Sequence[str], meta_dir: str | Path | None = None, **overrides: Any) -> None:
-    """Run a bundle in this process, as ``python -m monai.bundle run`` would (see :func:`command_line`)."""
-    from monai.bundle import run as bundle_run
+# what a timed run (``run(..., stopwatch=...)``) measures per mode: the datasets filled first as
+# ``cache``, the engine whose runs are ``validation``, the handler lists holding MLflow trackers, and
+# the phase the rest of the run is
+_TIMED_PARTS = {
+    "train": (("train_dataset", "validate#dataset"), "validate#evaluator", "train#handlers", "train"),
+    "evaluate": ((), None, "validate#handlers", "evaluation"),
+}
+
+
+def run(
+    files: Sequence[str],
+    meta_dir: str | Path | None = None,
+    stopwatch: Any = None,
+    mode: str = "train",
+    **overrides: Any,
+) -> None:
+    """Run a bundle in this process, as ``python -m monai.bundle run`` would (see :func:`command_line`):
+    create the workflow (its ``initialize``), run, finalize. With a ``medseg_monai.timing.Stopwatch``
+    the run's phases are timed into it: ``setup``, ``cache``, ``validation``, ``mlflow`` and the rest
+    as ``train`` (``mode="train"``) or ``evaluation`` (``mode="evaluate"``)."""
+    from monai.bundle import create_workflow
 
     metas, logging_file = _meta_and_logging(files, meta_dir)
     with _as_command(command_line(files, meta_dir, **overrides)):
-        bundle_run(config_file=list(files), meta_file=metas, logging_file=logging_file, **overrides)
+        if stopwatch is None:
+            workflow = create_workflow(
+                config_file=list(files), meta_file=metas, logging_file=logging_file, **overrides
+            )
+            workflow.run()
+            workflow.finalize()
+            return
+        from medseg_monai.handlers import MLflowTracker
+        from medseg_monai.timing import time_engine_runs
+
+        datasets, validator, handlers, rest = _TIMED_PARTS[mode]
+        with stopwatch("setup"):
+            workflow = create_workflow(
+                config_file=list(files), meta_file=metas, logging_file=logging_file, **overrides
+            )
+        parser = workflow.parser
+        with stopwatch("cache"):
+            for key in datasets:
+                parser.get_parsed_content(key)
+        if validator:
+            time_engine_runs(parser.get_parsed_content(validator), stopwatch, "validation")
+        before = dict(stopwatch.seconds)
+        start = time.perf_counter()
+        workflow.run()
+        workflow.finalize()
+        elapsed = time.perf_counter() - start
+        trackers = [h for h in parser.get_parsed_content(handlers) if isinstance(h, MLflowTracker)]
+        mlflow_s = sum(t.seconds for t in trackers)
+        validation_s = stopwatch.seconds.get("validation", 0.0) - before.get("validation", 0.0)
+        stopwatch.add("mlflow", mlflow_s)
+        stopwatch.add(rest, elapsed - mlflow_s - validation_s)
 
 
 # ----------------------------------------------------------------------------- errors

@@ -118,17 +118,31 @@ class MLflowTracker:
         self._loss_n = 0
         self.run_id: str | None = None
         self._iteration_series = False
+        self.seconds = 0.0  # spent in MLflow calls (``medseg_monai.timing``)
 
     def attach(self, engine: Engine) -> None:
         self._engine = engine
-        engine.add_event_handler(Events.STARTED, self._open)
+        engine.add_event_handler(Events.STARTED, self._timed(self._open))
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._log_epoch)
-        engine.add_event_handler(Events.COMPLETED, self._close)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._timed(self._log_epoch))
+        engine.add_event_handler(Events.COMPLETED, self._timed(self._close))
         engine.add_event_handler(Events.TERMINATE, self._on_terminate)
         engine.add_event_handler(Events.EXCEPTION_RAISED, self._fail)
         if self.evaluator is not None and self.evaluator is not engine:
+            # untimed: it runs inside the validation, which is timed as a whole
             self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._log_evaluation)
+
+    def _timed(self, handler: Any) -> Any:
+        """``handler`` adding its seconds to ``self.seconds`` (the job's ``mlflow`` phase)."""
+
+        def timed(engine: Engine) -> None:
+            start = time.perf_counter()
+            try:
+                handler(engine)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        return timed
 
     def _open(self, engine: Engine) -> None:
         from mlflow.tracking import MlflowClient
