@@ -5,19 +5,24 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 5000
 PYTEST_ARGS ?=
+TEST_WORKERS ?= auto
 PROFILE ?= quick
 STUDIES ?=
 SEEDS ?=
 FORCE ?=
+JOBS ?=
+PROFILE_TIME ?=
 
-.PHONY: help install test lint format data reproduce-all report bench mlflow-ui clean
+.PHONY: help install test test-slow test-all lint format data reproduce-all report bench mlflow-ui clean
 
 help:
 	@echo "make install    create $(VENV) (torch==2.13.0 first when none is importable), pip install -e .[dev]"
-	@echo "make test       run the test suite (real-sample tests read ../shared/data, or skip saying why)"
+	@echo "make test       the default test run, minutes: every fast test and one end-to-end path per bundle"
+	@echo "make test-slow  the slow remainder (every experiment trained, the grids, the searches)"
+	@echo "make test-all   both (what CI runs); real-sample tests read ../shared/data, or skip saying why"
 	@echo "make lint       ruff check and format check"
 	@echo "make data       generate every synthetic dataset into the cache (\$$MEDSEG_CACHE)"
-	@echo "make reproduce-all [PROFILE=quick|paper] [STUDIES=\"wmh xray\"] [SEEDS=\"0 1\"] [FORCE=1]"
+	@echo "make reproduce-all [PROFILE=quick|paper] [STUDIES=\"wmh xray\"] [SEEDS=\"0 1\"] [FORCE=1] [JOBS=n] [PROFILE_TIME=1]"
 	@echo "                 every bundle's experiment grid (train + evaluate), resumable; then the report"
 	@echo "make report     rebuild mlflow/reports/report.md and report.html from the MLflow store"
 	@echo "make bench      training/inference throughput vs a plain PyTorch loop -> bench.json"
@@ -40,8 +45,17 @@ $(INSTALLED): pyproject.toml | $(PY)
 	@echo "$(VENV) has no installed project yet (or pyproject.toml changed): running make install first"
 	$(MAKE) install
 
+# one pytest-xdist worker per core (TEST_WORKERS=1 runs them in this process)
+XDIST = $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist worksteal)
+
 test: $(INSTALLED)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
+
+test-slow: $(INSTALLED)
+	$(PY) -m pytest -m slow $(XDIST) $(PYTEST_ARGS)
+
+test-all: $(INSTALLED)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
@@ -56,7 +70,8 @@ data: $(INSTALLED)
 
 reproduce-all: $(INSTALLED)
 	$(PY) -m medseg_monai.reproduce --profile $(PROFILE) $(if $(STUDIES),--studies $(STUDIES)) \
-		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(FORCE),--force)
+		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(FORCE),--force) $(if $(JOBS),--jobs $(JOBS)) \
+		$(if $(PROFILE_TIME),--profile-time)
 
 report: $(INSTALLED)
 	$(PY) -m medseg_monai.report

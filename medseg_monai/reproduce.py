@@ -1,14 +1,19 @@
 """``make reproduce-all``: every bundle's experiment grid, train then evaluate, resumable.
 
 Each bundle declares its grid in ``configs/reproduce.yaml`` (experiments, seeds per profile,
-the paper's numbers, figures); this module only runs it. For every (study, experiment, seed)
-it trains and evaluates in one subprocess (``python -m medseg_monai.reproduce --job``), streams
-progress (run k of n, epoch, ETA), and marks the MLflow run with what the report needs. A run
-already FINISHED for the same commit, merged-config hash and data hash is skipped unless
-``force``; a failed run is recorded FAILED, the others go on, and the exit status names the
-failures. The report is rebuilt at the end (``medseg_monai.report``).
+the paper's numbers, figures); this module only runs it. Every (study, experiment, seed) trains
+and evaluates in one process of its own, forked from a server that imported torch, MONAI and
+MLflow once; ``--jobs`` of them run at once (default: quick jobs one per core up to 4, each on one
+thread; paper jobs one at a time on every core), a fine-tuning entry after its parent. Progress
+(run k of n, epoch, ETA) is streamed, and the MLflow run is marked with what the report needs. A run
+already FINISHED for the same commit, entry, merged-config hash and data hash is skipped unless
+``force``; an entry whose effective config equals another's (all but its name) is not run twice,
+its twin's run is copied; a failed run is recorded FAILED, the others go on, and the exit status
+names the failures. Each job writes ``timings.json`` (``medseg_monai.timing``); ``--profile-time``
+prints them. The report is rebuilt at the end (``medseg_monai.report``).
 
-    python -m medseg_monai.reproduce [--profile quick|paper] [--studies wmh xray] [--seeds 0 1] [--force]
+    python -m medseg_monai.reproduce [--profile quick|paper] [--studies wmh xray] [--seeds 0 1]
+        [--force] [--jobs N] [--profile-time]
 """
 
 from __future__ import annotations
@@ -16,11 +21,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
+import queue
 import re
 import shutil
-import subprocess
+import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +42,8 @@ from medseg_monai.errors import InputError
 from medseg_monai.handlers.progress import format_duration
 from medseg_monai.paths import project_root
 from medseg_monai.record import content_hash, git_state
-from medseg_monai.tracking import ensure_experiment, recorded_run, run_tags, tracking_uri
+from medseg_monai.timing import PHASES, Stopwatch
+from medseg_monai.tracking import ensure_experiment, record_run, recorded_run, run_tags, tracking_uri
 
 __all__ = ["Job", "load_grid", "main", "plan", "reproduce"]
 
@@ -188,22 +197,37 @@ def plan(
     return [j for s in studies or list(found) for j in load_grid(found[s], profile, seeds, runs_dir)]
 
 
-def fingerprint(job: Job) -> dict[str, str]:
-    """Merged-config hash, dataset id and data hash: what decides whether a finished run still counts."""
+def fingerprint(job: Job, stopwatch: Stopwatch | None = None) -> dict[str, str]:
+    """Merged-config hash, dataset id and data hash: what decides whether a finished run still counts.
+    ``effective_hash`` leaves out the entry's name too: two entries with the same one train the same
+    model (e.g. a sweep value equal to the default), so the grid trains one and copies it to the
+    other (and evaluates the copy when its split differs).
+    Synthetic data are generated here on first use (timed as ``data``)."""
+    watch = stopwatch or Stopwatch()
     parser = config_parser(job.configs, job.bundle_args())
     config = dict(parser.get())
     config.pop("output_dir", None)  # where a run writes does not change what it computes
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def digest(cfg: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    config_hash, effective = digest(config), digest({k: v for k, v in config.items() if k != "experiment"})
     dataset = parser.get_parsed_content("dataset")
-    data_root = parser.get_parsed_content("data_root")
+    with watch("data"):
+        root = resolve_data_root(dataset, parser.get_parsed_content("data_root"))
     start = config.get("pretrained_ckpt")
     if job.init_from and start and Path(start).is_file():  # a retrained parent makes its children stale
-        digest = hashlib.sha256((digest + content_hash([Path(start)])).encode()).hexdigest()[:16]
+        parent = content_hash([Path(start)])
+        config_hash, effective = (
+            hashlib.sha256((h + parent).encode()).hexdigest()[:16] for h in (config_hash, effective)
+        )
+    data_hash = content_hash([root])
     return {
-        "config_hash": digest,
+        "config_hash": config_hash,
+        "effective_hash": f"{job.study}:{effective}:{data_hash}",
         "dataset": dataset,
-        "data_root": str(resolve_data_root(dataset, data_root)),
-        "data_hash": content_hash([resolve_data_root(dataset, data_root)]),
+        "data_root": str(root),
+        "data_hash": data_hash,
         "max_epochs": str(parser.get_parsed_content("max_epochs")),
     }
 
@@ -214,6 +238,7 @@ def _finished_run(client: Any, job: Job, fp: dict[str, str], commit: str) -> str
         return None
     query = (
         f"tags.`reproduce.config_hash` = '{fp['config_hash']}' and tags.`dataset.hash` = '{fp['data_hash']}' "
+        f"and tags.`variant` = '{job.experiment}' "
         f"and tags.`git.commit` = '{commit}' and tags.`reproduce.status` = 'complete' "
         f"and attributes.status = 'FINISHED'"
     )
@@ -255,44 +280,304 @@ def _record_failure(client: Any, job: Job, fp: dict[str, str] | None, error: str
     return run_id
 
 
-def _run_subprocess(
-    job: Job, index: int, total: int, started: float, durations: list[float], max_epochs: int
-) -> tuple[int, str]:
-    """Train + evaluate ``job`` in a subprocess; print one progress line per epoch; return (status, log tail)."""
+def _copy_run(client: Any, source_id: str, source: Job, job: Job) -> str:
+    """Record ``job`` as a copy of the finished run ``source_id`` of ``source`` (same effective config):
+    its output folder copied, a new MLflow run with the source's params, tags and metric histories,
+    tagged ``reproduce.same_as``."""
+    from mlflow.entities import Metric, Param
+
+    from medseg_monai.bundle import run_name
+
     out = Path(job.output_dir)
     if out.exists():
-        shutil.rmtree(out)  # a rerun starts clean: no stale model or run record
-    out.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "medseg_monai.reproduce", "--job", json.dumps(job.__dict__)]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
-    log_lines: list[str] = []
-    job_start = time.perf_counter()
-    with (
-        (out / "reproduce.log").open("w") as log,
-        subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=project_root()
-        ) as proc,
-    ):
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            log_lines.append(line.rstrip())
-            del log_lines[:-40]
-            m = _EPOCH.search(line)
-            if m:
-                epoch = int(m.group(1))
-                elapsed = time.perf_counter() - job_start
-                this_left = elapsed / epoch * max(max_epochs - epoch, 0)
-                per_job = (sum(durations) / len(durations)) if durations else elapsed / epoch * max_epochs
-                eta = this_left + per_job * (total - index)
-                print(
-                    f"[{index}/{total}] {job.label}: epoch {epoch}/{max_epochs}, "
-                    f"elapsed {format_duration(time.perf_counter() - started)}, ETA {format_duration(eta)}",
-                    flush=True,
+        shutil.rmtree(out)
+    shutil.copytree(source.output_dir, out)
+    src = client.get_run(source_id)
+    tags = {k: v for k, v in src.data.tags.items() if not k.startswith("mlflow.")}
+    tags |= {
+        "mlflow.runName": run_name(job.experiment, job.seed, job.profile),
+        "output_dir": str(out),
+        "variant": job.experiment,
+        "reproduce.same_as": source_id,
+    }
+    run_id = client.create_run(src.info.experiment_id, tags=tags).info.run_id
+    params = [Param(k, v) for k, v in src.data.params.items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i : i + 100])
+    history = [
+        Metric(m.key, m.value, m.timestamp, m.step)
+        for key in src.data.metrics
+        for m in client.get_metric_history(source_id, key)
+    ]
+    for i in range(0, len(history), 1000):
+        client.log_batch(run_id, metrics=history[i : i + 1000])
+    client.set_terminated(run_id, status="FINISHED")
+    record_run(out, run_id, job.study)
+    return run_id
+
+
+def default_workers(profile: str) -> int:
+    """Jobs at once when ``--jobs`` is not given: quick jobs are small and scale badly over threads,
+    so one per core (at most 4); a paper job gets every core to itself."""
+    return 1 if profile == "paper" else max(1, min(4, os.cpu_count() or 1))
+
+
+@dataclass
+class _Slot:
+    """A job being run: its process, reader thread and what its progress lines need."""
+
+    job: Job
+    index: int
+    fp: dict[str, str]
+    proc: Any  # multiprocessing.Process
+    started: float
+    max_epochs: int
+    tail: list[str] = field(default_factory=list)
+
+
+class _Grid:
+    """Runs a planned grid: up to ``workers`` job processes at once (each on ``threads`` CPU threads),
+    a child after its ``init_from`` parent, a job equal to another (``effective_hash``) copied from it,
+    a job already done skipped. Progress lines come from the main thread, fed by one reader thread per
+    job process."""
+
+    def __init__(self, jobs: list[Job], force: bool, workers: int, threads: int, profile_time: bool) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.jobs, self.force, self.workers, self.threads = jobs, force, workers, threads
+        self.profile_time = profile_time
+        self.client = MlflowClient(tracking_uri=tracking_uri())
+        self.commit = git_state()["git.commit"]
+        self.events: queue.Queue[tuple[str, int, Any]] = queue.Queue()
+        self.state: dict[tuple[str, str, int], str] = {}  # (study, experiment, seed): done | failed
+        self.effective: dict[str, tuple[Job, str | None]] = {}  # effective hash: first job, its run
+        self.durations: list[float] = []
+        self.failures: list[str] = []
+        self.skipped = self.copied = 0
+        self.timings: dict[str, dict[str, float]] = {}
+        self.fps: dict[int, dict[str, str]] = {}
+        self.planning = Stopwatch()
+        self.started = time.perf_counter()
+        # job processes are forked from a server that has imported torch, MONAI and MLflow once
+        self.context = multiprocessing.get_context("forkserver")
+        self.context.set_forkserver_preload(_PRELOAD)
+
+    def key(self, job: Job, experiment: str | None = None) -> tuple[str, str, int]:
+        return (job.study, experiment or job.experiment, job.seed)
+
+    def say(self, index: int, job: Job, text: str) -> None:
+        print(f"[{index}/{len(self.jobs)}] {job.label}: {text}", flush=True)
+
+    def fail(self, index: int, job: Job, fp: dict[str, str] | None, message: str) -> None:
+        run_id = _record_failure(self.client, job, fp, message)
+        last = message.splitlines()[-1][:300] if message else "failed"
+        self.failures.append(f"{job.label} (run {run_id[:8]}): {last}")
+        self.state[self.key(job)] = "failed"
+        self.say(index, job, f"FAILED: {last}")
+
+    def run(self) -> None:
+        pending = list(enumerate(self.jobs, 1))
+        running: dict[int, _Slot] = {}
+        changed = True  # a job ended (or none started yet): what can start now may have changed
+        while pending or running:
+            while changed and len(running) < self.workers:
+                changed = False
+                for item in list(pending):
+                    outcome = self.start(*item)
+                    if outcome == "wait":
+                        continue
+                    pending.remove(item)
+                    changed = True  # a skip, copy or failure may free a job waiting on it
+                    if isinstance(outcome, _Slot):
+                        running[outcome.index] = outcome
+                        break
+            if not running:
+                for index, job in pending:  # nothing runs, so what they wait on can never end
+                    self.fail(index, job, self.fps.get(index), "waits on a job that never ran")
+                return
+            kind, index, value = self.events.get()
+            if kind == "line":
+                self.progress(running[index], value)
+            else:
+                self.finish(running.pop(index), value)
+                changed = True
+
+    def start(self, index: int, job: Job) -> str | _Slot:
+        """Skip, copy, fail or launch ``job``; ``"wait"`` while a job it needs is not done."""
+        if job.init_from:
+            parent = self.state.get(self.key(job, job.init_from))
+            if parent is None:
+                return "wait"
+            if parent == "failed":
+                self.fail(index, job, None, f"its parent '{job.init_from}' failed")
+                return "failed"
+        fp = self.fps.get(index)
+        try:
+            if fp is None:
+                with self.planning("plan"):
+                    fp = self.fps[index] = fingerprint(job, self.planning)
+            twin = self.effective.get(fp["effective_hash"])
+            if twin is not None and twin[1] is None and self.state.get(self.key(twin[0])) != "failed":
+                return "wait"  # its twin is running: copy it when done
+            done = None if self.force else _finished_run(self.client, job, fp, self.commit)
+            if done:
+                self.skipped += 1
+                self.state[self.key(job)] = "done"
+                self.effective.setdefault(fp["effective_hash"], (job, done))
+                self.say(index, job, f"done already (run {done[:8]}), skipped")
+                return "skipped"
+            if twin is not None and twin[1] is not None:
+                run_id = _copy_run(self.client, twin[1], twin[0], job)
+                self.copied += 1
+                if twin[0].split != job.split:  # the same training scored on another split
+                    self.say(
+                        index, job, f"same training as {twin[0].experiment}: copied, evaluating {job.split}"
+                    )
+                    return self.launch(index, job, fp, evaluate_only=True)
+                self.tag(run_id, job, fp)
+                self.state[self.key(job)] = "done"
+                self.say(
+                    index,
+                    job,
+                    f"same effective config as {twin[0].experiment}: copied its run ({run_id[:8]})",
                 )
-        status = proc.wait()
-    durations.append(time.perf_counter() - job_start)
-    return status, "\n".join(log_lines)
+                return "copied"
+            self.effective[fp["effective_hash"]] = (job, None)
+            self.say(index, job, f"training on {fp['dataset']} -> {job.output_dir}")
+            return self.launch(index, job, fp)
+        except Exception as e:  # one failed run must not stop the grid
+            self.fail(index, job, fp, str(e).strip() or type(e).__name__)
+            return "failed"
+
+    def launch(self, index: int, job: Job, fp: dict[str, str], evaluate_only: bool = False) -> _Slot:
+        """Start ``job``'s process (``evaluate_only``: its folder holds a copied training already)."""
+        out = Path(job.output_dir)
+        if out.exists() and not evaluate_only:
+            shutil.rmtree(out)  # a rerun starts clean: no stale model or run record
+        out.mkdir(parents=True, exist_ok=True)
+        log = out / "reproduce.log"
+        log.write_text("")
+        spec = json.dumps(job.__dict__)
+        proc = self.context.Process(
+            target=_job_process, args=(spec, str(log), self.threads, time.time(), evaluate_only)
+        )
+        proc.start()
+        slot = _Slot(job, index, fp, proc, time.perf_counter(), int(fp["max_epochs"]))
+        threading.Thread(target=self.read, args=(slot, log), daemon=True).start()
+        return slot
+
+    def read(self, slot: _Slot, log: Path) -> None:
+        """Reader thread: the job's log, line by line as it grows, to the main thread, then its exit."""
+        partial = ""
+        with log.open() as f:
+            while True:
+                partial += f.readline()
+                if partial.endswith("\n"):
+                    self.events.put(("line", slot.index, partial.rstrip()))
+                    partial = ""
+                    continue
+                if not slot.proc.is_alive():
+                    for rest in (partial + f.read()).splitlines():
+                        self.events.put(("line", slot.index, rest))
+                    break
+                time.sleep(0.2)
+        slot.proc.join()
+        self.events.put(("exit", slot.index, slot.proc.exitcode))
+
+    def progress(self, slot: _Slot, line: str) -> None:
+        slot.tail.append(line)
+        del slot.tail[:-40]
+        m = _EPOCH.search(line)
+        if not m:
+            return
+        epoch, now = int(m.group(1)), time.perf_counter()
+        elapsed = now - slot.started
+        this_left = elapsed / epoch * max(slot.max_epochs - epoch, 0)
+        per_job = statistics.mean(self.durations) if self.durations else elapsed / epoch * slot.max_epochs
+        left = sum(1 for j in self.jobs[slot.index :] if self.state.get(self.key(j)) is None)
+        eta = this_left + per_job * left / self.workers
+        self.say(
+            slot.index,
+            slot.job,
+            f"epoch {epoch}/{slot.max_epochs}, elapsed {format_duration(now - self.started)}, "
+            f"ETA {format_duration(eta)}",
+        )
+
+    def finish(self, slot: _Slot, status: int) -> None:
+        job, index = slot.job, slot.index
+        self.durations.append(time.perf_counter() - slot.started)
+        try:
+            if status != 0:
+                tail = "\n".join(slot.tail)
+                raise RuntimeError(next((ln for ln in reversed(slot.tail) if ln.startswith("error:")), tail))
+            run_id = recorded_run(job.output_dir)
+            if run_id is None:
+                raise RuntimeError(f"the job ended without an MLflow run recorded in {job.output_dir}")
+            self.tag(run_id, job, slot.fp)
+            self.state[self.key(job)] = "done"
+            first = self.effective.get(slot.fp["effective_hash"])
+            if first is None or first[1] is None:  # twins waiting on this job copy its run
+                self.effective[slot.fp["effective_hash"]] = (job, run_id)
+            timing = self.read_timings(job)
+            self.say(
+                index, job, f"finished (run {run_id[:8]}) in {format_duration(self.durations[-1])}{timing}"
+            )
+        except Exception as e:
+            self.effective.pop(slot.fp["effective_hash"], None)  # a twin waiting on it runs itself
+            self.fail(index, job, slot.fp, str(e).strip() or type(e).__name__)
+
+    def tag(self, run_id: str, job: Job, fp: dict[str, str]) -> None:
+        for key, value in _job_tags(job, fp).items():
+            self.client.set_tag(run_id, key, value)
+        self.client.set_tag(run_id, "reproduce.status", "complete")
+
+    def read_timings(self, job: Job) -> str:
+        path = Path(job.output_dir) / "timings.json"
+        if not path.is_file():
+            return ""
+        seconds = json.loads(path.read_text())["seconds"]
+        self.timings[job.label] = seconds
+        if not self.profile_time:
+            return ""
+        return ": " + ", ".join(f"{k} {seconds[k]:.1f}" for k in PHASES if k in seconds)
+
+    def summary(self) -> str:
+        ran = len(self.jobs) - self.skipped - self.copied - len(self.failures)
+        return (
+            f"reproduce: {ran} ran, {self.skipped} skipped, {self.copied} copied, {len(self.failures)} failed "
+            f"in {format_duration(time.perf_counter() - self.started)} ({self.workers} at once, "
+            f"{self.threads} thread{'s' if self.threads > 1 else ''} each)"
+        )
+
+    def time_table(self, report_s: float | None) -> str:
+        """Seconds per phase per job that ran, their totals, and the grid's own (planning, data, report)."""
+        rows = [["job", *PHASES, "total"]]
+        totals = dict.fromkeys(PHASES, 0.0)
+        for label, seconds in self.timings.items():
+            rows.append(
+                [label, *(f"{seconds.get(k, 0.0):.1f}" for k in PHASES), f"{sum(seconds.values()):.1f}"]
+            )
+            for k in PHASES:
+                totals[k] += seconds.get(k, 0.0)
+        rows.append(
+            [
+                "all jobs (process seconds)",
+                *(f"{totals[k]:.1f}" for k in PHASES),
+                f"{sum(totals.values()):.1f}",
+            ]
+        )
+        width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = [
+            "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, width, strict=True)))
+            for r in rows
+        ]
+        plan_s = self.planning.seconds
+        grid = (
+            f"launcher: planning {plan_s.get('plan', 0.0):.1f} s (configs, hashes; data generation "
+            f"{plan_s.get('data', 0.0):.1f} s of it), report {report_s or 0.0:.1f} s; "
+            f"wall {format_duration(time.perf_counter() - self.started)}"
+        )
+        return "\n".join([*lines, grid])
 
 
 def reproduce(
@@ -303,76 +588,102 @@ def reproduce(
     bundles_dir: Path | None = None,
     runs_dir: Path | None = None,
     report: bool = True,
+    jobs: int | None = None,
+    profile_time: bool = False,
 ) -> int:
     """Run the grid; returns the exit status (1 when any job failed)."""
-    from mlflow.tracking import MlflowClient
-
-    jobs = plan(profile, studies, seeds, bundles_dir, runs_dir)
-    client = MlflowClient(tracking_uri=tracking_uri())
-    commit = git_state()["git.commit"]
+    planned = plan(profile, studies, seeds, bundles_dir, runs_dir)
+    workers = max(1, jobs or default_workers(profile))
+    threads = max(1, (os.cpu_count() or 1) // workers)
     print(
-        f"reproduce ({profile}): {len(jobs)} runs of {', '.join(dict.fromkeys(j.study for j in jobs))}; "
-        f"tracking {tracking_uri()}",
+        f"reproduce ({profile}): {len(planned)} runs of {', '.join(dict.fromkeys(j.study for j in planned))}, "
+        f"{workers} at once; tracking {tracking_uri()}",
         flush=True,
     )
-    started, durations, failures, skipped = time.perf_counter(), [], [], 0
-    for index, job in enumerate(jobs, 1):
-        fp = None
-        try:
-            fp = fingerprint(job)
-            done = None if force else _finished_run(client, job, fp, commit)
-            if done:
-                skipped += 1
-                print(
-                    f"[{index}/{len(jobs)}] {job.label}: done already (run {done[:8]}), skipped", flush=True
-                )
-                continue
-            print(
-                f"[{index}/{len(jobs)}] {job.label}: training on {fp['dataset']} -> {job.output_dir}",
-                flush=True,
-            )
-            status, tail = _run_subprocess(job, index, len(jobs), started, durations, int(fp["max_epochs"]))
-            if status != 0:
-                raise RuntimeError(
-                    next((ln for ln in reversed(tail.splitlines()) if ln.startswith("error:")), tail)
-                )
-            run_id = recorded_run(job.output_dir)
-            if run_id is None:
-                raise RuntimeError(f"the job ended without an MLflow run recorded in {job.output_dir}")
-            for key, value in _job_tags(job, fp).items():
-                client.set_tag(run_id, key, value)
-            client.set_tag(run_id, "reproduce.status", "complete")
-            print(f"[{index}/{len(jobs)}] {job.label}: finished (run {run_id[:8]})", flush=True)
-        except Exception as e:  # one failed run must not stop the grid
-            message = str(e).strip() or type(e).__name__
-            run_id = _record_failure(client, job, fp, message)
-            failures.append(f"{job.label} (run {run_id[:8]}): {message.splitlines()[-1][:300]}")
-            print(f"[{index}/{len(jobs)}] {job.label}: FAILED: {message.splitlines()[-1][:300]}", flush=True)
-    print(
-        f"reproduce: {len(jobs) - skipped - len(failures)} ran, {skipped} skipped, {len(failures)} failed "
-        f"in {format_duration(time.perf_counter() - started)}",
-        flush=True,
-    )
+    grid = _Grid(planned, force, workers, threads, profile_time)
+    grid.run()
+    print(grid.summary(), flush=True)
+    report_s = None
     if report:
         from medseg_monai.report import build_report
 
+        start = time.perf_counter()
         print(f"report: {build_report()}", flush=True)
-    if failures:
-        print("failed runs:\n  " + "\n  ".join(failures), file=sys.stderr)
+        report_s = time.perf_counter() - start
+    table = grid.time_table(report_s)
+    if grid.timings:
+        where = (runs_dir or project_root() / "runs" / "reproduce") / profile / "timings.txt"
+        where.parent.mkdir(parents=True, exist_ok=True)
+        where.write_text(table + "\n")
+        if profile_time:
+            print(f"where the time went (seconds; also in {where}):\n{table}", flush=True)
+    if grid.failures:
+        print("failed runs:\n  " + "\n  ".join(grid.failures), file=sys.stderr)
         return 1
     return 0
 
 
-def _run_job(spec: str) -> int:
-    """Subprocess body: train, then evaluate, the job given as JSON (one interpreter, two bundle runs)."""
+_PRELOAD = ["torch", "monai.bundle", "monai.engines", "monai.handlers", "monai.networks.nets", "mlflow"]
+_PRELOAD += [
+    "medseg_monai.bundle",
+    "medseg_monai.handlers",
+    "medseg_monai.transforms",
+    "medseg_monai.networks",
+]
+
+
+def _job_process(spec: str, log: str, threads: int, spawned: float, evaluate_only: bool = False) -> None:
+    """Body of a job's process (forked from the preloaded server): its output into ``log``, ``threads``
+    CPU threads, then :func:`_run_job`; an error ends it as a command would (the error hook's line
+    or traceback, status 1)."""
+    import warnings
+
+    import torch
+
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+    for target in (1, 2):
+        os.dup2(fd, target)
+    os.close(fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 (the process's stdout)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    os.environ.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+    os.environ["PYTHONWARNINGS"] = "ignore"
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(threads)
+    os.chdir(project_root())
+    try:
+        code = _run_job(spec, spawned, evaluate_only)
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+def _run_job(spec: str, spawned: float | None = None, evaluate_only: bool = False) -> int:
+    """Train, then evaluate, the job given as JSON (one interpreter, two bundle runs; only the second
+    when ``evaluate_only``), timing the phases into ``<output_dir>/timings.json`` (``start``: since
+    ``spawned``, the launcher's wall-clock time)."""
     from medseg_monai.bundle import install_error_hook, run
 
+    watch = Stopwatch()
+    if spawned is not None:
+        watch.add("start", time.time() - spawned)
     install_error_hook()
     job = Job(**json.loads(spec))
-    run(job.configs, **job.bundle_args())
+    if not evaluate_only:
+        run(job.configs, stopwatch=watch, mode="train", **job.bundle_args())
     evaluate = str(Path(job.configs[0]).with_name("evaluate.yaml"))
-    run([*job.configs, evaluate], split=job.split, **job.bundle_args())
+    run([*job.configs, evaluate], stopwatch=watch, mode="evaluate", split=job.split, **job.bundle_args())
+    watch.write(Path(job.output_dir) / "timings.json", threads=torch_threads())
     return 0
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -386,10 +697,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundles_dir", type=Path)
     parser.add_argument("--runs_dir", type=Path)
     parser.add_argument("--no_report", action="store_true")
-    parser.add_argument("--job", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        help="jobs at once, each on cores/jobs threads (default: quick one per core up to 4, paper 1)",
+    )
+    parser.add_argument(
+        "--profile-time",
+        "--profile_time",
+        dest="profile_time",
+        action="store_true",
+        help="print where each job's seconds went (process start, data, caching, training, ...)",
+    )
     args = parser.parse_args(argv)
-    if args.job:
-        return _run_job(args.job)
     try:
         return reproduce(
             args.profile,
@@ -399,6 +719,8 @@ def main(argv: list[str] | None = None) -> int:
             args.bundles_dir,
             args.runs_dir,
             not args.no_report,
+            args.jobs,
+            args.profile_time,
         )
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import statistics
@@ -28,6 +29,8 @@ GRID = {
             "paper": {"dice": 0.6648},
             "note": "poster, exp. 1",
         },
+        # the baseline under another name: run once, its twin's run copied
+        {"name": "baseline_copy", "config": "experiments/baseline.yaml"},
     ],
     "figures": [{"kind": "curves", "title": "Validation Dice per epoch", "metric": "val_dice"}],
 }
@@ -109,13 +112,30 @@ def test_every_bundle_grid_plans(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_tiny_grid_end_to_end(bundles: Path, tmp_path: Path) -> None:
-    first = _reproduce(bundles, tmp_path)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "[4/4] xray/noise_val_only seed 1: epoch 2/2" in first.stdout  # progress with run k of n
-    assert "ETA" in first.stdout
+    first = _reproduce(bundles, tmp_path, "--jobs", "2", "--profile-time")
+    out = first.stdout
+    assert first.returncode == 0, out[-3000:] + first.stderr[-3000:]
+    assert "[4/6] xray/noise_val_only seed 1: epoch 2/2" in out  # progress with run k of n
+    assert "ETA" in out and "2 at once, 1 thread each" in out
+    # two jobs at once: the second started before the first finished
+    assert out.index("[2/6] xray/baseline seed 1: training") < out.index("finished (run")
+    # a job whose effective config equals another's is not run twice
+    assert "[5/6] xray/baseline_copy seed 0: same effective config as baseline: copied its run" in out
+    assert "reproduce: 4 ran, 0 skipped, 2 copied, 0 failed" in out
+    # where the time went: per job and in total, from each job's timings.json
+    assert "all jobs (process seconds)" in out and "launcher: planning" in out
+    timings = json.loads((tmp_path / "runs/quick/xray/baseline/seed0/timings.json").read_text())["seconds"]
+    assert {"start", "setup", "cache", "train", "validation", "evaluation", "mlflow"} <= set(timings)
+    assert timings["train"] > 0 and timings["evaluation"] > 0
     client = mlflow_client(tmp_path / "mlflow")
     runs = _grid_runs(client, "xray")
-    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    assert len(runs) == 6 and all(r.info.status == "FINISHED" for r in runs)
+    by = {(r.data.tags["variant"], r.data.tags["seed"]): r for r in runs}
+    for seed in ("0", "1"):
+        copy, source = by[("baseline_copy", seed)], by[("baseline", seed)]
+        assert copy.data.tags["reproduce.same_as"] == source.info.run_id
+        assert copy.data.metrics == source.data.metrics and copy.data.params == source.data.params
+        assert (Path(copy.data.tags["output_dir"]) / "model.pt").is_file()
     exp = client.get_experiment_by_name("xray")
     report_runs = client.search_runs([exp.experiment_id], filter_string="tags.`reproduce.report` = 'quick'")
     assert len(report_runs) == 1  # the report's figures, in MLflow too
@@ -128,7 +148,7 @@ def test_tiny_grid_end_to_end(bundles: Path, tmp_path: Path) -> None:
     rows = [
         line
         for line in report.splitlines()
-        if line.startswith("| baseline") or line.startswith("| noise_val_only")
+        if line.startswith("| baseline |") or line.startswith("| noise_val_only")
     ]
     assert len(rows) == 2 and "0.99105" in rows[0] and "0.6648" in rows[1]
     assert all("| 2 |" in r and "synthetic" in r for r in rows)
@@ -138,9 +158,9 @@ def test_tiny_grid_end_to_end(bundles: Path, tmp_path: Path) -> None:
     assert "data:image/png;base64," in html
 
     second = _reproduce(bundles, tmp_path)
-    assert second.returncode == 0 and second.stdout.count("skipped") >= 4, second.stdout[-2000:]
-    assert "0 ran, 4 skipped, 0 failed" in second.stdout
-    assert len(_grid_runs(client, "xray")) == 4
+    assert second.returncode == 0 and second.stdout.count("skipped") >= 6, second.stdout[-2000:]
+    assert "0 ran, 6 skipped, 0 copied, 0 failed" in second.stdout
+    assert len(_grid_runs(client, "xray")) == 6
 
     # the report is rebuilt from the store alone
     (tmp_path / "mlflow" / "reports" / "report.md").unlink()
