@@ -197,7 +197,6 @@ def test_launcher_cli_dry_run_and_refusal(capsys: pytest.CaptureFixture[str]) ->
 # --- one fast end-to-end path per bundle ------------------------------------------------------------
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("study", STUDIES)
 def test_quick_train_then_evaluate_writes_the_contract(study: str, tmp_path: Path) -> None:
     out, store = tmp_path / "run", tmp_path / "mlflow"
@@ -225,8 +224,9 @@ def test_quick_train_then_evaluate_writes_the_contract(study: str, tmp_path: Pat
     assert all(0 <= metrics["mean"][f"dice_{c}"] <= 1 for c in names)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("study", STUDIES)
+@pytest.mark.parametrize(  # the X-ray bundle in the default run, every bundle in the slow one
+    "study", [s if s == "xray" else pytest.param(s, marks=pytest.mark.slow) for s in STUDIES]
+)
 @pytest.mark.parametrize("fault", ["dataset", "checkpoint", "train_split", "fold"])
 def test_bad_setting_is_one_error_line(study: str, fault: str, tmp_path: Path) -> None:
     if fault == "fold":
@@ -253,8 +253,9 @@ def test_bad_setting_is_one_error_line(study: str, fault: str, tmp_path: Path) -
 
 @pytest.mark.parametrize("study", STUDIES)
 def test_fold_selects_the_cases_and_names_the_run(study: str) -> None:
-    plain = parse(config_files(study, profile="quick"), {})
-    fold = parse(config_files(study, profile="quick"), {"fold": 1, "n_folds": 3})
+    every = {"train_size": None} if study == "xray" else {}  # X-ray's quick profile trains on 20
+    plain = parse(config_files(study, profile="quick"), every)
+    fold = parse(config_files(study, profile="quick"), {"fold": 1, "n_folds": 3, **every})
     assert fold.get_parsed_content("output_dir").endswith(f"seed{fold['seed']}_fold1")
     assert plain.get_parsed_content("output_dir").endswith(f"seed{plain['seed']}")
     train, val = (fold.get_parsed_content(k) for k in ("train_datalist", "val_datalist"))

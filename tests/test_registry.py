@@ -380,14 +380,15 @@ def test_synthetic_generated_on_first_use_then_cached(caplog: pytest.LogCaptureF
     marker = json.loads((root / ".medseg-synthetic.json").read_text())
     assert marker["id"] == "xray-synthetic" and marker["generator"]["name"] == "xray"
     assert not [p for p in root.parent.iterdir() if p.name.startswith(".xray-synthetic")]  # no temp dirs left
-    assert len(items) == 24 and all(len(it["label"]) == 5 for it in items)
+    # 120 images (enough for the training-set size sweep up to 105), split 108 / 12
+    assert len(items) == 120 and all(len(it["label"]) == 5 for it in items)
     parts = {s: load_datalist("xray-synthetic", split=s) for s in ("train", "val")}
-    assert sum(len(v) for v in parts.values()) == 24 and len(parts["val"]) >= 4
+    assert (len(parts["train"]), len(parts["val"])) == (108, 12)
 
 
 def test_synthetic_into_explicit_root(tmp_path: Path) -> None:
     items = load_datalist("xray-synthetic", data_root=tmp_path / "xr", split="all")
-    assert len(items) == 24 and Path(items[0]["image"][0]).is_relative_to(tmp_path / "xr")
+    assert len(items) == 120 and Path(items[0]["image"][0]).is_relative_to(tmp_path / "xr")
 
 
 def test_train_split_all_trains_on_every_case_and_says_validation_reuses_them(

@@ -165,22 +165,30 @@ def test_noise_experiments_add_noisy_copies_to_clean_originals(
     kw = {"dataset": "xray-synthetic", "cache_rate": 0.0}
     base, noisy = _parser(None, "quick", **kw), _parser(experiment, "quick", **kw)
     cases = base.get_parsed_content("cases")
+    # training: the quick profile's 20 training images (train_size); validation and evaluate's
+    # datalist: every case of the part
+    originals = {"train": base.get_parsed_content("train_datalist"), "val": cases["val"]}
+
+    def with_copies(items: list[dict], copies: bool) -> list[str]:
+        ids = [c["case_id"] for c in items]
+        return ids + [f"{i}_noisy" for i in ids] if copies else ids
+
     for part, copies in (("train", train_copies), ("val", val_copies)):
-        ids = [c["case_id"] for c in cases[part]]
-        expected = ids + [f"{i}_noisy" for i in ids] if copies else ids
+        expected = with_copies(originals[part], copies)
         listed = noisy.get_parsed_content("train_datalist" if part == "train" else "val_datalist")
         assert [c["case_id"] for c in listed] == expected
-        assert [c["noisy"] for c in listed] == [0] * len(ids) + [1] * (len(expected) - len(ids))
-        assert [
-            c["case_id"] for c in noisy.get_parsed_content("datalist")[part]
-        ] == expected  # evaluate's too
+        n = len(originals[part])
+        assert [c["noisy"] for c in listed] == [0] * n + [1] * (len(expected) - n)
+        assert [c["case_id"] for c in noisy.get_parsed_content("datalist")[part]] == with_copies(
+            cases[part], copies
+        )  # evaluate's too
     if experiment != "noise_train_val":
         return  # the images of the copies: once is enough (loading takes seconds)
     kw["train_size"] = 3
     noisy, base = _parser(experiment, "quick", **kw), _parser(None, "quick", **kw)
     train, clean_train = (_images(p.get_parsed_content("train_dataset")) for p in (noisy, base))
     val, clean_val = (_images(p.get_parsed_content("validate#dataset")) for p in (noisy, base))
-    assert (len(train), len(clean_train), len(val), len(clean_val)) == (6, 3, 10, 5)
+    assert (len(train), len(clean_train), len(val), len(clean_val)) == (6, 3, 24, 12)
     for images, clean in ((train, clean_train), (val, clean_val)):
         for cid, image in clean.items():
             assert torch.equal(images[cid], image)  # the originals stay clean
