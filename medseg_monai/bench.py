@@ -4,9 +4,12 @@ PyTorch loop over the same network, loss, optimiser and pre-loaded tensors.
 Each bundle says what to measure in ``configs/bench.yaml`` (overrides for its train.yaml, the shapes
 of one training batch and one inference input, optional ``variants``: named overrides whose
 training step is timed too); this module builds the bundle through the launcher
-and times it. The engine's overhead (MONAI ``SupervisedTrainer`` with the bundle's own training
-handlers, Ignite events, batch preparation) is the ratio ``engine_s / plain_s`` per step. Results go
-to JSON (``--output``, default ``bench.json``) with the device and versions.
+and times it in a process of its own (so that peak memory is the study's). The engine's overhead
+(MONAI ``SupervisedTrainer`` with the bundle's own training handlers, Ignite events, batch
+preparation) is the ratio ``engine_s / plain_s`` per step; the inferer's efficiency is a pure
+forward pass over the same windows divided by the ``val_inferer`` call. Results go to JSON
+(``--output``, default ``bench.json``, schema ``medseg_monai/schemas/bench.schema.json``) with the
+device and versions, and a Markdown table is printed (the README's).
 
     python -m medseg_monai.bench [--studies wmh xray] [--steps 5] [--warmup 2] [--output bench.json]
 """
@@ -28,7 +31,15 @@ from medseg_monai.bundle import config_files, config_parser, studies
 from medseg_monai.paths import project_root
 from medseg_monai.record import device_description
 
-__all__ = ["bench_study", "main", "time_steps", "train_throughput"]
+__all__ = [
+    "bench_study",
+    "inference_throughput",
+    "main",
+    "table",
+    "time_steps",
+    "train_throughput",
+    "validate",
+]
 
 
 def time_steps(step: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> float:
@@ -115,52 +126,141 @@ def train_throughput(
     }
 
 
-def bench_study(study: str, steps: int = 5, warmup: int = 2) -> dict[str, Any]:
-    """Training samples/s through the bundle vs a plain loop, and seconds per inference input through
-    the bundle's ``val_inferer``, with the tensors of the bundle's ``bench.yaml``."""
-    cfg = settings(study)
-    parts = _bundle_parts(study, cfg.get("overrides", {}))
-    gen = torch.Generator().manual_seed(0)
-    train = cfg["train"]
-    images = torch.randn(train["image"], generator=gen)
-    labels = torch.randint(0, train["classes"], train["label"], generator=gen).float()
-    result = train_throughput(parts, images, labels, steps, warmup)
+class _CallShapes(torch.nn.Module):
+    """The network, recording the input shape of every call (the windows an inferer feeds it)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.shapes: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> Any:
+        self.shapes.append(tuple(x.shape))
+        return self.net(x)
+
+
+def inference_throughput(
+    parts: dict[str, Any], volume: torch.Tensor, steps: int, warmup: int
+) -> dict[str, float]:
+    """Seconds per call of the bundle's ``val_inferer`` on ``volume`` (sliding window for the 3D
+    studies), and of a pure forward pass over the same windows (the input shapes the inferer gave
+    the network, as pre-allocated tensors): their ratio is the inferer's efficiency, 1 when stitching,
+    padding and blending cost nothing."""
     net, device, amp, inferer = parts["network"], parts["device"], parts["amp"], parts["val_inferer"]
     net.eval()
-    volume = torch.randn(cfg["inference"]["image"], generator=gen).to(device)
+    counted = _CallShapes(net)
+    with torch.no_grad(), torch.autocast(device.type, enabled=amp):
+        inferer(volume, counted)
+    windows = [torch.randn(shape, device=device) for shape in counted.shapes]
 
     def infer() -> None:
         with torch.no_grad(), torch.autocast(device.type, enabled=amp):
             inferer(volume, net)
 
-    per_call = time_steps(infer, max(1, steps // 2), 1, device)
-    batch, unit, per = train["image"][0], cfg.get("unit", "samples"), cfg["inference"].get("per", 1)
-    variants = {}  # the same step with other settings, e.g. the LV study's full 3x3x3 convolutions
-    for name, extra in (cfg.get("variants") or {}).items():
-        other = _bundle_parts(study, {**cfg.get("overrides", {}), **extra})
-        timed = train_throughput(other, images, labels, steps, warmup)
-        variants[name] = {
-            "overrides": extra,
-            "parameters": sum(p.numel() for p in other["network"].parameters()),
-            "train_plain_s_per_step": timed["train_plain_s_per_step"],
-            "train_engine_s_per_step": timed["train_engine_s_per_step"],
-        }
+    def forward() -> None:
+        with torch.no_grad(), torch.autocast(device.type, enabled=amp):
+            for window in windows:
+                net(window)
+
+    calls = max(1, steps // 2)
+    inference = time_steps(infer, calls, warmup, device)
+    pure = time_steps(forward, calls, warmup, device)
     return {
-        "overrides": cfg.get("overrides", {}),
-        "amp": bool(amp),
-        "train_batch_shape": train["image"],
-        **result,
-        f"train_{unit}_per_s": batch / result["train_engine_s_per_step"],
-        f"train_plain_{unit}_per_s": batch / result["train_plain_s_per_step"],
-        "inference_input_shape": cfg["inference"]["image"],
-        "inference_s_per_input": per_call / per,
-        "peak_memory_mb": _peak_memory_mb(device),
-        "parameters": sum(p.numel() for p in net.parameters()),
-        **({"variants": variants} if variants else {}),
+        "inference_s_per_call": inference,
+        "forward_s_per_call": pure,
+        "inference_windows": len(windows),
+        "inference_efficiency": pure / inference,
     }
 
 
+def bench_study(
+    study: str, steps: int = 5, warmup: int = 2, cfg: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One study's entry of ``bench.json`` (schema: ``medseg_monai/schemas/bench.schema.json``), from
+    its ``bench.yaml`` (or ``cfg``): training samples/s through the bundle vs a plain loop, inference
+    through the bundle's ``val_inferer`` vs a pure forward pass over the same windows, peak memory
+    of this process (run each study in its own, as :func:`main` does, for a per-study figure)."""
+    cfg = cfg if cfg is not None else settings(study)
+    overrides = cfg.get("overrides", {})
+    parts = _bundle_parts(study, overrides)
+    device = parts["device"]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    gen = torch.Generator().manual_seed(0)
+    train = cfg["train"]
+    images = torch.randn(train["image"], generator=gen)
+    labels = torch.randint(0, train["classes"], train["label"], generator=gen).float()
+    timed = train_throughput(parts, images, labels, steps, warmup)
+    volume = torch.randn(cfg["inference"]["image"], generator=gen).to(device)
+    inference = inference_throughput(parts, volume, steps, warmup)
+    batch, per = train["image"][0], cfg["inference"].get("per", 1)
+    variants = {}  # the same step with other settings, e.g. the LV study's full 3x3x3 convolutions
+    for name, extra in (cfg.get("variants") or {}).items():
+        other = _bundle_parts(study, {**overrides, **extra})
+        step = train_throughput(other, images, labels, steps, warmup)
+        variants[name] = {
+            "overrides": extra,
+            "parameters": sum(p.numel() for p in other["network"].parameters()),
+            "train_plain_s_per_step": step["train_plain_s_per_step"],
+            "train_engine_s_per_step": step["train_engine_s_per_step"],
+        }
+    return {
+        "study": study,
+        "unit": cfg.get("unit", "samples"),
+        "overrides": overrides,
+        "device": str(device),
+        "amp": bool(parts["amp"]),
+        "parameters": sum(p.numel() for p in parts["network"].parameters()),
+        "train_batch_shape": list(train["image"]),
+        **timed,
+        "train_samples_per_s": batch / timed["train_engine_s_per_step"],
+        "train_plain_samples_per_s": batch / timed["train_plain_s_per_step"],
+        "inference_input_shape": list(cfg["inference"]["image"]),
+        "inference_inputs_per_call": per,
+        "inference_s_per_input": inference["inference_s_per_call"] / per,
+        "forward_s_per_input": inference["forward_s_per_call"] / per,
+        "inference_windows": inference["inference_windows"],
+        "inference_efficiency": inference["inference_efficiency"],
+        "peak_memory_mb": _peak_memory_mb(device),
+        "peak_memory_kind": "cuda_allocated" if device.type == "cuda" else "process_rss",
+        "variants": variants,
+    }
+
+
+def _bench_in_process(study: str, steps: int, warmup: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    torch.manual_seed(0)
+    return bench_study(study, steps=steps, warmup=warmup, cfg=cfg)
+
+
+def validate(results: dict[str, Any]) -> None:
+    """Check ``results`` against ``medseg_monai/schemas/bench.schema.json`` (raises on a mismatch)."""
+    import jsonschema
+
+    schema = json.loads((Path(__file__).parent / "schemas" / "bench.schema.json").read_text())
+    jsonschema.validate(results, schema)
+
+
+def table(results: dict[str, Any]) -> str:
+    """The README's table of ``bench.json``: one row per study."""
+    rows = [
+        "| study | batch (unit) | engine s/step | plain s/step | engine / plain | inference s/input "
+        "| forward s/input | efficiency | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for study, r in results["studies"].items():
+        rows.append(
+            f"| {study} | {r['train_batch_shape'][0]} ({r['unit']}) | {r['train_engine_s_per_step']:.3f} "
+            f"| {r['train_plain_s_per_step']:.3f} | {r['engine_overhead_ratio']:.3f} "
+            f"| {r['inference_s_per_input']:.3f} | {r['forward_s_per_input']:.3f} "
+            f"| {r['inference_efficiency']:.2f} | {r['peak_memory_mb']:.0f} |"
+        )
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     benched = [s for s in studies() if (project_root() / "bundles" / s / "configs" / "bench.yaml").is_file()]
     parser = argparse.ArgumentParser(prog="medseg-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--studies", nargs="*", default=benched, choices=benched)
@@ -168,18 +268,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--output", default="bench.json")
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
     results: dict[str, Any] = {
         "device": device_description(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "studies": {},
     }
+    # a fresh process per study: its peak memory is that study's alone
+    context = multiprocessing.get_context("spawn")
     for study in args.studies:
         print(f"bench {study} ...", flush=True)
-        results[study] = bench_study(study, steps=args.steps, warmup=args.warmup)
-        print(json.dumps(results[study], indent=1), flush=True)
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            results["studies"][study] = pool.submit(
+                _bench_in_process, study, args.steps, args.warmup, settings(study)
+            ).result()
+        print(json.dumps(results["studies"][study], indent=1), flush=True)
+    validate(results)
     Path(args.output).write_text(json.dumps(results, indent=1))
+    print(table(results))
     print(f"wrote {args.output}")
     return 0
 

@@ -1,0 +1,102 @@
+"""make bench: every bundle measured with one JSON schema, on tensors small enough for a test."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+import torch
+
+from medseg_monai.bench import bench_study, main, table, validate
+
+# each bundle's bench.yaml at test size: the same keys, smaller tensors (and the settings they need)
+TINY = {
+    "xray": {
+        "overrides": {"dataset": "xray-synthetic", "image_size": 64, "batch_size": 2},
+        "unit": "images",
+        "train": {"image": [2, 1, 64, 64], "label": [2, 1, 64, 64], "classes": 3},
+        "inference": {"image": [2, 1, 64, 64], "per": 2},
+    },
+    "wmh": {
+        "overrides": {"dataset": "wmh-synthetic", "in_plane_size": 64, "batch_size": 2},
+        "unit": "slices",
+        "train": {"image": [2, 3, 64, 64], "label": [2, 1, 64, 64], "classes": 2},
+        "inference": {"image": [1, 1, 64, 64, 4], "per": 1},
+    },
+    "brats": {
+        "overrides": {"dataset": "brats-synthetic", "crop_size": [32, 32, 32], "batch_size": 1},
+        "unit": "volumes",
+        "train": {"image": [1, 4, 32, 32, 32], "label": [1, 1, 32, 32, 32], "classes": 4},
+        "inference": {"image": [1, 4, 48, 40, 32], "per": 1},
+    },
+    "knee": {
+        "overrides": {"dataset": "knee-synthetic", "size": [64, 64, 16], "batch_size": 1},
+        "unit": "volumes",
+        "train": {"image": [1, 1, 64, 64, 16], "label": [1, 3, 64, 64, 16], "classes": 2},
+        "inference": {"image": [1, 1, 96, 64, 16], "per": 1},
+    },
+    "lv": {
+        "overrides": {"dataset": "lv-synthetic", "block_size": [32, 32, 8], "batch_size": 1},
+        "unit": "blocks",
+        "train": {"image": [2, 1, 32, 32, 8], "label": [2, 1, 32, 32, 8], "classes": 3},
+        "inference": {"image": [1, 1, 64, 64, 8], "per": 1},
+        "variants": {"full_conv": {"conv": "full"}},
+    },
+}
+
+
+def _results(entries: dict) -> dict:
+    return {
+        "device": "cpu",
+        "python": "3",
+        "torch": torch.__version__,
+        "threads": 1,
+        "steps": 1,
+        "studies": entries,
+    }
+
+
+@pytest.mark.parametrize(
+    "study", ["xray", *(pytest.param(s, marks=pytest.mark.slow) for s in ("wmh", "brats", "knee", "lv"))]
+)
+def test_bench_entry_follows_the_schema(study: str) -> None:
+    entry = bench_study(study, steps=1, warmup=1, cfg=TINY[study])
+    validate(_results({study: entry}))
+    assert entry["study"] == study and entry["unit"] == TINY[study]["unit"]
+    assert entry["train_samples_per_s"] == pytest.approx(
+        TINY[study]["train"]["image"][0] / entry["train_engine_s_per_step"]
+    )
+    ratio = entry["train_engine_s_per_step"] / entry["train_plain_s_per_step"]
+    assert entry["engine_overhead_ratio"] == pytest.approx(ratio)
+    # the 3D studies infer by sliding window: several windows for an input larger than one
+    assert (entry["inference_windows"] > 1) == (study in ("brats", "knee"))
+    assert entry["inference_efficiency"] == pytest.approx(
+        entry["forward_s_per_input"] / entry["inference_s_per_input"]
+    )
+    if study == "lv":  # the factorised network has more parameters than one 3x3x3 conv per block
+        assert entry["variants"]["full_conv"]["parameters"] < entry["parameters"]
+    row = table(_results({study: entry})).splitlines()[-1]
+    assert row.startswith(f"| {study} | {TINY[study]['train']['image'][0]} ({entry['unit']})")
+
+
+def test_schema_refuses_a_missing_figure() -> None:
+    entry = bench_study("xray", steps=1, warmup=0, cfg=TINY["xray"])
+    del entry["inference_efficiency"]
+    with pytest.raises(jsonschema.ValidationError, match="inference_efficiency"):
+        validate(_results({"xray": entry}))
+
+
+@pytest.mark.slow
+def test_make_bench_writes_json_and_table(tmp_path, monkeypatch, capsys) -> None:
+    """The command: one process per study, bench.json valid, the README's table printed."""
+    import medseg_monai.bench as bench
+
+    monkeypatch.setattr(bench, "settings", lambda study: TINY[study])
+    out = tmp_path / "bench.json"
+    assert main(["--studies", "xray", "lv", "--steps", "1", "--warmup", "0", "--output", str(out)]) == 0
+    results = json.loads(out.read_text())
+    validate(results)
+    assert list(results["studies"]) == ["xray", "lv"]
+    printed = capsys.readouterr().out
+    assert "| study | batch (unit) |" in printed and "| lv | 2 (blocks)" in printed
