@@ -293,7 +293,9 @@ def _copy_run(client: Any, source_id: str, source: Job, job: Job) -> str:
         shutil.rmtree(out)
     shutil.copytree(source.output_dir, out)
     src = client.get_run(source_id)
-    tags = {k: v for k, v in src.data.tags.items() if not k.startswith("mlflow.")}
+    # the entry's own grid tags (paper figures, note, sweep) are set afterwards, not the twin's
+    own = ("mlflow.", "paper.", "reproduce.")
+    tags = {k: v for k, v in src.data.tags.items() if not k.startswith(own)}
     tags |= {
         "mlflow.runName": run_name(job.experiment, job.seed, job.profile),
         "output_dir": str(out),

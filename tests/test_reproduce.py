@@ -134,6 +134,7 @@ def test_tiny_grid_end_to_end(bundles: Path, tmp_path: Path) -> None:
     for seed in ("0", "1"):
         copy, source = by[("baseline_copy", seed)], by[("baseline", seed)]
         assert copy.data.tags["reproduce.same_as"] == source.info.run_id
+        assert "paper.dice" in source.data.tags and "paper.dice" not in copy.data.tags  # its own figures
         assert copy.data.metrics == source.data.metrics and copy.data.params == source.data.params
         assert (Path(copy.data.tags["output_dir"]) / "model.pt").is_file()
     exp = client.get_experiment_by_name("xray")
