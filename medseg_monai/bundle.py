@@ -25,6 +25,7 @@ from medseg_monai.data import DatasetError
 from medseg_monai.errors import InputError, RunInterrupted, is_input_error
 from medseg_monai.paths import project_root
 from medseg_monai.record import parse_command_line
+from medseg_monai.timing import Stopwatch
 
 __all__ = [
     "MODES",
@@ -251,7 +252,7 @@ _TIMED_PARTS = {
 def run(
     files: Sequence[str],
     meta_dir: str | Path | None = None,
-    stopwatch: Any = None,
+    stopwatch: Stopwatch | None = None,
     mode: str = "train",
     **overrides: Any,
 ) -> None:
@@ -262,11 +263,13 @@ def run(
     from monai.bundle import create_workflow
 
     metas, logging_file = _meta_and_logging(files, meta_dir)
+    watch = stopwatch or Stopwatch()
     with _as_command(command_line(files, meta_dir, **overrides)):
-        if stopwatch is None:
+        with watch("setup"):
             workflow = create_workflow(
                 config_file=list(files), meta_file=metas, logging_file=logging_file, **overrides
             )
+        if stopwatch is None:  # untimed: nothing resolved ahead of the run
             workflow.run()
             workflow.finalize()
             return
@@ -274,26 +277,21 @@ def run(
         from medseg_monai.timing import time_engine_runs
 
         datasets, validator, handlers, rest = _TIMED_PARTS[mode]
-        with stopwatch("setup"):
-            workflow = create_workflow(
-                config_file=list(files), meta_file=metas, logging_file=logging_file, **overrides
-            )
         parser = workflow.parser
-        with stopwatch("cache"):
+        with watch("cache"):
             for key in datasets:
                 parser.get_parsed_content(key)
         if validator:
-            time_engine_runs(parser.get_parsed_content(validator), stopwatch, "validation")
-        before = dict(stopwatch.seconds)
+            time_engine_runs(parser.get_parsed_content(validator), watch, "validation")
+        validation_before = watch.seconds.get("validation", 0.0)
         start = time.perf_counter()
         workflow.run()
         workflow.finalize()
         elapsed = time.perf_counter() - start
         trackers = [h for h in parser.get_parsed_content(handlers) if isinstance(h, MLflowTracker)]
         mlflow_s = sum(t.seconds for t in trackers)
-        validation_s = stopwatch.seconds.get("validation", 0.0) - before.get("validation", 0.0)
-        stopwatch.add("mlflow", mlflow_s)
-        stopwatch.add(rest, elapsed - mlflow_s - validation_s)
+        watch.add("mlflow", mlflow_s)
+        watch.add(rest, elapsed - mlflow_s - (watch.seconds.get("validation", 0.0) - validation_before))
 
 
 # ----------------------------------------------------------------------------- errors
