@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import multiprocessing
 import os
 import queue
 import re
@@ -40,10 +39,20 @@ from medseg_monai.bundle import config_files, config_parser
 from medseg_monai.data import DatasetError, get_dataset, resolve_data_root
 from medseg_monai.errors import InputError
 from medseg_monai.handlers.progress import format_duration
+from medseg_monai.launch import LAUNCHERS, SlurmSettings, make_launcher
 from medseg_monai.paths import project_root
 from medseg_monai.record import content_hash, git_state
 from medseg_monai.timing import PHASES, Stopwatch
-from medseg_monai.tracking import ensure_experiment, record_run, recorded_run, run_tags, tracking_uri
+from medseg_monai.tracking import (
+    check_tracking_uri,
+    ensure_experiment,
+    journal,
+    record_run,
+    recorded_run,
+    run_tags,
+    server_answers,
+    tracking_uri,
+)
 
 __all__ = ["Job", "load_grid", "main", "plan", "reproduce"]
 
@@ -326,27 +335,30 @@ def default_workers(profile: str) -> int:
 
 @dataclass
 class _Slot:
-    """A job being run: its process, reader thread and what its progress lines need."""
+    """A job being run: its launcher handle, reader thread and what its progress lines need."""
 
     job: Job
     index: int
     fp: dict[str, str]
-    proc: Any  # multiprocessing.Process
+    handle: Any  # medseg_monai.launch: alive(), wait(), logs
     started: float
     max_epochs: int
     tail: list[str] = field(default_factory=list)
 
 
 class _Grid:
-    """Runs a planned grid: up to ``workers`` job processes at once (each on ``threads`` CPU threads),
-    a child after its ``init_from`` parent, a job equal to another (``effective_hash``) copied from it,
-    a job already done skipped. Progress lines come from the main thread, fed by one reader thread per
-    job process."""
+    """Runs a planned grid: up to ``workers`` jobs at once through ``launcher`` (each on ``threads``
+    CPU threads), a child after its ``init_from`` parent, a job equal to another (``effective_hash``)
+    copied from it, a job already done skipped. Progress lines come from the main thread, fed by one
+    reader thread per job, which follows the job's ``reproduce.log``."""
 
-    def __init__(self, jobs: list[Job], force: bool, workers: int, threads: int, profile_time: bool) -> None:
+    def __init__(
+        self, jobs: list[Job], force: bool, workers: int, threads: int, profile_time: bool, launcher: Any
+    ) -> None:
         from mlflow.tracking import MlflowClient
 
         self.jobs, self.force, self.workers, self.threads = jobs, force, workers, threads
+        self.launcher = launcher
         self.profile_time = profile_time
         self.client = MlflowClient(tracking_uri=tracking_uri())
         self.commit = git_state()["git.commit"]
@@ -354,15 +366,14 @@ class _Grid:
         self.state: dict[tuple[str, str, int], str] = {}  # (study, experiment, seed): done | failed
         self.effective: dict[str, tuple[Job, str | None]] = {}  # effective hash: first job, its run
         self.durations: list[float] = []
+        self.offline = False  # the tracking server went away: no job starts, the rest wait for it
         self.failures: list[str] = []
+        self.not_started: list[str] = []
         self.skipped = self.copied = 0
         self.timings: dict[str, dict[str, float]] = {}
         self.fps: dict[int, dict[str, str]] = {}
         self.planning = Stopwatch()
         self.started = time.perf_counter()
-        # job processes are forked from a server that has imported torch, MONAI and MLflow once
-        self.context = multiprocessing.get_context("forkserver")
-        self.context.set_forkserver_preload(_PRELOAD)
 
     def key(self, job: Job, experiment: str | None = None) -> tuple[str, str, int]:
         return (job.study, experiment or job.experiment, job.seed)
@@ -370,9 +381,19 @@ class _Grid:
     def say(self, index: int, job: Job, text: str) -> None:
         print(f"[{index}/{len(self.jobs)}] {job.label}: {text}", flush=True)
 
-    def fail(self, index: int, job: Job, fp: dict[str, str] | None, message: str) -> None:
-        run_id = _record_failure(self.client, job, fp, message)
+    def fail(
+        self, index: int, job: Job, fp: dict[str, str] | None, message: str, logs: list[str] | None = None
+    ) -> None:
+        try:
+            run_id = _record_failure(self.client, job, fp, message)
+        except Exception:
+            if server_answers():
+                raise
+            self.server_gone()
+            run_id = "unrecorded"
         last = message.splitlines()[-1][:300] if message else "failed"
+        if logs:
+            last += f" (log: {', '.join(logs)})"
         self.failures.append(f"{job.label} (run {run_id[:8]}): {last}")
         self.state[self.key(job)] = "failed"
         self.say(index, job, f"FAILED: {last}")
@@ -382,7 +403,7 @@ class _Grid:
         running: dict[int, _Slot] = {}
         changed = True  # a job ended (or none started yet): what can start now may have changed
         while pending or running:
-            while changed and len(running) < self.workers:
+            while changed and len(running) < self.workers and not self.offline:
                 changed = False
                 for item in list(pending):
                     outcome = self.start(*item)
@@ -393,6 +414,9 @@ class _Grid:
                     if isinstance(outcome, _Slot):
                         running[outcome.index] = outcome
                         break
+            if not running and self.offline:
+                self.not_started = [job.label for _, job in pending]
+                return
             if not running:
                 for index, job in pending:  # nothing runs, so what they wait on can never end
                     self.fail(index, job, self.fps.get(index), "waits on a job that never ran")
@@ -460,11 +484,8 @@ class _Grid:
         log = out / "reproduce.log"
         log.write_text("")
         spec = json.dumps(job.__dict__)
-        proc = self.context.Process(
-            target=_job_process, args=(spec, str(log), self.threads, time.time(), evaluate_only)
-        )
-        proc.start()
-        slot = _Slot(job, index, fp, proc, time.perf_counter(), int(fp["max_epochs"]))
+        handle = self.launcher.start(str(log), spec, self.threads, time.time(), evaluate_only)
+        slot = _Slot(job, index, fp, handle, time.perf_counter(), int(fp["max_epochs"]))
         threading.Thread(target=self.read, args=(slot, log), daemon=True).start()
         return slot
 
@@ -478,13 +499,12 @@ class _Grid:
                     self.events.put(("line", slot.index, partial.rstrip()))
                     partial = ""
                     continue
-                if not slot.proc.is_alive():
+                if not slot.handle.alive():
                     for rest in (partial + f.read()).splitlines():
                         self.events.put(("line", slot.index, rest))
                     break
-                time.sleep(0.2)
-        slot.proc.join()
-        self.events.put(("exit", slot.index, slot.proc.exitcode))
+                time.sleep(self.launcher.poll_s)
+        self.events.put(("exit", slot.index, slot.handle.wait()))
 
     def progress(self, slot: _Slot, line: str) -> None:
         slot.tail.append(line)
@@ -515,7 +535,15 @@ class _Grid:
             run_id = recorded_run(job.output_dir)
             if run_id is None:
                 raise RuntimeError(f"the job ended without an MLflow run recorded in {job.output_dir}")
-            self.tag(run_id, job, slot.fp)
+            try:
+                self.tag(run_id, job, slot.fp)
+            except Exception:
+                if server_answers():
+                    raise
+                self.server_gone()  # the tags wait in the job's journal with its other results
+                journal(
+                    job.output_dir, run_id, tags={**_job_tags(job, slot.fp), "reproduce.status": "complete"}
+                )
             self.state[self.key(job)] = "done"
             first = self.effective.get(slot.fp["effective_hash"])
             if first is None or first[1] is None:  # twins waiting on this job copy its run
@@ -526,7 +554,16 @@ class _Grid:
             )
         except Exception as e:
             self.effective.pop(slot.fp["effective_hash"], None)  # a twin waiting on it runs itself
-            self.fail(index, job, slot.fp, str(e).strip() or type(e).__name__)
+            self.fail(index, job, slot.fp, str(e).strip() or type(e).__name__, slot.handle.logs)
+
+    def server_gone(self) -> None:
+        if not self.offline:
+            print(
+                f"the MLflow server {tracking_uri()} went away: no more jobs start; the running ones "
+                "finish and keep what the server did not get in their folders",
+                flush=True,
+            )
+        self.offline = True
 
     def tag(self, run_id: str, job: Job, fp: dict[str, str]) -> None:
         for key, value in _job_tags(job, fp).items():
@@ -544,11 +581,13 @@ class _Grid:
         return ": " + ", ".join(f"{k} {seconds[k]:.1f}" for k in PHASES if k in seconds)
 
     def summary(self) -> str:
-        ran = len(self.jobs) - self.skipped - self.copied - len(self.failures)
+        ran = len(self.jobs) - self.skipped - self.copied - len(self.failures) - len(self.not_started)
+        waiting = f", {len(self.not_started)} not started" if self.not_started else ""
         return (
-            f"reproduce: {ran} ran, {self.skipped} skipped, {self.copied} copied, {len(self.failures)} failed "
+            f"reproduce: {ran} ran, {self.skipped} skipped, {self.copied} copied, {len(self.failures)} failed"
+            f"{waiting} "
             f"in {format_duration(time.perf_counter() - self.started)} ({self.workers} at once, "
-            f"{self.threads} thread{'s' if self.threads > 1 else ''} each)"
+            f"{self.threads} thread{'s' if self.threads > 1 else ''} each; launcher {self.launcher.name})"
         )
 
     def time_table(self, report_s: float | None) -> str:
@@ -592,20 +631,48 @@ def reproduce(
     report: bool = True,
     jobs: int | None = None,
     profile_time: bool = False,
+    launcher: str = "local",
+    slurm: SlurmSettings | None = None,
 ) -> int:
-    """Run the grid; returns the exit status (1 when any job failed)."""
+    """Run the grid through ``launcher`` (``medseg_monai.launch``); returns the exit status (1 when
+    any job failed)."""
+    runs = runs_dir or project_root() / "runs" / "reproduce"
+    backend = make_launcher(
+        launcher,
+        process_target=_job_process,
+        submitted_target=_submitted_job,
+        preload=_PRELOAD,
+        folder=runs / profile / "submitit",
+        slurm=slurm,
+    )
+    uri = check_tracking_uri()
+    if launcher == "slurm" and not uri.startswith(("http://", "https://")):
+        print(
+            f"warning: jobs on several nodes will write to {uri}; SQLite on a network file system is "
+            "unsafe with many writers: track to an MLflow server (MLFLOW_TRACKING_URI=http://host:port)",
+            file=sys.stderr,
+        )
     planned = plan(profile, studies, seeds, bundles_dir, runs_dir)
-    workers = max(1, jobs or default_workers(profile))
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    workers = max(1, jobs or (len(planned) if launcher == "slurm" else default_workers(profile)))
+    threads = backend.threads(workers, os.cpu_count() or 1)
     print(
         f"reproduce ({profile}): {len(planned)} runs of {', '.join(dict.fromkeys(j.study for j in planned))}, "
-        f"{workers} at once; tracking {tracking_uri()}",
+        f"{workers} at once through the {launcher} launcher; tracking {uri}",
         flush=True,
     )
-    grid = _Grid(planned, force, workers, threads, profile_time)
+    grid = _Grid(planned, force, workers, threads, profile_time, backend)
     grid.run()
     print(grid.summary(), flush=True)
     report_s = None
+    if grid.offline:
+        print(
+            f"error: the MLflow server {uri} went away during the grid ({len(grid.not_started)} jobs not "
+            f"started). When it answers again: python -m medseg_monai.tracking upload {runs / profile}, "
+            "then run the same reproduce command: the uploaded runs are skipped, the others run, and "
+            "the report is built.",
+            file=sys.stderr,
+        )
+        return 1
     if report:
         from medseg_monai.report import build_report
 
@@ -614,7 +681,7 @@ def reproduce(
         report_s = time.perf_counter() - start
     table = grid.time_table(report_s)
     if grid.timings:
-        where = (runs_dir or project_root() / "runs" / "reproduce") / profile / "timings.txt"
+        where = runs / profile / "timings.txt"
         where.parent.mkdir(parents=True, exist_ok=True)
         where.write_text(table + "\n")
         if profile_time:
@@ -634,10 +701,30 @@ _PRELOAD += [
 ]
 
 
-def _job_process(spec: str, log: str, threads: int, spawned: float, evaluate_only: bool = False) -> None:
-    """Body of a job's process (forked from the preloaded server): its output into ``log``, ``threads``
-    CPU threads, then :func:`_run_job`; an error ends it as a command would (the error hook's line
-    or traceback, status 1)."""
+def _job_process(log: str, spec: str, threads: int, spawned: float, evaluate_only: bool = False) -> None:
+    """Body of a ``local`` job's process (forked from the preloaded server): :func:`_job_body`, whose
+    status ends the process."""
+    sys.exit(_job_body(log, spec, threads, spawned, evaluate_only))
+
+
+def _submitted_job(log: str, spec: str, threads: int, spawned: float, evaluate_only: bool = False) -> int:
+    """Body of a job submitted through submitit (its own interpreter, on a node of the cluster or
+    here): :func:`_job_body`, whose status is the job's result; the interpreter's own output is
+    given back to submitit's log when the job is over."""
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        return _job_body(log, spec, threads, spawned, evaluate_only)
+    finally:
+        for target, fd in zip((1, 2), saved, strict=True):
+            os.dup2(fd, target)
+            os.close(fd)
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+
+
+def _job_body(log: str, spec: str, threads: int, spawned: float, evaluate_only: bool) -> int:
+    """A job's output into ``log`` (which the launcher follows), ``threads`` CPU threads, then
+    :func:`_run_job`; an error ends it as a command would (the error hook's line or traceback,
+    status 1)."""
     import warnings
 
     import torch
@@ -660,7 +747,7 @@ def _job_process(spec: str, log: str, threads: int, spawned: float, evaluate_onl
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()
-    sys.exit(code)
+    return code
 
 
 def _run_job(spec: str, spawned: float | None = None, evaluate_only: bool = False) -> int:
@@ -711,6 +798,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="print where each job's seconds went (process start, data, caching, training, ...)",
     )
+    parser.add_argument(
+        "--launcher",
+        default="local",
+        choices=LAUNCHERS,
+        help="where jobs run: this machine (local), SLURM through submitit (slurm), or submitit's local "
+        "executor (submitit-local)",
+    )
+    slurm = parser.add_argument_group("slurm", "resources of each job (--launcher slurm)")
+    slurm.add_argument("--partition", help="SLURM partition (default: the cluster's)")
+    slurm.add_argument("--gpus-per-job", "--gpus_per_job", dest="gpus_per_job", type=int, default=1)
+    slurm.add_argument("--cpus-per-job", "--cpus_per_job", dest="cpus_per_job", type=int, default=8)
+    slurm.add_argument("--time", type=int, default=720, help="time limit of each job, minutes")
+    slurm.add_argument("--mem-gb", "--mem_gb", dest="mem_gb", type=int, help="memory of each job, GB")
     args = parser.parse_args(argv)
     try:
         return reproduce(
@@ -723,8 +823,10 @@ def main(argv: list[str] | None = None) -> int:
             not args.no_report,
             args.jobs,
             args.profile_time,
+            args.launcher,
+            SlurmSettings(args.partition, args.gpus_per_job, args.cpus_per_job, args.time, args.mem_gb),
         )
-    except DatasetError as e:
+    except (DatasetError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -43,14 +43,17 @@ __all__ = [
     "check_tracking_uri",
     "ensure_experiment",
     "flatten_params",
+    "journal",
     "mark_stale_run",
     "record_run",
     "recorded_run",
     "mlflow_dir",
     "record_tags",
     "run_tags",
+    "server_answers",
     "start_run",
     "tracking_uri",
+    "upload",
 ]
 
 log = logging.getLogger(__name__)
@@ -96,23 +99,34 @@ def tracking_uri() -> str:
     return default_tracking_uri()
 
 
+def _unreachable(uri: str, timeout: float) -> str | None:
+    """Why the server ``uri`` does not answer its ``/health`` within ``timeout`` seconds (None: it
+    does, or ``uri`` is a local store)."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            return None if response.status == 200 else f"HTTP {response.status}"
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        return str(getattr(e, "reason", e))
+
+
+def server_answers(uri: str | None = None, timeout: float = 3.0) -> bool:
+    """Whether the tracking store ``uri`` (default: :func:`tracking_uri`) can be reached now."""
+    return _unreachable(uri or tracking_uri(), timeout) is None
+
+
 def check_tracking_uri(timeout: float = 5.0) -> str:
     """The tracking URI, after checking that a server named by ``MLFLOW_TRACKING_URI`` answers its
     ``/health`` within ``timeout`` seconds (MLflow's own client would retry for minutes, then fail
     after training had started). A server that does not answer is refused in one line."""
-    import urllib.error
-    import urllib.request
-
     uri = tracking_uri()
-    if not uri.startswith(("http://", "https://")):
+    reason = _unreachable(uri, timeout)
+    if reason is None:
         return uri
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
-            if response.status == 200:
-                return uri
-            reason = f"HTTP {response.status}"
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = str(getattr(e, "reason", e))
     from medseg_monai.errors import InputError
 
     raise InputError(
@@ -327,3 +341,104 @@ def mark_stale_run(output_dir: str | Path) -> str | None:
         "the run in %s stopped without ending (killed?): MLflow run %s marked KILLED", output_dir, run_id
     )
     return run_id
+
+
+# ----------------------------------------------------------------------------- server gone: the offline journal
+
+OFFLINE_RECORD = "mlflow_offline.json"
+
+
+def journal(
+    output_dir: str | Path,
+    run_id: str,
+    *,
+    metrics: Iterable[tuple[str, float, int, int]] = (),
+    tags: Mapping[str, str] | None = None,
+    artifacts: Iterable[tuple[str, str | None]] = (),
+    status: str | None = None,
+) -> Path:
+    """Keep in ``<output_dir>/mlflow_offline.json`` what could not be sent to the run ``run_id`` while
+    its MLflow server was away: metrics ``(key, value, timestamp ms, step)``, tags, artifacts
+    ``(path relative to output_dir, artifact folder)`` and the status to end the run with.
+    :func:`upload` sends it when the server is back."""
+    from medseg_monai.io import write_json
+
+    path = Path(output_dir) / OFFLINE_RECORD
+    entry = json.loads(path.read_text()) if path.is_file() else {}
+    if entry.get("run_id", run_id) != run_id:
+        raise RuntimeError(f"{path} holds run {entry['run_id']}, not {run_id}")
+    entry.setdefault("run_id", run_id)
+    entry.setdefault("tracking_uri", tracking_uri())
+    entry.setdefault("metrics", []).extend([k, float(v), int(t), int(s)] for k, v, t, s in metrics)
+    entry.setdefault("tags", {}).update(tags or {})
+    entry.setdefault("artifacts", []).extend([a, d] for a, d in artifacts)
+    if status is not None:
+        entry["status"] = status
+    write_json(entry, path)
+    return path
+
+
+def upload(paths: Iterable[str | Path], uri: str | None = None) -> int:
+    """Send every ``mlflow_offline.json`` under ``paths`` (run folders, or folders of them) to its run:
+    metrics, tags, artifacts, then the run's end status; each journal is removed once sent. ``uri``
+    overrides the store the journals name (e.g. the server moved). Returns the runs uploaded."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    found = sorted(
+        {j for p in map(Path, paths) for j in ([p] if p.name == OFFLINE_RECORD else p.rglob(OFFLINE_RECORD))}
+    )
+    if not found:
+        log.info("nothing to upload: no %s under %s", OFFLINE_RECORD, ", ".join(map(str, paths)))
+    for path in found:
+        entry = json.loads(path.read_text())
+        target = uri or entry["tracking_uri"]
+        if not server_answers(target):
+            from medseg_monai.errors import InputError
+
+            raise InputError(f"the MLflow server {target} does not answer: start it, then upload again")
+        client, run_id, folder = MlflowClient(tracking_uri=target), entry["run_id"], path.parent
+        metrics = [Metric(k, v, t, s) for k, v, t, s in entry["metrics"]]
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[i : i + 1000])
+        for key, value in _truncate_tags(entry["tags"]).items():
+            client.set_tag(run_id, key, value)
+        for name, artifact_path in entry["artifacts"]:
+            if (folder / name).is_file():
+                client.log_artifact(run_id, str(folder / name), artifact_path=artifact_path)
+        if entry.get("status"):
+            client.set_terminated(run_id, status=entry["status"])
+        path.unlink()
+        log.info(
+            "uploaded %d metric values, %d tags and %d files of %s to run %s (%s)",
+            len(metrics), len(entry["tags"]), len(entry["artifacts"]), folder, run_id, target,
+        )  # fmt: skip
+    return len(found)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m medseg_monai.tracking upload <folder>...``: send what runs kept on disk while their
+    MLflow server was away (``mlflow_offline.json``)."""
+    import argparse
+    import sys
+
+    from medseg_monai.errors import InputError
+
+    parser = argparse.ArgumentParser(prog="medseg-tracking", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("upload", help="send the offline journals under these folders to their runs")
+    up.add_argument("folders", nargs="+", type=Path)
+    up.add_argument("--tracking_uri", help="the store to send to (default: the one each run used)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        n = upload(args.folders, args.tracking_uri)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"uploaded {n} run(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

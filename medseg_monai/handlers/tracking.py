@@ -16,7 +16,16 @@ import torch
 from ignite.engine import Engine, Events
 
 from medseg_monai.handlers.progress import evaluation_values, iteration_loss
-from medseg_monai.tracking import record_run, record_tags, recorded_run, start_run, tracking_uri
+from medseg_monai.tracking import (
+    OFFLINE_RECORD,
+    journal,
+    record_run,
+    record_tags,
+    recorded_run,
+    server_answers,
+    start_run,
+    tracking_uri,
+)
 
 __all__ = ["MLflowTracker", "config_params"]
 
@@ -84,6 +93,11 @@ class MLflowTracker:
     metrics and files go into the recorded run without touching its status or params (a new run is
     opened only when none is recorded).
 
+    When a tracking server stops answering mid-run (MLflow's client has retried for a while), the
+    training goes on: the metrics, files and end status the server did not get are kept in
+    ``<record_dir>/mlflow_offline.json``, and ``python -m medseg_monai.tracking upload <record_dir>``
+    sends them once it is back (``medseg_monai.tracking.upload``).
+
     Attach it before other handlers that re-raise exceptions (e.g. ``StatsHandler``), so that a
     failure is always recorded.
     """
@@ -119,6 +133,7 @@ class MLflowTracker:
         self.run_id: str | None = None
         self._iteration_series = False
         self.seconds = 0.0  # spent in MLflow calls (``medseg_monai.timing``)
+        self.offline = False  # the server went away: what is left to send goes to the journal
 
     def attach(self, engine: Engine) -> None:
         self._engine = engine
@@ -195,7 +210,26 @@ class MLflowTracker:
             return
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self._client.log_batch(self.run_id, metrics=items)
+        if not self.offline:
+            try:
+                self._client.log_batch(self.run_id, metrics=items)
+                return
+            except Exception as e:
+                self._go_offline(e)
+        journal(self.output_dir, self.run_id, metrics=[(m.key, m.value, m.timestamp, m.step) for m in items])
+
+    def _go_offline(self, error: Exception) -> None:
+        """The run's server stopped answering (MLflow's client has retried already): go on without
+        it, keeping what it should have received in the run folder's journal. Anything else re-raises."""
+        if server_answers(self._client.tracking_uri):
+            raise error
+        self.offline = True
+        logger.warning(
+            "the MLflow server %s went away (%s): the run goes on, its metrics and files stay in %s; "
+            "when the server is back: python -m medseg_monai.tracking upload %s",
+            self._client.tracking_uri, str(error).splitlines()[0][:200], self.output_dir / OFFLINE_RECORD,
+            self.output_dir,
+        )  # fmt: skip
 
     def _accumulate(self, engine: Engine) -> None:
         loss = iteration_loss(engine.state.output)
@@ -240,9 +274,16 @@ class MLflowTracker:
     def _log_artifacts(self) -> None:
         for path in sorted(self.output_dir.rglob("*")):
             rel = path.relative_to(self.output_dir)
-            if path.is_file() and any(fnmatch(path.name, pattern) for pattern in self.artifacts):
+            wanted = any(fnmatch(path.name, pattern) for pattern in self.artifacts)
+            if path.is_file() and wanted and path.name != OFFLINE_RECORD:
                 folder = str(rel.parent) if rel.parent != Path(".") else None
-                self._client.log_artifact(self.run_id, str(path), artifact_path=folder)
+                if not self.offline:
+                    try:
+                        self._client.log_artifact(self.run_id, str(path), artifact_path=folder)
+                        continue
+                    except Exception as e:
+                        self._go_offline(e)
+                journal(self.output_dir, self.run_id, artifacts=[(str(rel), folder)])
 
     def _on_terminate(self, engine: Engine) -> None:
         # a signal skips COMPLETED; any other stop (e.g. early stopping) reaches it as usual
@@ -263,11 +304,20 @@ class MLflowTracker:
         if self._stack is None:
             return
         stack, self._stack = self._stack, None
-        if getattr(engine.state, "interrupted", None):
+        status = "KILLED" if getattr(engine.state, "interrupted", None) else "FINISHED"
+        if self.offline:  # the run ends when the journal is uploaded; this process lets it go now
+            journal(self.output_dir, self.run_id, status=status)
+            _forget_active_run()
+            return
+        if status == "KILLED":
             mlflow.end_run(status="KILLED")
         stack.close()
 
     def _fail(self, engine: Engine, e: BaseException) -> None:
+        if self._stack is not None and self.offline:
+            self._stack = None
+            journal(self.output_dir, self.run_id, status="FAILED")
+            _forget_active_run()
         if self._stack is not None:
             stack, self._stack = self._stack, None
             try:
@@ -276,3 +326,13 @@ class MLflowTracker:
                 if inner is not e:
                     logger.error("could not mark MLflow run %s as FAILED: %s", self.run_id, inner)
         raise e
+
+
+def _forget_active_run() -> None:
+    """Drop this process's active MLflow run without calling its (gone) server, which
+    ``mlflow.end_run`` would retry for minutes."""
+    from mlflow.tracking import fluent
+
+    stack = fluent._active_run_stack.get()
+    if stack:
+        stack.pop()
