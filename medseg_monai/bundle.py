@@ -679,7 +679,16 @@ def distributed_sampler(dataset: Any, shuffle: bool) -> Any:
             len(dataset),
             world,
         )
-    return DistributedSampler(dataset, shuffle=shuffle, even_divisible=pad)
+    sampler = DistributedSampler(dataset, shuffle=shuffle, even_divisible=pad)
+    logging.getLogger("medseg_monai.bundle").info(
+        "rank %d of %d: %d of the %d %s cases",
+        dist.get_rank(),
+        world,
+        len(sampler),
+        len(dataset),
+        "training" if shuffle else "validation",
+    )
+    return sampler
 
 
 def _rank0_only() -> tuple[type, ...]:

@@ -143,10 +143,11 @@ def make_launcher(
         raise InputError(f"unknown launcher '{name}' (choose from {', '.join(LAUNCHERS)})")
     if name == "local":
         return LocalLauncher(process_target, preload)
-    if name == "slurm" and shutil.which("sbatch") is None:
+    missing = [c for c in ("sbatch", "srun") if name == "slurm" and shutil.which(c) is None]
+    if missing:
         raise InputError(
-            "LAUNCHER=slurm submits with sbatch, which is not on the PATH: run it on the cluster's login "
-            "node (LAUNCHER=submitit-local runs the same path on this machine)"
+            f"LAUNCHER=slurm submits with sbatch and srun; {missing[0]} is not on the PATH: run it on the "
+            "cluster's login node (LAUNCHER=submitit-local runs the same path on this machine)"
         )
     settings = slurm or SlurmSettings()
     for key in ("gpus_per_job", "cpus_per_job", "time_min"):

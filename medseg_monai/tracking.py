@@ -13,6 +13,10 @@ Note that ``mlflow.set_tracking_uri`` (called by :func:`start_run`) also exports
 ``MLFLOW_TRACKING_URI`` to the process environment, so later calls in the same process and its
 subprocesses keep using that store.
 
+A server that stops answering mid-run does not stop training: the tracker keeps what it could not
+send in ``<run folder>/mlflow_offline.json`` (:func:`journal`) and ``python -m medseg_monai.tracking
+upload <folder>`` sends it later (:func:`upload`).
+
 Every run is tagged with the git state, the dataset (id, kind, content hash), the profile, the
 device and the versions of Python and the main libraries, taken from the run record
 (:func:`record_tags`; ``medseg_monai.record`` computes them once per run).
