@@ -116,6 +116,19 @@ def test_on_a_gpu_the_cache_ends_on_it_and_the_random_transforms_follow(study: s
 
 
 @pytest.mark.parametrize("study", STUDIES)
+def test_validation_caches_all_its_preprocessing(study: str) -> None:
+    """No step of the validation transforms counts as random (a nested ``Compose`` would: the cache
+    would stop there and the rest run at every validation)."""
+    dataset = parse_study(study, **SMALL).get_parsed_content("validate#dataset")
+    random = [
+        type(t).__name__
+        for t in dataset.transform.transforms
+        if isinstance(t, RandomizableTrait) or not isinstance(t, Transform)
+    ]
+    assert random == []
+
+
+@pytest.mark.parametrize("study", STUDIES)
 def test_on_the_cpu_the_cache_stays_in_memory(study: str) -> None:
     parser = parse_study(study, fast="true", **SMALL)
     key = "train_volumes" if study == "wmh" else "train_dataset"
