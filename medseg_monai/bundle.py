@@ -3,7 +3,7 @@
 The launcher builds the config-file list of a (study, mode, experiment, profile) and runs it with the
 bundle's ``metadata.json`` and ``logging.conf`` passed explicitly; reproduce, bench and the tests go
 through it. The wiring (``bundles/common/configs``) calls the engine helpers here (device, DDP,
-rank filtering, metric comparison, the error hook) and ``medseg_monai.record.prepare_run``.
+rank filtering, metric comparison, the fast path, the error hook) and ``medseg_monai.record.prepare_run``.
 
     python -m medseg_monai.bundle <study> [--mode train|evaluate|inference|multi_gpu_train]
         [--experiment NAME] [--profile quick] [--dry_run] [--key value ...]
@@ -32,17 +32,20 @@ __all__ = [
     "at_repo_root",
     "announce_run",
     "bundle_root",
+    "cache_on_device",
     "check_checkpoint",
     "check_command_line",
     "check_interrupted",
     "command_line",
     "config_parser",
     "config_files",
+    "data_loader",
     "default_device",
     "channel_cases",
     "default_output_dir",
     "distributed_sampler",
     "end_distributed",
+    "fast_path",
     "flag",
     "for_this_rank",
     "image_files",
@@ -352,7 +355,7 @@ def _check_value(key: str, value: Any) -> None:
         raise InputError(f"max_epochs must be a positive whole number, got {value!r}")
     if key == "seed" and (isinstance(value, bool) or not isinstance(value, int)):
         raise InputError(f"seed must be a whole number, got {value!r}")
-    if key in ("resume", "overwrite"):
+    if key in ("resume", "overwrite", "fast"):
         flag(value, key)
     if (
         key == "fold"
@@ -716,6 +719,64 @@ def for_this_rank(handlers: Sequence[Any]) -> list[Any]:
     if _rank() == 0:
         return handlers
     return [h for h in handlers if not isinstance(h, _rank0_only())]
+
+
+# the fast path (``fast: true``, MONAI's fast-training guide): the wiring's data loaders, the trainer's
+# and evaluator's transfers, the training cache's device and the cuDNN settings follow one switch
+
+
+def _on_cuda(device: Any) -> bool:
+    import torch
+
+    return torch.device(device).type == "cuda"
+
+
+def data_loader(dataset: Any, fast: Any = False, **kwargs: Any) -> Any:
+    """The wiring's data loader: MONAI's ``ThreadDataLoader`` (``num_workers=0``: the transforms run
+    in one background thread, the next batch ready while the network trains, which suits a cache
+    held on the GPU) when ``fast``, else MONAI's ``DataLoader``; ``kwargs`` (batch size, sampler,
+    shuffle, ...) go to either."""
+    from monai.data import DataLoader, ThreadDataLoader
+
+    if flag(fast, "fast"):
+        return ThreadDataLoader(dataset, **{**kwargs, "num_workers": 0})
+    return DataLoader(dataset, **kwargs)
+
+
+def cache_on_device(keys: Any, device: Any, fast: Any = False) -> list[Any]:
+    """The transform that ends a study's cached (deterministic) transforms on the fast path:
+    ``[EnsureTyped(keys, device=device)]`` when ``fast`` and ``device`` is a GPU, so the cache is
+    held on the GPU and the random transforms after it run there; else ``[]`` (the cache stays in
+    host memory, as without ``fast``)."""
+    if not (flag(fast, "fast") and _on_cuda(device)):
+        return []
+    from monai.transforms import EnsureTyped
+
+    return [EnsureTyped(keys=keys, device=device)]
+
+
+def fast_path(fast: Any, device: Any) -> bool:
+    """Set up the run for ``fast`` (call after ``monai.utils.set_determinism``, which turns cuDNN's
+    benchmark off): on a GPU ``torch.backends.cudnn.benchmark = True`` and non-deterministic cuDNN,
+    so cuDNN picks its fastest kernels and the run is no longer bit-for-bit reproducible (seeds
+    still fix the initialisation, the data order and the augmentation). Says in one line what the
+    fast path does here; returns whether it is on."""
+    import torch
+
+    if not flag(fast, "fast"):
+        return False
+    log = logging.getLogger("medseg_monai.progress")
+    if _on_cuda(device):
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.deterministic = False
+        log.info(
+            "fast: ThreadDataLoader, training cache on %s (random transforms there), non-blocking "
+            "transfers, cudnn.benchmark on: not bit-for-bit reproducible",
+            device,
+        )
+    else:
+        log.info("fast: ThreadDataLoader, non-blocking transfers (no GPU: the cache stays in memory)")
+    return True
 
 
 def metric_cmp_fn(mode: str) -> Any:
