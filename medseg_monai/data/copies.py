@@ -131,8 +131,10 @@ class AddedCopiesDataset(torch.utils.data.Dataset):
         if isinstance(self.transform, Randomizable):
             self.transform.set_random_state(seed=seed)
         py_state, np_state = random.getstate(), np.random.get_state()
+        # the CPU generator only: torch.manual_seed would reseed the GPUs' too, which fork_rng(devices=[])
+        # does not restore (a ThreadDataLoader thread would reset the training's dropout draws)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.random.default_generator.manual_seed(seed)
             np.random.seed(seed)
             random.seed(seed)
             try:
