@@ -13,6 +13,7 @@ FORCE ?=
 JOBS ?=
 PROFILE_TIME ?=
 LAUNCHER ?= local
+FAST ?=
 PARTITION ?=
 GPUS_PER_JOB ?=
 CPUS_PER_JOB ?=
@@ -29,7 +30,7 @@ help:
 	@echo "make lint       ruff check and format check"
 	@echo "make data       generate every synthetic dataset into the cache (\$$MEDSEG_CACHE)"
 	@echo "make reproduce-all [PROFILE=quick|paper] [STUDIES=\"wmh xray\"] [SEEDS=\"0 1\"] [FORCE=1] [JOBS=n] [PROFILE_TIME=1]"
-	@echo "                 [LAUNCHER=local|slurm|submitit-local] [PARTITION=p GPUS_PER_JOB=n CPUS_PER_JOB=n TIME=min MEM_GB=n]"
+	@echo "                 [FAST=1] [LAUNCHER=local|slurm|submitit-local] [PARTITION=p GPUS_PER_JOB=n CPUS_PER_JOB=n TIME=min MEM_GB=n]"
 	@echo "                 every bundle's experiment grid (train + evaluate), resumable; then the report"
 	@echo "make report     rebuild mlflow/reports/report.md and report.html from the MLflow store"
 	@echo "make bench      training/inference throughput vs a plain PyTorch loop -> bench.json"
@@ -80,7 +81,7 @@ reproduce-all: $(INSTALLED)
 		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(FORCE),--force) $(if $(JOBS),--jobs $(JOBS)) \
 		$(if $(PROFILE_TIME),--profile-time) --launcher $(LAUNCHER) $(if $(PARTITION),--partition $(PARTITION)) \
 		$(if $(GPUS_PER_JOB),--gpus-per-job $(GPUS_PER_JOB)) $(if $(CPUS_PER_JOB),--cpus-per-job $(CPUS_PER_JOB)) \
-		$(if $(TIME),--time $(TIME)) $(if $(MEM_GB),--mem-gb $(MEM_GB))
+		$(if $(TIME),--time $(TIME)) $(if $(MEM_GB),--mem-gb $(MEM_GB)) $(if $(FAST),--fast)
 
 report: $(INSTALLED)
 	$(PY) -m medseg_monai.report

@@ -633,6 +633,7 @@ def reproduce(
     profile_time: bool = False,
     launcher: str = "local",
     slurm: SlurmSettings | None = None,
+    fast: bool = False,
 ) -> int:
     """Run the grid through ``launcher`` (``medseg_monai.launch``); returns the exit status (1 when
     any job failed)."""
@@ -653,6 +654,8 @@ def reproduce(
             file=sys.stderr,
         )
     planned = plan(profile, studies, seeds, bundles_dir, runs_dir)
+    for job in planned if fast else []:  # the GPU fast path: a setting of the run, so hashed with it
+        job.overrides["fast"] = True
     workers = max(1, jobs or (len(planned) if launcher == "slurm" else default_workers(profile)))
     threads = backend.threads(workers, os.cpu_count() or 1)
     print(
@@ -810,6 +813,9 @@ def main(argv: list[str] | None = None) -> int:
     slurm.add_argument("--gpus-per-job", "--gpus_per_job", dest="gpus_per_job", type=int, default=1)
     slurm.add_argument("--cpus-per-job", "--cpus_per_job", dest="cpus_per_job", type=int, default=8)
     slurm.add_argument("--time", type=int, default=720, help="time limit of each job, minutes")
+    parser.add_argument(
+        "--fast", action="store_true", help="every job on the GPU fast path (the bundles' fast: true)"
+    )
     slurm.add_argument("--mem-gb", "--mem_gb", dest="mem_gb", type=int, help="memory of each job, GB")
     args = parser.parse_args(argv)
     try:
@@ -825,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
             args.profile_time,
             args.launcher,
             SlurmSettings(args.partition, args.gpus_per_job, args.cpus_per_job, args.time, args.mem_gb),
+            args.fast,
         )
     except (DatasetError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
