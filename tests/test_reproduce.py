@@ -184,6 +184,7 @@ def test_failed_experiment_is_reported_and_the_rest_complete(bundles: Path, tmp_
     result = _reproduce(bundles, tmp_path, "--seeds", "0")
     assert result.returncode == 1
     assert "xray/broken seed 0" in result.stderr and "unknown dataset 'no-such-dataset'" in result.stderr
+    assert f"(log: {tmp_path / 'runs/quick/xray/broken/seed0/reproduce.log'})" in result.stderr  # where to look
     client = mlflow_client(tmp_path / "mlflow")
     status = {r.data.tags["variant"]: r.info.status for r in _grid_runs(client, "xray")}
     assert status == {"baseline": "FINISHED", "broken": "FAILED"}

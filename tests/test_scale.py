@@ -252,4 +252,5 @@ def test_torchrun_two_processes_gather_what_one_process_scores(study: str, tmp_p
     single = {prefix + k: v for k, v in evaluation_values(evaluator).items()}
     assert single and set(single) <= set(logged)
     for name, value in single.items():
+        print(f"{study} {name}: gathered from 2 ranks {logged[name]:.6f}, one process {value:.6f}")
         assert logged[name] == pytest.approx(value, abs=1e-5), name
