@@ -227,7 +227,9 @@ def test_torchrun_two_processes_gather_what_one_process_scores(study: str, tmp_p
     from both ranks equal one process's evaluation of the saved model on every validation case."""
     out, store = tmp_path / "run", tmp_path / "mlflow"
     files = config_files(study, "multi_gpu_train", profile="quick")
-    bundle_args = command_line(files, output_dir=str(out), max_epochs=1)[1:]  # -m monai.bundle run ...
+    bundle_args = command_line(files, output_dir=str(out), max_epochs=1, val_interval=1)[
+        1:
+    ]  # -m monai.bundle run
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *bundle_args]
     env = {**os.environ, "MEDSEG_MLFLOW_DIR": str(store), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("MLFLOW_TRACKING_URI", None)
