@@ -227,9 +227,9 @@ def test_torchrun_two_processes_gather_what_one_process_scores(study: str, tmp_p
     from both ranks equal one process's evaluation of the saved model on every validation case."""
     out, store = tmp_path / "run", tmp_path / "mlflow"
     files = config_files(study, "multi_gpu_train", profile="quick")
-    bundle_args = command_line(files, output_dir=str(out), max_epochs=1, val_interval=1)[
-        1:
-    ]  # -m monai.bundle run
+    # one epoch, validated; nothing cached, so each rank prepares its own shard only
+    overrides = {"output_dir": str(out), "max_epochs": 1, "val_interval": 1, "cache_rate": 0.0}
+    bundle_args = command_line(files, **overrides)[1:]  # -m monai.bundle run ...
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *bundle_args]
     env = {**os.environ, "MEDSEG_MLFLOW_DIR": str(store), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("MLFLOW_TRACKING_URI", None)
