@@ -387,9 +387,8 @@ class _Grid:
         try:
             run_id = _record_failure(self.client, job, fp, message)
         except Exception:
-            if server_answers():
+            if not self.server_gone():
                 raise
-            self.server_gone()
             run_id = "unrecorded"
         last = message.splitlines()[-1][:300] if message else "failed"
         if logs:
@@ -538,10 +537,9 @@ class _Grid:
             try:
                 self.tag(run_id, job, slot.fp)
             except Exception:
-                if server_answers():
+                if not self.server_gone():
                     raise
-                self.server_gone()  # the tags wait in the job's journal with its other results
-                journal(
+                journal(  # the tags wait in the job's journal with its other results
                     job.output_dir, run_id, tags={**_job_tags(job, slot.fp), "reproduce.status": "complete"}
                 )
             self.state[self.key(job)] = "done"
@@ -556,7 +554,11 @@ class _Grid:
             self.effective.pop(slot.fp["effective_hash"], None)  # a twin waiting on it runs itself
             self.fail(index, job, slot.fp, str(e).strip() or type(e).__name__, slot.handle.logs)
 
-    def server_gone(self) -> None:
+    def server_gone(self) -> bool:
+        """Whether the tracking server stopped answering (after a failed call): the grid then starts
+        no more jobs, and says so once."""
+        if server_answers():
+            return False
         if not self.offline:
             print(
                 f"the MLflow server {tracking_uri()} went away: no more jobs start; the running ones "
@@ -564,6 +566,7 @@ class _Grid:
                 flush=True,
             )
         self.offline = True
+        return True
 
     def tag(self, run_id: str, job: Job, fp: dict[str, str]) -> None:
         for key, value in _job_tags(job, fp).items():
@@ -808,14 +811,19 @@ def main(argv: list[str] | None = None) -> int:
         help="where jobs run: this machine (local), SLURM through submitit (slurm), or submitit's local "
         "executor (submitit-local)",
     )
-    slurm = parser.add_argument_group("slurm", "resources of each job (--launcher slurm)")
-    slurm.add_argument("--partition", help="SLURM partition (default: the cluster's)")
-    slurm.add_argument("--gpus-per-job", "--gpus_per_job", dest="gpus_per_job", type=int, default=1)
-    slurm.add_argument("--cpus-per-job", "--cpus_per_job", dest="cpus_per_job", type=int, default=8)
-    slurm.add_argument("--time", type=int, default=720, help="time limit of each job, minutes")
     parser.add_argument(
         "--fast", action="store_true", help="every job on the GPU fast path (the bundles' fast: true)"
     )
+    slurm = parser.add_argument_group("slurm", "resources of each job (--launcher slurm)")
+    defaults = SlurmSettings()
+    slurm.add_argument("--partition", help="SLURM partition (default: the cluster's)")
+    slurm.add_argument(
+        "--gpus-per-job", "--gpus_per_job", dest="gpus_per_job", type=int, default=defaults.gpus_per_job
+    )
+    slurm.add_argument(
+        "--cpus-per-job", "--cpus_per_job", dest="cpus_per_job", type=int, default=defaults.cpus_per_job
+    )
+    slurm.add_argument("--time", type=int, default=defaults.time_min, help="time limit of each job, minutes")
     slurm.add_argument("--mem-gb", "--mem_gb", dest="mem_gb", type=int, help="memory of each job, GB")
     args = parser.parse_args(argv)
     try:

@@ -210,13 +210,21 @@ class MLflowTracker:
             return
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._send(
+            lambda: self._client.log_batch(self.run_id, metrics=items),
+            metrics=[(m.key, m.value, m.timestamp, m.step) for m in items],
+        )
+
+    def _send(self, call: Any, **pending: Any) -> None:
+        """``call()`` to the server; when it has gone (now or earlier), ``pending`` into the journal
+        (``medseg_monai.tracking.journal``) instead."""
         if not self.offline:
             try:
-                self._client.log_batch(self.run_id, metrics=items)
+                call()
                 return
             except Exception as e:
                 self._go_offline(e)
-        journal(self.output_dir, self.run_id, metrics=[(m.key, m.value, m.timestamp, m.step) for m in items])
+        journal(self.output_dir, self.run_id, **pending)
 
     def _go_offline(self, error: Exception) -> None:
         """The run's server stopped answering (MLflow's client has retried already): go on without
@@ -277,13 +285,10 @@ class MLflowTracker:
             wanted = any(fnmatch(path.name, pattern) for pattern in self.artifacts)
             if path.is_file() and wanted and path.name != OFFLINE_RECORD:
                 folder = str(rel.parent) if rel.parent != Path(".") else None
-                if not self.offline:
-                    try:
-                        self._client.log_artifact(self.run_id, str(path), artifact_path=folder)
-                        continue
-                    except Exception as e:
-                        self._go_offline(e)
-                journal(self.output_dir, self.run_id, artifacts=[(str(rel), folder)])
+                self._send(
+                    lambda p=path, f=folder: self._client.log_artifact(self.run_id, str(p), artifact_path=f),
+                    artifacts=[(str(rel), folder)],
+                )
 
     def _on_terminate(self, engine: Engine) -> None:
         # a signal skips COMPLETED; any other stop (e.g. early stopping) reaches it as usual
@@ -305,19 +310,28 @@ class MLflowTracker:
             return
         stack, self._stack = self._stack, None
         status = "KILLED" if getattr(engine.state, "interrupted", None) else "FINISHED"
-        if self.offline:  # the run ends when the journal is uploaded; this process lets it go now
-            journal(self.output_dir, self.run_id, status=status)
-            _forget_active_run()
+        if self.offline:
+            self._end_offline(status)
             return
         if status == "KILLED":
             mlflow.end_run(status="KILLED")
         stack.close()
 
+    def _end_offline(self, status: str) -> None:
+        """End the run with its server gone: ``status`` waits in the journal (the run ends when it is
+        uploaded), and this process drops its active MLflow run without calling the server, which
+        ``mlflow.end_run`` would retry for minutes."""
+        from mlflow.tracking import fluent
+
+        journal(self.output_dir, self.run_id, status=status)
+        stack = fluent._active_run_stack.get()
+        if stack:
+            stack.pop()
+
     def _fail(self, engine: Engine, e: BaseException) -> None:
         if self._stack is not None and self.offline:
             self._stack = None
-            journal(self.output_dir, self.run_id, status="FAILED")
-            _forget_active_run()
+            self._end_offline("FAILED")
         if self._stack is not None:
             stack, self._stack = self._stack, None
             try:
@@ -326,13 +340,3 @@ class MLflowTracker:
                 if inner is not e:
                     logger.error("could not mark MLflow run %s as FAILED: %s", self.run_id, inner)
         raise e
-
-
-def _forget_active_run() -> None:
-    """Drop this process's active MLflow run without calling its (gone) server, which
-    ``mlflow.end_run`` would retry for minutes."""
-    from mlflow.tracking import fluent
-
-    stack = fluent._active_run_stack.get()
-    if stack:
-        stack.pop()
