@@ -107,7 +107,7 @@ def test_real_samples_load_with_their_label_convention(
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return train_quick("brats", tmp_path_factory, max_epochs=12)
+    return train_quick("brats", tmp_path_factory)
 
 
 @pytest.mark.slow

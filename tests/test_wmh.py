@@ -297,7 +297,7 @@ def test_bad_input_is_one_line_and_leaves_no_finished_run(tmp_path: Path, fault:
         cache_rate=1.0,
         slice_axis=2,  # 32 x 32 axial slices as they are: padded to 256, noise has too little entropy
         in_plane_size=32,
-        in_plane_spacing=1.0,  # their own 1 mm: at the quick profile's 3 mm, too little entropy too
+        in_plane_spacing=1.0,  # their own 1 mm: at the quick profile's 4 mm, too little entropy too
         slice_spacing=1.0,
     )
     assert result.returncode != 0
