@@ -351,8 +351,9 @@ def _check_value(key: str, value: Any) -> None:
     """Contract keys of the command line, checked before anything runs."""
     from medseg_monai.data import SPLITS
 
-    if key == "max_epochs" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise InputError(f"max_epochs must be a positive whole number, got {value!r}")
+    counts = ("max_epochs", "val_interval", "validations_per_epoch")
+    if key in counts and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise InputError(f"{key} must be a positive whole number, got {value!r}")
     if key == "seed" and (isinstance(value, bool) or not isinstance(value, int)):
         raise InputError(f"seed must be a whole number, got {value!r}")
     if key in ("resume", "overwrite", "fast"):

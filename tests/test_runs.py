@@ -192,6 +192,11 @@ def test_validating_more_often_does_not_change_the_training(tmp_path: Path) -> N
         ),
         (["--max_epochs", "abc"], "max_epochs must be a positive whole number, got 'abc'"),
         (["--max_epochs", "0"], "max_epochs must be a positive whole number, got 0"),
+        (["--val_interval", "0"], "val_interval must be a positive whole number, got 0"),
+        (
+            ["--validations_per_epoch", "1.5"],
+            "validations_per_epoch must be a positive whole number, got 1.5",
+        ),
         (["--seed", "1.5"], "seed must be a whole number, got 1.5"),
         (["--resume", "maybe"], "resume must be true or false, got 'maybe'"),
         (["--network_def#featurs", "[1]"], "did you mean 'network_def#features'?"),
