@@ -244,11 +244,19 @@ def config_parser(
 
 
 # what a timed run (``run(..., stopwatch=...)``) measures per mode: the datasets filled first as
-# ``cache``, the engine whose runs are ``validation``, the handler lists holding MLflow trackers, and
-# the phase the rest of the run is
+# ``cache``, the engine the run starts (resolved next, as the run itself would: MONAI's DataLoader
+# reseeds torch's global stream when created, so resolving in another order, e.g. the evaluator's
+# network first, would train another model than the untimed command), the engine whose runs are
+# ``validation``, the handler lists holding MLflow trackers, and the phase the rest of the run is
 _TIMED_PARTS = {
-    "train": (("train_dataset", "validate#dataset"), "validate#evaluator", "train#handlers", "train"),
-    "evaluate": ((), None, "validate#handlers", "evaluation"),
+    "train": (
+        ("train_dataset", "validate#dataset"),
+        "train#trainer",
+        "validate#evaluator",
+        "train#handlers",
+        "train",
+    ),
+    "evaluate": ((), "validate#evaluator", None, "validate#handlers", "evaluation"),
 }
 
 
@@ -279,11 +287,13 @@ def run(
         from medseg_monai.handlers import MLflowTracker
         from medseg_monai.timing import time_engine_runs
 
-        datasets, validator, handlers, rest = _TIMED_PARTS[mode]
+        datasets, engine, validator, handlers, rest = _TIMED_PARTS[mode]
         parser = workflow.parser
         with watch("cache"):
             for key in datasets:
                 parser.get_parsed_content(key)
+        with watch("setup"):
+            parser.get_parsed_content(engine)
         if validator:
             time_engine_runs(parser.get_parsed_content(validator), watch, "validation")
         validation_before = watch.seconds.get("validation", 0.0)
