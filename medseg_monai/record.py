@@ -247,6 +247,13 @@ def device_description(device: str | torch.device | None = None) -> str:
     return f"cuda:{index} ({name})"
 
 
+def torch_threads() -> int:
+    """The CPU threads torch computes with (``OMP_NUM_THREADS`` or ``torch.set_num_threads``)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _version(module: str, distribution: str) -> str:
     mod = sys.modules.get(module)
     version = getattr(mod, "__version__", None) if mod is not None else None
@@ -363,6 +370,8 @@ def prepare_run(
             "cases": {k: [c["case_id"] for c in v] for k, v in splits.items()},
         },
         "device": device_description(device),
+        # CPU results depend on it: the threads split float sums in another order
+        "cpu_threads": torch_threads(),
         "command": list(sys.argv),
         "cwd": os.getcwd(),
         "git": git_state(project_root()),

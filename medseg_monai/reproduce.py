@@ -41,7 +41,7 @@ from medseg_monai.errors import InputError
 from medseg_monai.handlers.progress import format_duration
 from medseg_monai.launch import LAUNCHERS, SlurmSettings, make_launcher
 from medseg_monai.paths import project_root
-from medseg_monai.record import content_hash, git_state
+from medseg_monai.record import content_hash, git_state, torch_threads
 from medseg_monai.timing import PHASES, Stopwatch
 from medseg_monai.tracking import (
     check_tracking_uri,
@@ -773,12 +773,6 @@ def _run_job(spec: str, spawned: float | None = None, evaluate_only: bool = Fals
     run([*job.configs, evaluate], stopwatch=watch, mode="evaluate", split=job.split, **job.bundle_args())
     watch.write(Path(job.output_dir) / "timings.json", threads=torch_threads())
     return 0
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def main(argv: list[str] | None = None) -> int:
