@@ -32,9 +32,16 @@ def run_bundle(
     profile), with ``overrides`` as ``--key value`` pairs, from the repository root."""
     files = config_files(study, mode, experiment, profile)
     args = command_line(files, **{k: str(v) if isinstance(v, Path) else v for k, v in overrides.items()})
-    env = {**os.environ, "MEDSEG_MLFLOW_DIR": str(mlflow_dir), "PYTHONWARNINGS": "ignore"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = local_store_env(mlflow_dir)
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+
+
+def local_store_env(mlflow_dir: Path, **extra: str) -> dict[str, str]:
+    """The environment of a child process that tracks to the MLflow store in ``mlflow_dir`` (never
+    to a server the user's ``MLFLOW_TRACKING_URI`` names), warnings off, with ``extra`` variables."""
+    env = {**os.environ, "MEDSEG_MLFLOW_DIR": str(mlflow_dir), "PYTHONWARNINGS": "ignore", **extra}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
 
 
 def train_quick(study: str, tmp_path_factory: Any, **overrides: object) -> tuple[Path, Path]:

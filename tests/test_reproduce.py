@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bundle_utils import ROOT, mlflow_client
+from bundle_utils import ROOT, local_store_env, mlflow_client
 from medseg_monai.reproduce import plan
 
 GRID = {
@@ -48,8 +47,7 @@ def bundles(tmp_path: Path) -> Path:
 
 
 def _reproduce(bundles: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MEDSEG_MLFLOW_DIR": str(tmp_path / "mlflow"), "PYTHONWARNINGS": "ignore"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = local_store_env(tmp_path / "mlflow")
     cmd = [
         sys.executable,
         "-m",
@@ -165,8 +163,7 @@ def test_tiny_grid_end_to_end(bundles: Path, tmp_path: Path) -> None:
 
     # the report is rebuilt from the store alone
     (tmp_path / "mlflow" / "reports" / "report.md").unlink()
-    env = {**os.environ, "MEDSEG_MLFLOW_DIR": str(tmp_path / "mlflow")}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = local_store_env(tmp_path / "mlflow")
     rebuilt = subprocess.run(
         [sys.executable, "-m", "medseg_monai.report"], capture_output=True, text=True, env=env, timeout=300
     )

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bundle_utils import ROOT, error_lines, mlflow_client, parse_study, run_bundle
+from bundle_utils import ROOT, error_lines, local_store_env, mlflow_client, parse_study, run_bundle
 from medseg_monai import record
 from medseg_monai.bundle import command_line, config_files
 
@@ -28,8 +28,7 @@ TINY = {"image_size": 32, "dataset": "xray-synthetic"}
 
 def _start(out: Path, store: Path, **overrides: object) -> subprocess.Popen:
     args = command_line(config_files("xray", profile="quick"), output_dir=str(out), **TINY, **overrides)
-    env = {**os.environ, "MEDSEG_MLFLOW_DIR": str(store), "PYTHONWARNINGS": "ignore"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = local_store_env(store)
     return subprocess.Popen(
         args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
@@ -199,8 +198,7 @@ def test_a_timed_grid_job_trains_the_model_the_command_line_trains(tmp_path: Pat
         "from medseg_monai.timing import Stopwatch\n"
         f"run(config_files('xray', profile='quick'), stopwatch=Stopwatch(), **{overrides!r})\n"
     )
-    env = {**os.environ, "MEDSEG_MLFLOW_DIR": str(timed_store), "PYTHONWARNINGS": "ignore"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = local_store_env(timed_store)
     timed = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
@@ -302,7 +300,7 @@ def test_a_quick_checkpoint_is_evaluated_with_its_own_settings(tmp_path: Path) -
         and "python -m medseg_monai.bundle xray --mode evaluate" in plain.stderr
     )
     # the launcher reads the run's config.json beside the checkpoint
-    env = {**os.environ, "MEDSEG_MLFLOW_DIR": str(store), "PYTHONWARNINGS": "ignore"}
+    env = local_store_env(store)
     launched = subprocess.run(
         [sys.executable, "-m", "medseg_monai.bundle", "xray", "--mode", "evaluate", "--ckpt_path", str(out / "model.pt"), "--output_dir", str(tmp_path / "e2")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,

@@ -21,7 +21,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from bundle_utils import ROOT, parse_study
+from bundle_utils import ROOT, local_store_env, parse_study
 from medseg_monai.bundle import command_line, config_files
 from medseg_monai.handlers.progress import evaluation_values
 from medseg_monai.launch import SlurmSettings, make_launcher
@@ -247,8 +247,7 @@ def test_torchrun_two_processes_gather_what_one_process_scores(study: str, tmp_p
     overrides = {"output_dir": str(out), "max_epochs": 1, "val_interval": 1, "cache_rate": 0.0}
     bundle_args = command_line(files, **overrides)[1:]  # -m monai.bundle run ...
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *bundle_args]
-    env = {**os.environ, "MEDSEG_MLFLOW_DIR": str(store), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = local_store_env(store, OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]

@@ -20,7 +20,7 @@ import yaml
 from optuna.trial import TrialState
 from scipy import stats
 
-from bundle_utils import ROOT, metric_values, mlflow_client
+from bundle_utils import ROOT, local_store_env, metric_values, mlflow_client
 from medseg_monai.errors import InputError
 from medseg_monai.search import (
     BestNeighbourhoodSampler,
@@ -292,8 +292,7 @@ def bundles(tmp_path: Path) -> Path:
 def _search(bundles: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     """The search of 2 trials of 10 steps, in the quick profile made tinier still (32 px): the bundle
     settings every trial gets come as --key value pairs."""
-    env = {**os.environ, "MEDSEG_MLFLOW_DIR": str(tmp_path / "mlflow"), "OMP_NUM_THREADS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = local_store_env(tmp_path / "mlflow", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "medseg_monai.search", "--study", "xray", "--profile", "quick"]
     cmd += [
         "--name",
