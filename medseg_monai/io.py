@@ -69,6 +69,8 @@ class SaveLabelPNGd(MapTransform):
         self.transpose = transpose
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        # imported here: both import the data package, which imports this module
+        from medseg_monai.transforms import class_indices
         from medseg_monai.visualize import blend_labels
 
         d = dict(data)
@@ -76,7 +78,7 @@ class SaveLabelPNGd(MapTransform):
         image = torch.as_tensor(d[self.image_key]).detach().cpu().float()[0].numpy()
         for key in self.key_iterator(d):
             pred = torch.as_tensor(d[key]).detach().cpu()
-            classes = (pred.argmax(0) if pred.shape[0] > 1 else pred[0]).numpy().astype(np.uint8)
+            classes = (class_indices(pred)[0] if pred.shape[0] > 1 else pred[0]).numpy().astype(np.uint8)
             img = image
             if self.transpose:
                 classes, img = classes.T, img.T

@@ -12,6 +12,8 @@ from ignite.engine import Engine, Events
 from monai.transforms import MapTransform
 from PIL import Image, ImageDraw
 
+from medseg_monai.transforms import class_indices
+
 __all__ = [
     "CLASS_COLOURS",
     "OverlaySaver",
@@ -82,7 +84,7 @@ def _class_map(t: Any) -> np.ndarray:
     """(C, *spatial) one-hot/probabilities or (1, *spatial) indices/probabilities -> class indices
     (one channel: >= 0.5 is foreground; negative values, e.g. ignored voxels, count as background)."""
     t = torch.as_tensor(t).detach().cpu().float()
-    return (t.argmax(0) if t.shape[0] > 1 else (t[0] >= 0.5).long()).numpy()
+    return (class_indices(t)[0].long() if t.shape[0] > 1 else (t[0] >= 0.5).long()).numpy()
 
 
 class OverlaySaver:

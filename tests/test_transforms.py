@@ -19,6 +19,7 @@ from monai.transforms import (
 from medseg_monai.data import DatasetError, get_dataset, load_datalist
 from medseg_monai.io import apply_palette
 from medseg_monai.transforms import (
+    Argmaxd,
     CheckFilesd,
     InPlaneGridd,
     LabelToRegionsd,
@@ -27,6 +28,21 @@ from medseg_monai.transforms import (
     RemapLabelsd,
     ResizeToMatchd,
 )
+
+
+def test_argmax_matches_torch_argmax_ties_included_and_keeps_metadata() -> None:
+    torch.manual_seed(0)
+    probs = torch.randn(4, 9, 7, 5)
+    probs[:, 0, 0, 0] = torch.tensor([0.2, 0.7, 0.7, 0.1])  # a tie: the first maximum wins, as in argmax
+    probs[:, 1, 0, 0] = 0.5  # all equal: class 0
+    image = MetaTensor(
+        probs, affine=torch.diag(torch.tensor([2.0, 3.0, 4.0, 1.0])), meta={"filename_or_obj": "case"}
+    )
+    out = Argmaxd(keys="pred")({"pred": image})["pred"]
+    assert out.shape == (1, 9, 7, 5) and out.dtype == torch.float32
+    assert torch.equal(out.as_tensor(), torch.argmax(probs, 0, keepdim=True).float())
+    assert out[0, 0, 0, 0] == 1 and out[0, 1, 0, 0] == 0
+    assert torch.equal(out.affine, image.affine) and out.meta["filename_or_obj"] == "case"
 
 
 def test_remap_brats_values_to_classes() -> None:
