@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from medseg_monai.bundle import config_files, config_parser
-from medseg_monai.data import DatasetError, get_dataset, resolve_data_root
+from medseg_monai.data import DatasetError, get_dataset, resolve_data_root, resolve_data_roots
 from medseg_monai.errors import InputError
 from medseg_monai.handlers.progress import format_duration
 from medseg_monai.launch import LAUNCHERS, SlurmSettings, make_launcher
@@ -397,7 +397,26 @@ class _Grid:
         self.state[self.key(job)] = "failed"
         self.say(index, job, f"FAILED: {last}")
 
+    def prepare_data(self) -> None:
+        """Resolve every study's dataset before the first job, generating the synthetic ones not yet
+        made side by side (``workers`` processes) rather than one by one as each study's first job
+        comes up with a core idle. A dataset that fails here fails its jobs later, with their names."""
+        requests: dict[tuple[str, str | None], None] = {}
+        with self.planning("plan"):
+            for job in {j.study: j for j in reversed(self.jobs)}.values():
+                try:
+                    parser = config_parser(job.configs, job.bundle_args())
+                    root = parser.get_parsed_content("data_root")
+                    requests[(parser.get_parsed_content("dataset"), None if root is None else str(root))] = (
+                        None
+                    )
+                except Exception:  # noqa: BLE001 - the job's own planning reports it
+                    continue
+            with self.planning("data"):
+                resolve_data_roots(list(requests), self.workers)
+
     def run(self) -> None:
+        self.prepare_data()
         pending = list(enumerate(self.jobs, 1))
         running: dict[int, _Slot] = {}
         changed = True  # a job ended (or none started yet): what can start now may have changed
@@ -704,7 +723,11 @@ _PRELOAD += [
     "medseg_monai.handlers",
     "medseg_monai.transforms",
     "medseg_monai.networks",
+    "medseg_monai.visualize",
 ]
+# what every job imported lazily after the fork, 3 s of it a job: MLflow's SQL store (its first
+# client), torch._dynamo (the optimiser's first step), GitPython (the run record's commit)
+_PRELOAD += ["mlflow.store.tracking.sqlalchemy_store", "sqlalchemy.dialects.sqlite", "torch._dynamo", "git"]
 
 
 def _job_process(log: str, spec: str, threads: int, spawned: float, evaluate_only: bool = False) -> None:
