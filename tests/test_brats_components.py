@@ -10,6 +10,7 @@ from bundle_utils import gradient_check
 from medseg_monai.networks import MultiScaleMapUNet
 
 
+@pytest.mark.slow  # 30 s on this CPU; the switches below check shapes and gradients at a small size
 def test_paper_crop_shape_and_gradient_flow() -> None:
     """4 modalities at the paper's 160 x 144 x 128 crop in, 5 class maps of the same size out."""
     torch.manual_seed(0)
