@@ -398,7 +398,10 @@ def test_datasets_resolved_side_by_side_generate_once_and_report_errors(tmp_path
 
     requests = [("lv-synthetic", str(tmp_path / "lv")), ("brats2018", str(tmp_path / "none")), ("nope", None)]
     lv, missing, unknown = resolve_data_roots(requests, workers=2)  # forked workers, as the grid does
-    assert lv == tmp_path / "lv" and json.loads((lv / ".medseg-synthetic.json").read_text())["id"] == "lv-synthetic"
+    assert (
+        lv == tmp_path / "lv"
+        and json.loads((lv / ".medseg-synthetic.json").read_text())["id"] == "lv-synthetic"
+    )
     assert len(load_datalist("lv-synthetic", data_root=lv, split="all")) == 20
     assert isinstance(missing, DatasetError) and "does not exist" in str(missing)
     assert isinstance(unknown, DatasetError) and "unknown dataset 'nope'" in str(unknown)
