@@ -654,9 +654,13 @@ def init_distributed(device: Any) -> bool:
 
 
 def end_distributed() -> None:
+    """Leave the process group at the end of a successful run (the layer's ``finalize``), all ranks
+    together: a rank that tore down its gloo connections while rank 0 was still saving and logging
+    was aborted at exit (SIGABRT, "terminate called without an active exception")."""
     import torch.distributed as dist
 
     if is_distributed():
+        dist.barrier()
         dist.destroy_process_group()
 
 
