@@ -18,7 +18,9 @@ every launcher.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +28,26 @@ from typing import Any
 
 from medseg_monai.errors import InputError
 
-__all__ = ["LAUNCHERS", "SlurmSettings", "make_launcher"]
+__all__ = ["LAUNCHERS", "SlurmSettings", "make_launcher", "redirect_output"]
 
 LAUNCHERS = ("local", "slurm", "submitit-local")
+
+
+def redirect_output(stdout: str | Path, stderr: str | Path | None = None, append: bool = True) -> None:
+    """This process's file descriptors 1 and 2 (what C extensions and child processes write too)
+    onto ``stdout`` and ``stderr`` (``stdout`` when None), created if missing, appended to or
+    truncated, and ``sys.stdout`` / ``sys.stderr`` reopened on them line-buffered: the body of a
+    forked job, whose log is read while it runs."""
+    mode = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    for target, path in ((1, stdout), (2, stderr)):
+        if path is None:
+            os.dup2(1, target)
+            continue
+        fd = os.open(path, mode)
+        os.dup2(fd, target)
+        os.close(fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 (the process's stdout)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
 
 
 @dataclass

@@ -39,7 +39,7 @@ from medseg_monai.bundle import config_files, config_parser
 from medseg_monai.data import DatasetError, get_dataset, resolve_data_root, resolve_data_roots
 from medseg_monai.errors import InputError
 from medseg_monai.handlers.progress import format_duration
-from medseg_monai.launch import LAUNCHERS, SlurmSettings, make_launcher
+from medseg_monai.launch import LAUNCHERS, SlurmSettings, make_launcher, redirect_output
 from medseg_monai.paths import project_root
 from medseg_monai.record import content_hash, git_state, torch_threads
 from medseg_monai.timing import PHASES, Stopwatch
@@ -401,19 +401,17 @@ class _Grid:
         """Resolve every study's dataset before the first job, generating the synthetic ones not yet
         made side by side (``workers`` processes) rather than one by one as each study's first job
         comes up with a core idle. A dataset that fails here fails its jobs later, with their names."""
-        requests: dict[tuple[str, str | None], None] = {}
+        requests: list[tuple[str, str | None]] = []
         with self.planning("plan"):
-            for job in {j.study: j for j in reversed(self.jobs)}.values():
+            for job in {j.study: j for j in reversed(self.jobs)}.values():  # each study's first job
                 try:
                     parser = config_parser(job.configs, job.bundle_args())
-                    root = parser.get_parsed_content("data_root")
-                    requests[(parser.get_parsed_content("dataset"), None if root is None else str(root))] = (
-                        None
-                    )
+                    dataset, root = (parser.get_parsed_content(k) for k in ("dataset", "data_root"))
+                    requests.append((dataset, None if root is None else str(root)))
                 except Exception:  # noqa: BLE001 - the job's own planning reports it
                     continue
-            with self.planning("data"):
-                resolve_data_roots(list(requests), self.workers)
+            with self.planning("data"):  # nested: the time table gives data generation as part of planning
+                resolve_data_roots(list(dict.fromkeys(requests)), self.workers)
 
     def run(self) -> None:
         self.prepare_data()
@@ -758,12 +756,7 @@ def _job_body(log: str, spec: str, threads: int, spawned: float, evaluate_only: 
 
     import torch
 
-    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
-    for target in (1, 2):
-        os.dup2(fd, target)
-    os.close(fd)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 (the process's stdout)
-    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    redirect_output(log)
     os.environ.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
     os.environ["PYTHONWARNINGS"] = "ignore"
     warnings.simplefilter("ignore")

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from monai.bundle import ConfigParser
 
 from medseg_monai.bundle import command_line, config_files, config_parser
+from medseg_monai.launch import redirect_output
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,12 +77,7 @@ def _module_as_main(argv: list[str], env: dict[str, str], cwd: str, out: str, er
     os.environ.update(env)
     os.chdir(cwd)
     sys.path.insert(0, cwd)  # as -m puts the working folder first
-    for target, path in ((1, out), (2, err)):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(fd, target)
-        os.close(fd)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 (the process's stdout)
-    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    redirect_output(out, err, append=False)
     if env.get("PYTHONWARNINGS"):  # read at interpreter start, which this process skipped
         warnings.simplefilter(env["PYTHONWARNINGS"])  # type: ignore[arg-type]
     if env.get("OMP_NUM_THREADS"):
