@@ -4,7 +4,7 @@ times slower, and oneDNN is faster again on channels-last (N, D, H, W, C) activa
 thread, a knee quick step (1 x 1 x 64 x 64 x 16) took 0.24 s instead of 0.35 s with oneDNN alone; a
 1 x 1 x 128 x 128 x 32 step at widths 16-256 2.9 s instead of 3.1 s, its forward pass without
 gradients 0.9 s instead of 1.2 s. Channels-last then took the quick training steps, one thread,
-from 0.40 to 0.34 s (BraTS, 2 x 4 x 40 x 48 x 32), 0.36 to 0.28 s (knee) and 0.23 to 0.19 s (LV,
+from 0.41 to 0.32 s (BraTS, 2 x 4 x 40 x 48 x 32), 0.29 to 0.24 s (knee) and 0.20 to 0.19 s (LV,
 2 x 1 x 64 x 64 x 8), and left the 128 x 128 x 32 step as it was (7.8-9.0 s either way)."""
 
 from __future__ import annotations
