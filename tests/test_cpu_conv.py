@@ -25,13 +25,16 @@ def _ops(net: nn.Module, x: torch.Tensor) -> set[str]:
     return {event.key for event in prof.key_averages()}
 
 
-def test_same_outputs_gradients_and_state_dict_as_conv3d() -> None:
+@pytest.mark.parametrize("batch", [1, 2])
+def test_same_outputs_gradients_and_state_dict_as_conv3d(batch: int) -> None:
     plain, fast = _net(), fast_cpu_conv3d(_net())
     assert all(type(m) is BatchOneConv3d for m in fast if isinstance(m, nn.Conv3d))
     assert plain.state_dict().keys() == fast.state_dict().keys()
-    x = torch.randn(1, 2, 16, 16, 8)
+    x = torch.randn(batch, 2, 16, 16, 8)
     y_plain, y_fast = plain(x), fast(x)
-    assert y_fast.shape == (1, 3, 16, 16, 8)
+    assert y_fast.shape == (batch, 3, 16, 16, 8)
+    # computed channels-last (oneDNN's faster layout), the plain network's in its input's layout
+    assert y_fast.is_contiguous(memory_format=torch.channels_last_3d) and y_plain.is_contiguous()
     torch.testing.assert_close(y_fast, y_plain, rtol=1e-4, atol=1e-5)
     y_plain.square().sum().backward()
     y_fast.square().sum().backward()
