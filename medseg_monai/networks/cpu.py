@@ -32,9 +32,10 @@ class BatchOneConv3d(nn.Conv3d):
     def _conv_forward(
         self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        if input.device.type == "cpu" and input.dtype == torch.float32 and input.dim() == 5:
-            input = input.contiguous(memory_format=torch.channels_last_3d)
-            weight = weight.contiguous(memory_format=torch.channels_last_3d)
+        if not (input.device.type == "cpu" and input.dtype == torch.float32 and input.dim() == 5):
+            return super()._conv_forward(input, weight, bias)
+        input = input.contiguous(memory_format=torch.channels_last_3d)
+        weight = weight.contiguous(memory_format=torch.channels_last_3d)
         if _takes_slow_conv3d(input, weight, self.groups):
             pair = torch.cat([input, torch.zeros_like(input)])
             return super()._conv_forward(pair, weight, bias)[:1]
@@ -42,12 +43,11 @@ class BatchOneConv3d(nn.Conv3d):
 
 
 def _takes_slow_conv3d(input: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
-    """Whether PyTorch's heuristic (``ConvParams::use_mkldnn``) leaves this convolution to slow_conv3d."""
+    """Whether PyTorch's heuristic (``ConvParams::use_mkldnn``) leaves this convolution of a float32
+    CPU input (N, C, D, H, W) to slow_conv3d."""
     n, c, d, h = input.shape[:4]
     return (
-        input.device.type == "cpu"
-        and input.dtype == torch.float32
-        and n == 1
+        n == 1
         and groups == 1
         and not (weight.shape[-1] > 3 and weight.shape[-2] > 3)
         and n * c * d * h <= ONEDNN_MIN_NCDH
