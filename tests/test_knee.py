@@ -71,7 +71,8 @@ def test_2d_training_samples_are_the_slices_of_a_volume() -> None:
     dataset = parser.get_parsed_content("train_dataset")
     samples = dataset[0]
     assert isinstance(samples, list) and len(samples) == 16  # the quick profile's 16 slices
-    assert samples[0]["image"].shape == (1, 64, 64) and samples[0]["label"].shape == (3, 64, 64)
+    plane = tuple(parser.get_parsed_content("size")[:2])
+    assert samples[0]["image"].shape == (1, *plane) and samples[0]["label"].shape == (3, *plane)
 
 
 # --- training on the synthetic knees ----------------------------------------------------------------
