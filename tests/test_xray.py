@@ -223,6 +223,22 @@ def test_default_is_the_posters_baseline() -> None:
     }
 
 
+def test_image_size_must_suit_the_network() -> None:
+    """The classic U-Net pads any size; strong's five-stride U-Net needs multiples of 32, which the
+    quick profile rounds its 48 px up to, and a size that does not divide is refused in one line."""
+    from medseg_monai.errors import is_input_error
+
+    assert parse_study("xray", profile="quick", image_size=50).get_parsed_content("image_shape") == [50, 50]
+    assert parse_study("xray", profile="quick").get_parsed_content("image_shape") == [48, 48]
+    assert parse_study("xray", "strong", "quick").get_parsed_content("image_shape") == [64, 64]
+    with pytest.raises(Exception) as caught:
+        parse_study("xray", "strong", image_size=300).get_parsed_content("image_shape")
+    assert (
+        str(is_input_error(caught.value))
+        == "image_size 300 is not a multiple of 32 (this network's): use 288 or 320"
+    )
+
+
 # --- the bundle end to end (quick profile) ----------------------------------------------------------
 
 
