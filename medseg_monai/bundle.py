@@ -352,11 +352,12 @@ def flag(value: Any, name: str) -> bool:
 def multiple_of(name: str, value: int, multiple: int) -> int:
     """``value`` when it divides by ``multiple`` (a size a U-Net halves log2(multiple) times), else
     refused in one line with the sizes either side, instead of a shape error deep in the network."""
-    if int(value) % int(multiple):
-        below, above = int(value) // multiple * multiple, -(-int(value) // multiple) * multiple
+    value, multiple = int(value), int(multiple)
+    if value % multiple:
+        below, above = value // multiple * multiple, -(-value // multiple) * multiple
         use = f"{below} or {above}" if below else str(above)
         raise InputError(f"{name} {value} is not a multiple of {multiple} (this network's): use {use}")
-    return int(value)
+    return value
 
 
 def choose(name: str, value: Any, options: Mapping[str, Any]) -> Any:
