@@ -12,7 +12,14 @@ from ignite.engine import Engine, Events
 from mlflow.tracking import MlflowClient
 
 from medseg_monai import bundle, record, tracking
-from medseg_monai.handlers import MLflowTracker, SchedulerStepper, ValidationSchedule, config_params
+from medseg_monai.handlers import (
+    MLflowTracker,
+    ProgressLog,
+    SchedulerStepper,
+    ValidationSchedule,
+    config_params,
+)
+from medseg_monai.handlers import progress as progress_module
 from medseg_monai.handlers.training import validation_iterations
 from medseg_monai.io import write_json
 
@@ -112,6 +119,37 @@ def test_other_schedulers_step_per_iteration_or_per_epoch(epoch_level: bool, ste
     SchedulerStepper(sched, epoch_level=epoch_level).attach(trainer)
     trainer.run([0, 1, 2], max_epochs=2)
     assert opt.param_groups[0]["lr"] == pytest.approx(1 / (1 + decay * steps))
+
+
+@pytest.mark.parametrize("resumed_after", [0, 7])
+def test_progress_times_only_this_process_epochs(
+    resumed_after: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ten seconds an iteration, one iteration an epoch: 0:10 per epoch whether the run started
+    at epoch 0 or was resumed after epoch 7 (a handler attached later restores the counter at
+    STARTED, as ``ResumableTraining`` does); timing from epoch 0 would show 0:01."""
+    clock = [0.0]
+    monkeypatch.setattr(progress_module.time, "perf_counter", lambda: clock[0])
+
+    def step(engine: Engine, batch: object) -> dict:
+        clock[0] += 10.0
+        return {"loss": torch.tensor(1.0)}
+
+    trainer = Engine(step)
+    ProgressLog().attach(trainer)
+
+    @trainer.on(Events.STARTED)
+    def _resume(engine: Engine) -> None:
+        engine.state.epoch = resumed_after
+        engine.state.iteration = resumed_after
+
+    with caplog.at_level("INFO", logger="medseg_monai.progress"):
+        trainer.run([0], max_epochs=10)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(lines) == 10 - resumed_after
+    assert lines[0].startswith(f"epoch {resumed_after + 1}/10")
+    assert all(" 0:10 per epoch" in line for line in lines), lines
+    assert lines[-2].endswith("ETA 0:10")
 
 
 def test_metric_comparison_and_rank_filter(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -64,23 +64,32 @@ class ProgressLog:
         self.estimate_after = estimate_after
         self._loss_sum = 0.0
         self._loss_n = 0
+        self._first_epoch: int | None = None
+        self._start = 0.0
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._first_epoch_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
 
     def _started(self, engine: Engine) -> None:
-        self._start = time.perf_counter()
-        self._first_epoch = engine.state.epoch  # > 0 when a run is resumed
+        self._first_epoch = None
         self._estimated = False
+
+    def _first_epoch_started(self, engine: Engine) -> None:
+        # here, not at STARTED: a resume handler attached after this one restores the epoch
+        # counter in its own STARTED handler, and the rates count only this process's epochs
+        if self._first_epoch is None:
+            self._start = time.perf_counter()
+            self._first_epoch = engine.state.epoch - 1  # > 0 when a run is resumed
 
     def _iteration(self, engine: Engine) -> None:
         loss = iteration_loss(engine.state.output)
         if loss is not None:
             self._loss_sum += loss
             self._loss_n += 1
-        done = engine.state.iteration - self._first_epoch * (engine.state.epoch_length or 0)
+        done = engine.state.iteration - (self._first_epoch or 0) * (engine.state.epoch_length or 0)
         if not self._estimated and done >= self.estimate_after and engine.state.epoch_length:
             self._estimated = True
             per_iteration = (time.perf_counter() - self._start) / done
@@ -103,7 +112,7 @@ class ProgressLog:
         self._loss_sum, self._loss_n = 0.0, 0
         optimizer = getattr(engine, "optimizer", None)
         lr = f" | lr {optimizer.param_groups[0]['lr']:.3g}" if optimizer is not None else ""
-        epochs_done = engine.state.epoch - self._first_epoch
+        epochs_done = engine.state.epoch - (self._first_epoch or 0)
         per_epoch = (time.perf_counter() - self._start) / max(epochs_done, 1)
         eta = per_epoch * (engine.state.max_epochs - engine.state.epoch)
         logger.info(
