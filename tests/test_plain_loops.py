@@ -1,0 +1,54 @@
+"""The plain PyTorch loops the docs compare the real-data recipes with (``bundles/<study>/docs/
+plain_loop.py``) run on the real samples and score the cases they leave out."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+from bundle_utils import ROOT
+
+
+def _run(study: str, args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> dict:
+    monkeypatch.setattr(sys, "argv", ["plain_loop.py", *args])
+    runpy.run_path(str(ROOT / "bundles" / study / "docs" / "plain_loop.py"), run_name="__main__")
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_wmh_plain_loop_refuses_an_unknown_held_out_case(
+    shared_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        sys, "argv", ["x", "--data_root", str(shared_data / "wmh-clinical-flair"), "--held_out", "nope"]
+    )
+    with pytest.raises(SystemExit, match="--held_out nope is not a case folder"):
+        runpy.run_path(str(ROOT / "bundles" / "wmh" / "docs" / "plain_loop.py"), run_name="__main__")
+
+
+@pytest.mark.slow
+def test_wmh_plain_loop_scores_the_volume_it_left_out(
+    shared_data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    root = shared_data / "wmh-clinical-flair"
+    result = _run(
+        "wmh", ["--data_root", str(root), "--held_out", "2516043217", "--steps", "1"], monkeypatch, capsys
+    )
+    assert result["held_out"] == "2516043217"
+    assert result["trained_on"] == ["2516038876", "2516041494"]
+    assert 0.0 <= result["dice"] <= 1.0 and 0.0 <= result["recall"] <= 1.0
+
+
+@pytest.mark.slow
+def test_xray_plain_loop_scores_the_validation_images(
+    shared_data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    result = _run(
+        "xray", ["--data_root", str(shared_data / "jsrt-scr"), "--epochs", "1"], monkeypatch, capsys
+    )
+    assert set(result["val_dice"]) == {"lungs", "heart"}
+    assert [len(v) for v in result["per_image"].values()] == [8, 8]
+    assert all(0.0 <= d <= 1.0 for v in result["per_image"].values() for d in v)
