@@ -6,8 +6,9 @@ of one training batch and one inference input, optional ``variants``: named over
 training step is timed too); this module builds the bundle through the launcher
 and times it in a process of its own (so that peak memory is the study's). The engine's overhead
 (MONAI ``SupervisedTrainer`` with the bundle's own training handlers, Ignite events, batch
-preparation) is the ratio ``engine_s / plain_s`` per step; the inferer's efficiency is a pure
-forward pass over the same windows divided by the ``val_inferer`` call. Results go to JSON
+preparation) is the ratio ``engine_s / plain_s`` per step, the two steps alternating (medians), with
+its once-per-epoch seconds apart; the inferer's efficiency is a pure forward pass over the same
+windows divided by the ``val_inferer`` call, the two also alternating. Results go to JSON
 (``--output``, default ``bench.json``, schema ``medseg_monai/schemas/bench.schema.json``) with the
 device and versions, and a Markdown table is printed (the README's).
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,24 +38,31 @@ __all__ = [
     "inference_throughput",
     "main",
     "table",
-    "time_steps",
+    "time_alternating",
     "train_throughput",
     "validate",
 ]
 
 
-def time_steps(step: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> float:
-    """Mean seconds of ``step`` over ``steps`` calls after ``warmup`` calls."""
+def time_alternating(
+    first: Callable[[], Any], second: Callable[[], Any], steps: int, warmup: int, device: torch.device
+) -> tuple[float, float]:
+    """Median seconds of a call of ``first`` and of ``second``, called in turn ``steps`` times each
+    after ``warmup`` calls each, so that a shared host's drift in speed falls on both alike."""
     for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+        first()
+        second()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+        for fn, out in zip((first, second), times, strict=True):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            out.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def settings(study: str) -> dict[str, Any]:
@@ -79,9 +88,12 @@ def _peak_memory_mb(device: torch.device) -> float:
 def train_throughput(
     parts: dict[str, Any], images: torch.Tensor, labels: torch.Tensor, steps: int, warmup: int
 ) -> dict[str, float]:
-    """Seconds per step of a plain PyTorch loop and of MONAI's ``SupervisedTrainer`` with the bundle's
-    training handlers, over the same network, loss, optimiser and pre-loaded batch. The plain loop
-    clips gradients as the bundle's ``GradientClipping`` handler does, when it has one."""
+    """Seconds per step (median of ``steps``, after ``warmup``) of a plain PyTorch loop and of MONAI's
+    ``SupervisedTrainer`` with the bundle's training handlers, over the same network, loss, optimiser
+    and pre-loaded batch, the two steps alternating; and the engine's once-per-epoch seconds (its
+    start, epoch and completion events and handlers). The plain loop clips gradients as the
+    bundle's ``GradientClipping`` handler does, when it has one."""
+    from ignite.engine import Events
     from monai.engines import SupervisedTrainer
 
     from medseg_monai.handlers import GradientClipping
@@ -116,13 +128,42 @@ def train_throughput(
         )
 
     net.train()
-    plain = time_steps(plain_step, steps, warmup, device)
-    make_trainer(warmup).run()
-    engine = time_steps(make_trainer(steps).run, 1, 0, device) / steps
+    # The first ``warmup`` pairs are not counted. The two alternate, one engine iteration then one plain step, so a shared host's drift in speed
+    # falls on both alike (timed one block after the other, the ratio moved by +-10 % between runs).
+    # An engine iteration is everything between two plain steps: loader, batch preparation, events
+    # and the bundle's per-iteration handlers. Its once-per-epoch work is timed apart.
+    engine_s: list[float] = []
+    plain_s: list[float] = []
+    mark = [0.0]
+
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    trainer = make_trainer(warmup + steps)
+
+    def start_epoch(_: Any) -> None:
+        mark[0] = now()
+
+    def alternate(_: Any) -> None:
+        engine_s.append(now() - mark[0])
+        start = now()
+        plain_step()
+        mark[0] = now()
+        plain_s.append(mark[0] - start)
+
+    trainer.add_event_handler(Events.EPOCH_STARTED, start_epoch)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, alternate)  # after the bundle's handlers
+    start = now()
+    trainer.run()
+    per_epoch = now() - start - sum(engine_s) - sum(plain_s)
+    engine, plain = statistics.median(engine_s[warmup:]), statistics.median(plain_s[warmup:])
     return {
         "train_plain_s_per_step": plain,
         "train_engine_s_per_step": engine,
         "engine_overhead_ratio": engine / plain,
+        "train_engine_s_per_epoch": max(per_epoch, 0.0),
     }
 
 
@@ -142,8 +183,8 @@ class _CallShapes(torch.nn.Module):
 def inference_throughput(
     parts: dict[str, Any], volume: torch.Tensor, steps: int, warmup: int
 ) -> dict[str, float]:
-    """Seconds per call of the bundle's ``val_inferer`` on ``volume`` (sliding window for the 3D
-    studies), and of a pure forward pass over the same windows (the input shapes the inferer gave
+    """Seconds per call (medians, the two alternating) of the bundle's ``val_inferer`` on ``volume``
+    (sliding window for the 3D studies), and of a pure forward pass over the same windows (the input shapes the inferer gave
     the network, as pre-allocated tensors): their ratio is the inferer's efficiency, 1 when stitching,
     padding and blending cost nothing."""
     net, device, amp, inferer = parts["network"], parts["device"], parts["amp"], parts["val_inferer"]
@@ -163,8 +204,7 @@ def inference_throughput(
                 net(window)
 
     calls = max(1, steps // 2)
-    inference = time_steps(infer, calls, warmup, device)
-    pure = time_steps(forward, calls, warmup, device)
+    inference, pure = time_alternating(infer, forward, calls, warmup, device)
     return {
         "inference_s_per_call": inference,
         "forward_s_per_call": pure,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 
 import jsonschema
 import pytest
 import torch
 
-from medseg_monai.bench import bench_study, main, table, validate
+from medseg_monai.bench import bench_study, main, table, train_throughput, validate
 
 # each bundle's bench.yaml at test size: the same keys, smaller tensors (and the settings they need)
 TINY = {
@@ -78,6 +79,47 @@ def test_bench_entry_follows_the_schema(study: str) -> None:
         assert entry["variants"]["full_conv"]["parameters"] < entry["parameters"]
     row = table(_results({study: entry})).splitlines()[-1]
     assert row.startswith(f"| {study} | {TINY[study]['train']['image'][0]} ({entry['unit']})")
+
+
+class _SlowingNet(torch.nn.Module):
+    """A 1x1 convolution whose every call sleeps longer than the last: a host slowing down."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 1)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        time.sleep(0.01 * self.calls)
+        return self.conv(x)
+
+
+def test_engine_and_plain_steps_alternate_so_drift_falls_on_both() -> None:
+    """Timed one block after the other, a host slowing down made the engine look 2.7 times as slow
+    as the plain loop on the same work; alternating, the two see the same drift. The engine's
+    once-per-epoch handlers are reported apart, not spread over its steps."""
+    from ignite.engine import Events
+
+    net = _SlowingNet()
+
+    class EpochWork:  # a handler that costs 0.3 s once an epoch, as a checkpoint save might
+        def attach(self, engine) -> None:
+            engine.add_event_handler(Events.EPOCH_COMPLETED, lambda _: time.sleep(0.3))
+
+    parts = {
+        "network": net,
+        "loss": torch.nn.functional.mse_loss,
+        "optimizer": torch.optim.SGD(net.parameters(), lr=0.01),
+        "device": torch.device("cpu"),
+        "amp": False,
+        "train_handlers": [EpochWork()],
+    }
+    x = torch.randn(1, 1, 4, 4)
+    timed = train_throughput(parts, x, x, steps=5, warmup=1)
+    assert net.calls == 12  # (1 warm-up + 5) engine and plain steps each
+    assert 0.7 < timed["engine_overhead_ratio"] < 1.2
+    assert timed["train_engine_s_per_step"] < 0.2 and timed["train_engine_s_per_epoch"] >= 0.3
 
 
 def test_schema_refuses_a_missing_figure() -> None:
