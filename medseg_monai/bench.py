@@ -128,10 +128,11 @@ def train_throughput(
         )
 
     net.train()
-    # The first ``warmup`` pairs are not counted. The two alternate, one engine iteration then one plain step, so a shared host's drift in speed
-    # falls on both alike (timed one block after the other, the ratio moved by +-10 % between runs).
-    # An engine iteration is everything between two plain steps: loader, batch preparation, events
-    # and the bundle's per-iteration handlers. Its once-per-epoch work is timed apart.
+    # One engine iteration, then one plain step, in turn, so a shared host's drift in speed falls on
+    # both alike (timed one block after the other, the ratio moved by +-10 % between runs); the
+    # first ``warmup`` pairs are not counted. An engine iteration is everything between two plain
+    # steps: loader, batch preparation, events and the bundle's per-iteration handlers. Its
+    # once-per-epoch work is timed apart.
     engine_s: list[float] = []
     plain_s: list[float] = []
     mark = [0.0]
@@ -184,9 +185,9 @@ def inference_throughput(
     parts: dict[str, Any], volume: torch.Tensor, steps: int, warmup: int
 ) -> dict[str, float]:
     """Seconds per call (medians, the two alternating) of the bundle's ``val_inferer`` on ``volume``
-    (sliding window for the 3D studies), and of a pure forward pass over the same windows (the input shapes the inferer gave
-    the network, as pre-allocated tensors): their ratio is the inferer's efficiency, 1 when stitching,
-    padding and blending cost nothing."""
+    (sliding window for the 3D studies), and of a pure forward pass over the same windows (the input
+    shapes the inferer gave the network, as pre-allocated tensors): their ratio is the inferer's
+    efficiency, 1 when stitching, padding and blending cost nothing."""
     net, device, amp, inferer = parts["network"], parts["device"], parts["amp"], parts["val_inferer"]
     net.eval()
     counted = _CallShapes(net)
