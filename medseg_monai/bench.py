@@ -44,6 +44,13 @@ __all__ = [
 ]
 
 
+def _now(device: torch.device) -> float:
+    """``time.perf_counter()`` once ``device`` has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def time_alternating(
     first: Callable[[], Any], second: Callable[[], Any], steps: int, warmup: int, device: torch.device
 ) -> tuple[float, float]:
@@ -55,13 +62,9 @@ def time_alternating(
     times: tuple[list[float], list[float]] = ([], [])
     for _ in range(steps):
         for fn, out in zip((first, second), times, strict=True):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
+            start = _now(device)
             fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            out.append(time.perf_counter() - start)
+            out.append(_now(device) - start)
     return statistics.median(times[0]), statistics.median(times[1])
 
 
@@ -136,29 +139,23 @@ def train_throughput(
     engine_s: list[float] = []
     plain_s: list[float] = []
     mark = [0.0]
-
-    def now() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
-
     trainer = make_trainer(warmup + steps)
 
     def start_epoch(_: Any) -> None:
-        mark[0] = now()
+        mark[0] = _now(device)
 
     def alternate(_: Any) -> None:
-        engine_s.append(now() - mark[0])
-        start = now()
+        engine_s.append(_now(device) - mark[0])
+        start = _now(device)
         plain_step()
-        mark[0] = now()
+        mark[0] = _now(device)
         plain_s.append(mark[0] - start)
 
     trainer.add_event_handler(Events.EPOCH_STARTED, start_epoch)
     trainer.add_event_handler(Events.ITERATION_COMPLETED, alternate)  # after the bundle's handlers
-    start = now()
+    start = _now(device)
     trainer.run()
-    per_epoch = now() - start - sum(engine_s) - sum(plain_s)
+    per_epoch = _now(device) - start - sum(engine_s) - sum(plain_s)
     engine, plain = statistics.median(engine_s[warmup:]), statistics.median(plain_s[warmup:])
     return {
         "train_plain_s_per_step": plain,
