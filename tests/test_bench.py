@@ -122,6 +122,14 @@ def test_engine_and_plain_steps_alternate_so_drift_falls_on_both() -> None:
     assert timed["train_engine_s_per_step"] < 0.2 and timed["train_engine_s_per_epoch"] >= 0.3
 
 
+@pytest.mark.parametrize("args", [["--steps", "0"], ["--warmup", "-1"]])
+def test_bench_refuses_no_timed_steps_in_one_line(args, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--studies", "xray", *args])
+    assert exit_.value.code == 2
+    assert "error: --steps must be >= 1 and --warmup >= 0" in capsys.readouterr().err
+
+
 def test_schema_refuses_a_missing_figure() -> None:
     entry = bench_study("xray", steps=1, warmup=0, cfg=TINY["xray"])
     del entry["inference_efficiency"]
