@@ -31,7 +31,7 @@ import yaml
 
 from medseg_monai.bundle import config_files, config_parser, studies
 from medseg_monai.paths import project_root
-from medseg_monai.record import device_description
+from medseg_monai.record import cpu_description, device_description
 
 __all__ = [
     "bench_study",
@@ -310,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     results: dict[str, Any] = {
         "device": device_description(),
+        "cpu": cpu_description(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -328,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     validate(results)
     Path(args.output).write_text(json.dumps(results, indent=1))
     print(table(results))
+    host = f"{results['device']} ({results['cpu']}), torch {results['torch']}, {results['threads']} threads"
+    print(f"measured on {host}")
     print(f"wrote {args.output}")
     return 0
 

@@ -41,7 +41,7 @@ from medseg_monai.errors import InputError
 from medseg_monai.handlers.progress import format_duration
 from medseg_monai.launch import LAUNCHERS, SlurmSettings, make_launcher, redirect_output
 from medseg_monai.paths import project_root
-from medseg_monai.record import content_hash, git_state, torch_threads
+from medseg_monai.record import content_hash, cpu_description, git_state, torch_threads
 from medseg_monai.timing import PHASES, Stopwatch
 from medseg_monai.tracking import (
     check_tracking_uri,
@@ -636,7 +636,7 @@ class _Grid:
         grid = (
             f"launcher: planning {plan_s.get('plan', 0.0):.1f} s (configs, hashes; data generation "
             f"{plan_s.get('data', 0.0):.1f} s of it), report {report_s or 0.0:.1f} s; "
-            f"wall {format_duration(time.perf_counter() - self.started)}"
+            f"wall {format_duration(time.perf_counter() - self.started)} on {cpu_description()}"
         )
         return "\n".join([*lines, grid])
 

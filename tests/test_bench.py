@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from medseg_monai.bench import bench_study, main, table, train_throughput, validate
+from medseg_monai.record import cpu_description
 
 # each bundle's bench.yaml at test size: the same keys, smaller tensors (and the settings they need)
 TINY = {
@@ -50,6 +51,7 @@ TINY = {
 def _results(entries: dict) -> dict:
     return {
         "device": "cpu",
+        "cpu": cpu_description(),
         "python": "3",
         "torch": torch.__version__,
         "threads": 1,
@@ -150,3 +152,6 @@ def test_make_bench_writes_json_and_table(tmp_path, monkeypatch, capsys) -> None
     assert list(results["studies"]) == ["xray", "lv"]
     printed = capsys.readouterr().out
     assert "| study | batch (unit) |" in printed and "| lv | 2 (blocks)" in printed
+    # CPU timings compare only between alike hosts: the processor and its vector ISA are recorded
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert results["cpu"].endswith(f" cores, {capability}") and f"({results['cpu']})" in printed

@@ -207,6 +207,7 @@ def test_quick_train_then_evaluate_writes_the_contract(study: str, tmp_path: Pat
     assert record["dataset"]["kind"] == "synthetic" and record["profile"] == "quick"
     assert record["command"][1] == "run" and "--config_file" in record["command"]
     assert record["cpu_threads"] == int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
+    assert record["cpu"].endswith(f"{os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}")
     config = json.loads((out / "config.json").read_text())
     assert config["max_epochs"] == 2 and isinstance(config["train"], dict)  # macros expanded
     evaluated = run_bundle(study, store, mode="evaluate", output_dir=out, split="val")

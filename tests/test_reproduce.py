@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from bundle_utils import ROOT, local_store_env, mlflow_client
@@ -122,6 +123,7 @@ def test_tiny_grid_end_to_end(bundles: Path, tmp_path: Path) -> None:
     assert "reproduce: 4 ran, 0 skipped, 2 copied, 0 failed" in out
     # where the time went: per job and in total, from each job's timings.json
     assert "all jobs (process seconds)" in out and "launcher: planning" in out
+    assert f"cores, {torch.backends.cpu.get_cpu_capability()}" in out  # which host the seconds are from
     timings = json.loads((tmp_path / "runs/quick/xray/baseline/seed0/timings.json").read_text())["seconds"]
     assert {"start", "setup", "cache", "train", "validation", "evaluation", "mlflow"} <= set(timings)
     assert timings["train"] > 0 and timings["evaluation"] > 0
