@@ -24,7 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from medseg_monai.tracking import mlflow_dir, tracking_uri
+from medseg_monai.tracking import mlflow_dir, open_client, tracking_uri
 
 __all__ = ["build_report", "collect", "main"]
 
@@ -211,9 +211,8 @@ def _search_sections(client: Any, out: Path, md: list[str], parts_html: list[str
 
 def build_report(output_dir: str | Path | None = None) -> Path:
     """Write ``report.md``, ``report.html`` and ``figures/*.png``; returns the Markdown path."""
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri())
+    client = open_client()
     out = Path(output_dir) if output_dir else mlflow_dir() / "reports"
     (out / "figures").mkdir(parents=True, exist_ok=True)
     groups = collect(client)

@@ -47,6 +47,7 @@ from medseg_monai.tracking import (
     check_tracking_uri,
     ensure_experiment,
     journal,
+    open_client,
     record_run,
     recorded_run,
     run_tags,
@@ -355,12 +356,11 @@ class _Grid:
     def __init__(
         self, jobs: list[Job], force: bool, workers: int, threads: int, profile_time: bool, launcher: Any
     ) -> None:
-        from mlflow.tracking import MlflowClient
 
         self.jobs, self.force, self.workers, self.threads = jobs, force, workers, threads
         self.launcher = launcher
         self.profile_time = profile_time
-        self.client = MlflowClient(tracking_uri=tracking_uri())
+        self.client = open_client()
         self.commit = git_state()["git.commit"]
         self.events: queue.Queue[tuple[str, int, Any]] = queue.Queue()
         self.state: dict[tuple[str, str, int], str] = {}  # (study, experiment, seed): done | failed

@@ -422,11 +422,10 @@ def _tag_abandoned(
         run_id = recorded_run(trial_dir)
         if run_id is None:
             return
-        from mlflow.tracking import MlflowClient
 
-        from medseg_monai.tracking import tracking_uri
+        from medseg_monai.tracking import open_client
 
-        client = MlflowClient(tracking_uri=tracking_uri())
+        client = open_client()
         tags = {
             "mlflow.runName": f"search {study.study_name} trial {number}",
             "search.name": study.study_name,
@@ -699,11 +698,10 @@ class BundleTrial:
         self.parent_run_id = parent_run_id
 
     def __call__(self, trial: optuna.Trial, params: dict[str, Any], out: Path) -> float:
-        from mlflow.tracking import MlflowClient
 
         from medseg_monai.bundle import command_line
         from medseg_monai.handlers.tracking import PARENT_RUN_ENV
-        from medseg_monai.tracking import recorded_run, tracking_uri
+        from medseg_monai.tracking import open_client, recorded_run
 
         s = self.setup
         overrides = {**s.overrides, **params, "output_dir": str(out)}
@@ -737,7 +735,7 @@ class BundleTrial:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=120)
                 raise
-        client = MlflowClient(tracking_uri=tracking_uri())
+        client = open_client()
         run_id = recorded_run(out)
         score, error, interrupted = None, None, False
         if status != 0:
@@ -804,12 +802,11 @@ class _ParentMetrics:
     trials finish out of order)."""
 
     def __init__(self, run_id: str) -> None:
-        from mlflow.tracking import MlflowClient
 
-        from medseg_monai.tracking import tracking_uri
+        from medseg_monai.tracking import open_client
 
         self.run_id = run_id
-        self.client = MlflowClient(tracking_uri=tracking_uri())
+        self.client = open_client()
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.client.log_metric(self.run_id, "score", float(trial.value), step=trial.number)
@@ -964,12 +961,11 @@ def _parent_run(setup: _Setup, study: optuna.Study) -> str:
     """The search's MLflow parent run (recorded in the study), created on first use; set RUNNING."""
     from mlflow.entities import Param
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     from medseg_monai.record import git_state
-    from medseg_monai.tracking import ensure_experiment, flatten_params, tracking_uri
+    from medseg_monai.tracking import ensure_experiment, flatten_params, open_client, tracking_uri
 
-    client = MlflowClient(tracking_uri=tracking_uri())
+    client = open_client()
     with _locked(setup.folder / "search.lock"):
         attrs = study.user_attrs
         run_id = (
@@ -1022,11 +1018,10 @@ def _parent_run(setup: _Setup, study: optuna.Study) -> str:
 def _finish(setup: _Setup, study: optuna.Study, parent: str, status: int) -> None:
     """Write ``trials.csv`` and ``trajectory.png`` to the search folder, log them and the best trial
     into the parent run, and end it: FINISHED with ``n_trials`` complete and none running."""
-    from mlflow.tracking import MlflowClient
 
-    from medseg_monai.tracking import tracking_uri
+    from medseg_monai.tracking import open_client
 
-    client = MlflowClient(tracking_uri=tracking_uri())
+    client = open_client()
     study.trials_dataframe().to_csv(setup.folder / "trials.csv", index=False)
     title = f"{setup.study} search '{setup.name}' ({setup.profile}): {setup.steps} steps a trial"
     png = plot_trajectory(trial_points(study), setup.metric, setup.direction, title)

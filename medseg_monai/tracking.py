@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "default_tracking_uri",
     "check_tracking_uri",
+    "open_client",
     "ensure_experiment",
     "flatten_params",
     "journal",
@@ -139,15 +140,42 @@ def check_tracking_uri(timeout: float = 5.0) -> str:
     )
 
 
-def _local_artifact_root(uri: str) -> Path | None:
-    """``<db folder>/artifacts`` for a file-backed sqlite store, None for anything else."""
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a file-backed sqlite store, None for anything else."""
     if not uri.startswith("sqlite:///"):
         return None
     path = unquote(urlparse(uri).path)
     if not path or path == "/:memory:":
         return None
     # sqlite:///rel.db -> path "/rel.db" (relative); sqlite:////abs.db -> "//abs.db" (absolute)
-    return Path(path[1:]).expanduser().resolve().parent / "artifacts"
+    return Path(path[1:]).expanduser().resolve()
+
+
+def _local_artifact_root(uri: str) -> Path | None:
+    """``<db folder>/artifacts`` for a file-backed sqlite store, None for anything else."""
+    db = _sqlite_file(uri)
+    return None if db is None else db.parent / "artifacts"
+
+
+def open_client(uri: str | None = None) -> MlflowClient:
+    """An ``MlflowClient`` on ``uri`` (default :func:`tracking_uri`) whose store exists.
+
+    MLflow creates a new sqlite store's tables (and runs its migrations) when a process first uses
+    it; two processes doing so at once (two runs started together on a fresh machine) collide and
+    one of them fails ("table experiments already exists"). The first use therefore happens under
+    an exclusive lock on ``<db>.lock`` beside the database file."""
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    uri = uri or tracking_uri()
+    db = _sqlite_file(uri)
+    if db is None:
+        return MlflowClient(tracking_uri=uri)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return MlflowClient(tracking_uri=uri)  # creates and migrates the store on first use
 
 
 # ----------------------------------------------------------------------------- git
@@ -237,9 +265,8 @@ def ensure_experiment(name: str, client: MlflowClient | None = None) -> str:
     ``<db folder>/artifacts/<name>`` (a ``file://`` URI); a remote server chooses its own location.
     """
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    client = client if client is not None else MlflowClient(tracking_uri=tracking_uri())
+    client = client if client is not None else open_client()
     exp = client.get_experiment_by_name(name)
     if exp is None:
         root = _local_artifact_root(client.tracking_uri)
@@ -280,12 +307,11 @@ def start_run(
     (e.g. evaluation after training): params it already has are not logged again."""
     import mlflow
     from mlflow.entities import Param
-    from mlflow.tracking import MlflowClient
 
     flat = flatten_params(params or {})
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(tracking_uri=uri)
+    client = open_client(uri)
     experiment_id = ensure_experiment(experiment, client)
     if run_id is not None:
         flat = {k: v for k, v in flat.items() if k not in client.get_run(run_id).data.params}
@@ -328,12 +354,11 @@ def mark_stale_run(output_dir: str | Path) -> str | None:
     RUNNING although no process holds the folder (call it with the folder's lock held): its process
     died without ending it (kill -9, a crash of the machine). Returns the run id it marked."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     run_id = recorded_run(output_dir)
     if run_id is None:
         return None
-    client = MlflowClient(tracking_uri=tracking_uri())
+    client = open_client()
     try:
         if client.get_run(run_id).info.status != "RUNNING":
             return None
@@ -387,7 +412,6 @@ def upload(paths: Iterable[str | Path], uri: str | None = None) -> int:
     metrics, tags, artifacts, then the run's end status; each journal is removed once sent. ``uri``
     overrides the store the journals name (e.g. the server moved). Returns the runs uploaded."""
     from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
 
     found = sorted(
         {j for p in map(Path, paths) for j in ([p] if p.name == OFFLINE_RECORD else p.rglob(OFFLINE_RECORD))}
@@ -401,7 +425,7 @@ def upload(paths: Iterable[str | Path], uri: str | None = None) -> int:
             from medseg_monai.errors import InputError
 
             raise InputError(f"the MLflow server {target} does not answer: start it, then upload again")
-        client, run_id, folder = MlflowClient(tracking_uri=target), entry["run_id"], path.parent
+        client, run_id, folder = open_client(target), entry["run_id"], path.parent
         metrics = [Metric(k, v, t, s) for k, v, t, s in entry["metrics"]]
         for i in range(0, len(metrics), 1000):
             client.log_batch(run_id, metrics=metrics[i : i + 1000])

@@ -568,3 +568,44 @@ def test_round_trip_through_a_real_server(
     assert not exp.artifact_location.startswith("file:")
     assert list(mlflow_server["artifacts"].rglob("report.json"))
     assert not (tmp_path / "mlflow").exists()
+
+
+_STARTER = """
+import sys, time
+from pathlib import Path
+from medseg_monai import tracking
+print("ready", flush=True)
+go = Path(sys.argv[1])
+while not go.exists():
+    time.sleep(0.001)
+with tracking.start_run("together", sys.argv[2], tags={}) as run:
+    print("started", run.info.run_id, flush=True)
+"""
+
+
+def test_runs_started_together_on_a_new_local_store_all_start(tmp_path: Path) -> None:
+    """Three processes opening one new sqlite store at the same instant: MLflow creates and migrates
+    its tables in each, and without the lock in ``tracking.open_client`` some of them failed ("table
+    experiments already exists", alembic's "expected to match one row"; 3 of 3 tries with two)."""
+    go = tmp_path / "go"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _STARTER, str(go), f"run{k}"],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for k in range(3)
+    ]
+    for proc in procs:  # every one imported and waits: then all open the store at once
+        assert proc.stdout.readline().strip() == "ready"
+    go.touch()
+    outcomes = [proc.communicate(timeout=120) for proc in procs]
+    for proc, (out, err) in zip(procs, outcomes, strict=True):
+        assert proc.returncode == 0 and out.startswith("started"), err[-2000:]
+    runs = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).search_runs(
+        [tracking.ensure_experiment("together")]
+    )
+    assert sorted(r.info.run_name for r in runs) == ["run0", "run1", "run2"]

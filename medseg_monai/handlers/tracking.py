@@ -19,6 +19,7 @@ from medseg_monai.handlers.progress import evaluation_values, iteration_loss
 from medseg_monai.tracking import (
     OFFLINE_RECORD,
     journal,
+    open_client,
     record_run,
     record_tags,
     recorded_run,
@@ -160,11 +161,10 @@ class MLflowTracker:
         return timed
 
     def _open(self, engine: Engine) -> None:
-        from mlflow.tracking import MlflowClient
 
         from medseg_monai.record import read_run_record
 
-        self._client = MlflowClient(tracking_uri=tracking_uri())
+        self._client = open_client()
         recorded = recorded_run(self.output_dir)
         if self.log_only and recorded is not None:
             # evaluation of a tracked training: its metrics join that run, whose status stays as it is
