@@ -211,7 +211,6 @@ def _search_sections(client: Any, out: Path, md: list[str], parts_html: list[str
 
 def build_report(output_dir: str | Path | None = None) -> Path:
     """Write ``report.md``, ``report.html`` and ``figures/*.png``; returns the Markdown path."""
-
     client = open_client()
     out = Path(output_dir) if output_dir else mlflow_dir() / "reports"
     (out / "figures").mkdir(parents=True, exist_ok=True)

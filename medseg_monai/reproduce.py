@@ -356,7 +356,6 @@ class _Grid:
     def __init__(
         self, jobs: list[Job], force: bool, workers: int, threads: int, profile_time: bool, launcher: Any
     ) -> None:
-
         self.jobs, self.force, self.workers, self.threads = jobs, force, workers, threads
         self.launcher = launcher
         self.profile_time = profile_time

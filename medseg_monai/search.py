@@ -416,15 +416,12 @@ def _tag_abandoned(
     opened one) as the search's trial, with why it ended; its parameters are queued again."""
     if not (trial_dir / "mlflow_run.json").is_file():  # medseg_monai.tracking.RUN_RECORD (slow import)
         return
-    from medseg_monai.tracking import recorded_run
+    from medseg_monai.tracking import open_client, recorded_run
 
     try:
         run_id = recorded_run(trial_dir)
         if run_id is None:
             return
-
-        from medseg_monai.tracking import open_client
-
         client = open_client()
         tags = {
             "mlflow.runName": f"search {study.study_name} trial {number}",
@@ -698,7 +695,6 @@ class BundleTrial:
         self.parent_run_id = parent_run_id
 
     def __call__(self, trial: optuna.Trial, params: dict[str, Any], out: Path) -> float:
-
         from medseg_monai.bundle import command_line
         from medseg_monai.handlers.tracking import PARENT_RUN_ENV
         from medseg_monai.tracking import open_client, recorded_run
@@ -802,7 +798,6 @@ class _ParentMetrics:
     trials finish out of order)."""
 
     def __init__(self, run_id: str) -> None:
-
         from medseg_monai.tracking import open_client
 
         self.run_id = run_id
@@ -1018,7 +1013,6 @@ def _parent_run(setup: _Setup, study: optuna.Study) -> str:
 def _finish(setup: _Setup, study: optuna.Study, parent: str, status: int) -> None:
     """Write ``trials.csv`` and ``trajectory.png`` to the search folder, log them and the best trial
     into the parent run, and end it: FINISHED with ``n_trials`` complete and none running."""
-
     from medseg_monai.tracking import open_client
 
     client = open_client()

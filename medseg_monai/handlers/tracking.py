@@ -161,7 +161,6 @@ class MLflowTracker:
         return timed
 
     def _open(self, engine: Engine) -> None:
-
         from medseg_monai.record import read_run_record
 
         self._client = open_client()
