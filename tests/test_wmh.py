@@ -227,8 +227,8 @@ def test_inference_keeps_the_input_grid(
 
 def test_real_samples_recipe_trains_every_slice(shared_data: Path) -> None:
     """The recipe predicts every slice of a volume, so every slice trains: the thesis's 2-bit entropy
-    filter (sec. 7.2) kept 8-9 of a clinical volume's 16, and the unseen top and bottom slices drew
-    false positives (held out, docs/README.md: 0.643 -> 0.721 mean volume Dice)."""
+    filter (sec. 7.2) kept 7-9 of a clinical volume's 16 (it dropped the top and bottom ones), which
+    were then predicted unseen (held out, docs/README.md: 0.643 -> 0.721 mean volume Dice)."""
     root = shared_data / "wmh-clinical-flair"
     n_slices = sum(nib.load(f).shape[2] for f in sorted(root.glob("*/t2flair-stripped.nii.gz")))
 
