@@ -162,8 +162,9 @@ def open_client(uri: str | None = None) -> MlflowClient:
 
     MLflow creates a new sqlite store's tables (and runs its migrations) when a process first uses
     it; two processes doing so at once (two runs started together on a fresh machine) collide and
-    one of them fails ("table experiments already exists"). The first use therefore happens under
-    an exclusive lock on ``<db>.lock`` beside the database file."""
+    one of them fails ("table experiments already exists"). A sqlite client is therefore opened
+    under an exclusive lock on ``<db>.lock`` beside the database file (a few milliseconds once the
+    store exists)."""
     import fcntl
 
     from mlflow.tracking import MlflowClient
