@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bundle_utils import ROOT
+from medseg_monai.data.datalist import load_datalist
 
 
 def _run(study: str, args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> dict:
@@ -43,12 +44,15 @@ def test_wmh_plain_loop_scores_the_volume_it_left_out(
 
 
 @pytest.mark.slow
-def test_xray_plain_loop_scores_the_validation_images(
+def test_xray_plain_loop_scores_the_validation_images_of_its_fold(
     shared_data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    result = _run(
-        "xray", ["--data_root", str(shared_data / "jsrt-scr"), "--epochs", "1"], monkeypatch, capsys
-    )
+    root = shared_data / "jsrt-scr"
+    args = ["--data_root", str(root), "--epochs", "1", "--fold", "1", "--n_folds", "5"]
+    result = _run("xray", args, monkeypatch, capsys)
+    fold_val = {it["case_id"] for it in load_datalist("jsrt-scr", root, "val", fold=1, n_folds=5)}
+    assert set(result["per_image"]) == fold_val  # the fold's 8, not the registry's val split
+    assert fold_val != {it["case_id"] for it in load_datalist("jsrt-scr", root, "val")}
     assert set(result["val_dice"]) == {"lungs", "heart"}
-    assert [len(v) for v in result["per_image"].values()] == [8, 8]
-    assert all(0.0 <= d <= 1.0 for v in result["per_image"].values() for d in v)
+    assert all(set(v) == {"lungs", "heart"} for v in result["per_image"].values())
+    assert all(0.0 <= d <= 1.0 for v in result["per_image"].values() for d in v.values())

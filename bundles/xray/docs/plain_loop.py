@@ -3,7 +3,9 @@ MONAI's BasicUNet on the JSRT radiographs at 256 px (background, lungs, heart), 
 Adam 1e-3, batch 4, 40 epochs, no augmentation. It trains on the registry's ``train`` split of
 ``--data_root`` and prints the lungs and heart Dice of its ``val`` split (8 images no recipe was
 chosen on), scored as `evaluate.yaml` scores: probabilities upsampled bilinearly to the
-radiograph's 2048 px, the reference masks (1024 px) resized to it by nearest neighbour:
+radiograph's 2048 px, the reference masks (1024 px) resized to it by nearest neighbour.
+``--fold k --n_folds 5`` trains and scores fold k of the bundle's cross-validation instead
+(the same folds as the bundle's ``--fold k --n_folds 5``):
 
     python bundles/xray/docs/plain_loop.py --data_root ../shared/data/jsrt-scr
 
@@ -46,9 +48,12 @@ def main() -> None:
     parser.add_argument("--data_root", type=Path, required=True)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fold", type=int, default=None, help="one fold of a k-fold cross-validation")
+    parser.add_argument("--n_folds", type=int, default=5)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    train = [load(it) for it in load_datalist("jsrt-scr", args.data_root, "train")]
+    split = {"data_root": args.data_root, "fold": args.fold, "n_folds": args.n_folds}
+    train = [load(it) for it in load_datalist("jsrt-scr", split="train", **split)]
     x_all = torch.stack([F.interpolate(x[None], size=(SIZE, SIZE), mode="area")[0] for x, _ in train])
     y_all = torch.stack(
         [F.interpolate(y[None, None].float(), size=(SIZE, SIZE), mode="nearest")[0].long() for _, y in train]
@@ -74,7 +79,8 @@ def main() -> None:
 
     net.eval()
     scores: dict[str, list[float]] = {"lungs": [], "heart": []}
-    for item in load_datalist("jsrt-scr", args.data_root, "val"):
+    per_case: dict[str, dict[str, float]] = {}
+    for item in load_datalist("jsrt-scr", split="val", **split):
         x, y = load(item)
         with torch.no_grad():
             logits = net(F.interpolate(x[None], size=(SIZE, SIZE), mode="area"))
@@ -82,8 +88,9 @@ def main() -> None:
         for name, c in (("lungs", 1), ("heart", 2)):
             p, r = pred == c, y == c
             scores[name].append(float(2 * (p & r).sum() / (p.sum() + r.sum())))
+            per_case.setdefault(item["case_id"], {})[name] = scores[name][-1]
     result = {k: round(float(np.mean(v)), 4) for k, v in scores.items()}
-    print(json.dumps({"val_dice": result, "per_image": scores, "train_s": round(train_s)}))
+    print(json.dumps({"val_dice": result, "per_image": per_case, "train_s": round(train_s)}))
 
 
 if __name__ == "__main__":
