@@ -78,18 +78,19 @@ def main() -> None:
     train_s = time.perf_counter() - start
 
     net.eval()
-    scores: dict[str, list[float]] = {"lungs": [], "heart": []}
+    classes = {"lungs": 1, "heart": 2}
     per_case: dict[str, dict[str, float]] = {}
     for item in load_datalist("jsrt-scr", split="val", **split):
         x, y = load(item)
         with torch.no_grad():
             logits = net(F.interpolate(x[None], size=(SIZE, SIZE), mode="area"))
             pred = F.interpolate(logits.softmax(1), size=y.shape, mode="bilinear").argmax(1)[0]
-        for name, c in (("lungs", 1), ("heart", 2)):
+        dice: dict[str, float] = {}
+        per_case[item["case_id"]] = dice
+        for name, c in classes.items():
             p, r = pred == c, y == c
-            scores[name].append(float(2 * (p & r).sum() / (p.sum() + r.sum())))
-            per_case.setdefault(item["case_id"], {})[name] = scores[name][-1]
-    result = {k: round(float(np.mean(v)), 4) for k, v in scores.items()}
+            dice[name] = float(2 * (p & r).sum() / (p.sum() + r.sum()))
+    result = {k: round(float(np.mean([d[k] for d in per_case.values()])), 4) for k in classes}
     print(json.dumps({"val_dice": result, "per_image": per_case, "train_s": round(train_s)}))
 
 
