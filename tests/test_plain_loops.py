@@ -43,6 +43,17 @@ def test_wmh_plain_loop_scores_the_volume_it_left_out(
     assert 0.0 <= result["dice"] <= 1.0 and 0.0 <= result["recall"] <= 1.0
 
 
+def test_xray_plain_loop_refuses_a_fold_out_of_range(
+    shared_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ["x", "--data_root", str(shared_data / "jsrt-scr"), "--fold", "5", "--n_folds", "5"]
+    monkeypatch.setattr(sys, "argv", args)
+    with pytest.raises(
+        SystemExit, match=r"^error: fold must be a whole number from 0 to 4 \(n_folds 5\), got 5$"
+    ):
+        runpy.run_path(str(ROOT / "bundles" / "xray" / "docs" / "plain_loop.py"), run_name="__main__")
+
+
 @pytest.mark.slow
 def test_xray_plain_loop_scores_the_validation_images_of_its_fold(
     shared_data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture

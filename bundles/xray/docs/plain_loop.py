@@ -26,6 +26,7 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import BasicUNet
 from PIL import Image
 
+from medseg_monai.data import DatasetError
 from medseg_monai.data.datalist import load_datalist
 
 SIZE = 256
@@ -53,7 +54,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     split = {"data_root": args.data_root, "fold": args.fold, "n_folds": args.n_folds}
-    train = [load(it) for it in load_datalist("jsrt-scr", split="train", **split)]
+    try:
+        train_items, val_items = (load_datalist("jsrt-scr", split=s, **split) for s in ("train", "val"))
+    except DatasetError as e:  # a wrong --data_root or --fold: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
+    train = [load(it) for it in train_items]
     x_all = torch.stack([F.interpolate(x[None], size=(SIZE, SIZE), mode="area")[0] for x, _ in train])
     y_all = torch.stack(
         [F.interpolate(y[None, None].float(), size=(SIZE, SIZE), mode="nearest")[0].long() for _, y in train]
@@ -80,7 +85,7 @@ def main() -> None:
     net.eval()
     classes = {"lungs": 1, "heart": 2}
     per_case: dict[str, dict[str, float]] = {}
-    for item in load_datalist("jsrt-scr", split="val", **split):
+    for item in val_items:
         x, y = load(item)
         with torch.no_grad():
             logits = net(F.interpolate(x[None], size=(SIZE, SIZE), mode="area"))
