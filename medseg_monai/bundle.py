@@ -335,6 +335,7 @@ def install_error_hook() -> None:
 
 
 _FLAGS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+_FLAG_KEYS = ("resume", "overwrite", "fast")  # the top-level flags the configs read through flag()
 
 
 def flag(value: Any, name: str) -> bool:
@@ -377,7 +378,7 @@ def _check_value(key: str, value: Any) -> None:
         raise InputError(f"{key} must be a positive whole number, got {value!r}")
     if key == "seed" and (isinstance(value, bool) or not isinstance(value, int)):
         raise InputError(f"seed must be a whole number, got {value!r}")
-    if key in ("resume", "overwrite", "fast"):
+    if key in _FLAG_KEYS:
         flag(value, key)
     if (
         key == "fold"
@@ -416,7 +417,8 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
     files, _, overrides = parse_command_line(sys.argv if argv is None else argv)
     if not files:
         return
-    known = set(_ids(config_parser(files).get()))
+    parser = config_parser(files)
+    known = set(_ids(parser.get()))
     for key, value in overrides.items():
         if key not in known:
             top = sorted(k for k in known if "#" not in k)
@@ -425,6 +427,13 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
                 f"did you mean '{near[0]}'?" if near else "the settings are the keys at the top of train.yaml"
             )
             raise InputError(f"unknown setting '{key}' (--{key}) for {', '.join(files)}: {hint}")
+        # MONAI's command line passes `--loss#batch false` as the text 'false', which a network or
+        # loss takes as true; only the flags read through flag() accept text
+        if isinstance(parser.get(key), bool) and not isinstance(value, bool) and key not in _FLAG_KEYS:
+            raise InputError(
+                f"{key} is true or false: write --{key} True or --{key} False, got {value!r}"
+                " (text, which would count as true)"
+            )
         _check_value(key, value)
 
 

@@ -229,6 +229,10 @@ def test_a_timed_grid_job_trains_the_model_the_command_line_trains(tmp_path: Pat
         (["--seed", "1.5"], "seed must be a whole number, got 1.5"),
         (["--resume", "maybe"], "resume must be true or false, got 'maybe'"),
         (["--network_def#featurs", "[1]"], "did you mean 'network_def#features'?"),
+        (
+            ["--loss#batch", "false"],  # the text 'false' would reach DiceCELoss as batch=True
+            "loss#batch is true or false: write --loss#batch True or --loss#batch False, got 'false'",
+        ),
     ],
 )
 def test_wrong_settings_are_refused_before_anything_runs(args: list[str], expected: str) -> None:
@@ -239,6 +243,13 @@ def test_wrong_settings_are_refused_before_anything_runs(args: list[str], expect
     with pytest.raises(InputError) as caught:
         check_command_line(argv)
     assert expected in str(caught.value)
+
+
+def test_true_false_settings_pass_when_written_as_python() -> None:
+    from medseg_monai.bundle import check_command_line
+
+    argv = ["monai.bundle", "run", "--config_file", "['bundles/xray/configs/train.yaml']"]
+    check_command_line([*argv, "--loss#batch", "False", "--resume", "false", "--fast", "true"])
 
 
 def test_flags_are_read_strictly() -> None:
