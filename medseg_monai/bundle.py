@@ -430,9 +430,9 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
         # MONAI's command line passes `--loss#batch false` as the text 'false', which a network or
         # loss takes as true; only the flags read through flag() accept text
         if isinstance(parser.get(key), bool) and not isinstance(value, bool) and key not in _FLAG_KEYS:
+            why = " (text, which would count as true)" if isinstance(value, str) else ""
             raise InputError(
-                f"{key} is true or false: write --{key} True or --{key} False, got {value!r}"
-                " (text, which would count as true)"
+                f"{key} is true or false: write --{key} True or --{key} False, got {value!r}{why}"
             )
         _check_value(key, value)
 
