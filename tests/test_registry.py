@@ -367,7 +367,8 @@ def test_default_dataset_prefers_configured_real_data(
     monkeypatch.setenv("MEDSEG_DATA_ROOT", str(shared_data))
     assert default_dataset("wmh") == "wmh-clinical-flair"
     assert default_dataset("xray") == "jsrt-scr"
-    assert default_dataset("lv") == "lv-synthetic"
+    assert default_dataset("lv") == "acdc"  # the ACDC samples joined ../shared/data
+    assert default_dataset("knee") == "knee-synthetic"  # no public knee MR with bone masks
 
 
 def test_synthetic_generated_on_first_use_then_cached(caplog: pytest.LogCaptureFixture) -> None:
