@@ -1,8 +1,9 @@
 """The reproduction report, rebuilt from the MLflow store alone (``make report``).
 
-For every study (MLflow experiment) and profile: a table with, per experiment, the paper's
-number, ours as mean +- sd over seeds, n, the dataset (id, real or synthetic, content hash) and
-the run ids; then the figures the bundle asked for (validation curves, sweeps, lesion brackets)
+For every study (MLflow experiment) and profile: a line naming the split each row is scored on
+(the grid's ``split``: a test split, or the validation split that also chose each ``model.pt``),
+then a table with, per experiment, the paper's number, ours as mean +- sd over seeds, n, the
+dataset (id, real or synthetic, content hash) and the run ids; then the figures the bundle asked for (validation curves, sweeps, lesion brackets)
 and the failed runs; then a section per hyperparameter search (``medseg_monai.search``) with its
 trajectory. Writes ``report.md`` and a self-contained ``report.html`` (figures inlined)
 to ``<mlflow dir>/reports``.
@@ -26,9 +27,16 @@ from typing import Any
 
 from medseg_monai.tracking import mlflow_dir, open_client, tracking_uri
 
-__all__ = ["build_report", "collect", "main"]
+__all__ = ["build_report", "collect", "main", "split_sentence"]
 
 SYNTHETIC_NOTE = "synthetic data: these rows check the pipeline and reproduce nothing"
+# what a figure on each evaluation split is worth: model.pt is the epoch of best validation score
+SPLITS = {
+    "test": "the test split (cases that neither trained the model nor chose its checkpoint)",
+    "val": "the validation split (the cases that chose model.pt, its best epoch: a flattering figure)",
+    "train": "the training split (cases the model trained on)",
+    "all": "every case (the training cases included)",
+}
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -55,6 +63,18 @@ def collect(client: Any) -> dict[tuple[str, str], dict[str, Any]]:
             else:
                 group["failed"].append(run)
     return groups
+
+
+def split_sentence(splits: dict[str, str]) -> str:
+    """The line above a table saying which split its rows are scored on: ``splits`` maps each
+    experiment to its split; the most common one is named first, the others with their rows."""
+    by_split: dict[str, list[str]] = defaultdict(list)
+    for name, split in sorted(splits.items()):
+        by_split[split].append(name)
+    ordered = sorted(by_split, key=lambda s: -len(by_split[s]))
+    parts = [f"Scored on {SPLITS.get(ordered[0], f'the {ordered[0]} split')}"]
+    parts += [f"{', '.join(by_split[s])} on {SPLITS.get(s, f'the {s} split')}" for s in ordered[1:]]
+    return "; ".join(parts) + "."
 
 
 def _latest_per_seed(runs: list[Any]) -> list[Any]:
@@ -229,10 +249,10 @@ def build_report(output_dir: str | Path | None = None) -> Path:
         md += [f"## {study} ({profile} profile)", ""]
         parts_html.append(f"<h2>{html.escape(study)} ({html.escape(profile)} profile)</h2>")
         header = ["experiment", "metric", "paper", "ours (mean ± sd)", "n", "dataset", "runs"]
-        rows, synthetic = [], False
+        rows, synthetic, splits = [], False, {}
         for name, runs in sorted(variants.items()):
             tags = runs[0].data.tags
-            split = tags.get("reproduce.split", "val")
+            split = splits[name] = tags.get("reproduce.split", "val")
             metrics = {k[len("paper.") :] for k in tags if k.startswith("paper.")}
             metrics |= set(filter(None, tags.get("reproduce.metrics", "dice").split(",")))
             kind = tags.get("dataset.kind", "?")
@@ -254,6 +274,9 @@ def build_report(output_dir: str | Path | None = None) -> Path:
         if synthetic:
             md += [f"> {SYNTHETIC_NOTE}.", ""]
             parts_html.append(f"<p><strong>{html.escape(SYNTHETIC_NOTE)}.</strong></p>")
+        if splits:
+            md += [split_sentence(splits), ""]
+            parts_html.append(f"<p>{html.escape(split_sentence(splits))}</p>")
         md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         md += ["| " + " | ".join(r) + " |" for r in rows]
         md.append("")

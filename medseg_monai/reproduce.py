@@ -6,7 +6,7 @@ and evaluates in one process of its own, forked from a server that imported torc
 MLflow once; ``--jobs`` of them run at once (default: quick jobs one per core up to 4, each on one
 thread; paper jobs one at a time on every core), a fine-tuning entry after its parent. Progress
 (run k of n, epoch, ETA) is streamed, and the MLflow run is marked with what the report needs. A run
-already FINISHED for the same commit, entry, merged-config hash and data hash is skipped unless
+already FINISHED for the same commit, entry, merged-config hash, split and data hash is skipped unless
 ``force``; an entry whose effective config equals another's (all but its name) is not run twice,
 its twin's run is copied; a failed run is recorded FAILED, the others go on, and the exit status
 names the failures. Each job writes ``timings.json`` (``medseg_monai.timing``); ``--profile-time``
@@ -248,7 +248,7 @@ def _finished_run(client: Any, job: Job, fp: dict[str, str], commit: str) -> str
         return None
     query = (
         f"tags.`reproduce.config_hash` = '{fp['config_hash']}' and tags.`dataset.hash` = '{fp['data_hash']}' "
-        f"and tags.`variant` = '{job.experiment}' "
+        f"and tags.`variant` = '{job.experiment}' and tags.`reproduce.split` = '{job.split}' "
         f"and tags.`git.commit` = '{commit}' and tags.`reproduce.status` = 'complete' "
         f"and attributes.status = 'FINISHED'"
     )

@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -233,3 +234,64 @@ def test_failed_experiment_is_reported_and_the_rest_complete(bundles: Path, tmp_
     assert status == {"baseline": "FINISHED", "broken": "FAILED", "crashes": "FAILED"}
     report = (tmp_path / "mlflow" / "reports" / "report.md").read_text()
     assert "Failed runs:" in report and "broken seed 0" in report and "crashes seed 0" in report
+
+
+def _complete_run(
+    client: Any, experiment_id: str, variant: str, split: str, metrics: dict[str, float]
+) -> str:
+    """A reproduction run as the grid records it: its tags and its evaluate metrics."""
+    tags = {
+        "reproduce.status": "complete",
+        "reproduce.profile": "quick",
+        "reproduce.split": split,
+        "reproduce.config_hash": "c0ffee",
+        "dataset.hash": "d00d",
+        "dataset.kind": "synthetic",
+        "git.commit": "abc",
+        "variant": variant,
+        "seed": "0",
+        "paper.dice": "0.8",
+    }
+    run_id = client.create_run(experiment_id, tags=tags).info.run_id
+    for name, value in metrics.items():
+        client.log_metric(run_id, name, value)
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def test_report_says_which_split_each_table_is_scored_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medseg_monai.report import build_report, split_sentence
+    from medseg_monai.reproduce import Job, _finished_run
+
+    monkeypatch.setenv("MEDSEG_MLFLOW_DIR", str(tmp_path / "mlflow"))
+    client = mlflow_client(tmp_path / "mlflow")
+    brats = client.create_experiment("brats")
+    wmh = client.create_experiment("wmh")
+    on_test = _complete_run(client, brats, "baseline", "test", {"eval_test_dice": 0.61, "eval_val_dice": 0.9})
+    _complete_run(client, wmh, "unet", "val", {"eval_val_dice": 0.55})
+    _complete_run(client, wmh, "attention", "val", {"eval_val_dice": 0.57})
+    _complete_run(client, wmh, "unet_test", "test", {"eval_test_dice": 0.52})
+
+    report = build_report(tmp_path / "reports").read_text()
+    brats_part, wmh_part = report.split("## wmh (quick profile)")
+    assert (
+        "Scored on the test split (cases that neither trained the model nor chose its checkpoint)."
+        in brats_part
+    )
+    assert "| baseline | test dice | 0.8 | 0.6100 |" in brats_part  # the test figure, not the 0.9 of val
+    assert (
+        "Scored on the validation split (the cases that chose model.pt, its best epoch: a flattering "
+        "figure); unet_test on the test split" in wmh_part
+    )
+    html = (tmp_path / "reports" / "report.html").read_text()
+    assert "unet_test on the test split" in html
+    assert split_sentence({"a": "all"}) == "Scored on every case (the training cases included)."
+
+    # a run scored on another split does not count as this job's finished run
+    job = Job("brats", "baseline", 0, "quick", [], "test", str(tmp_path / "out"))
+    fp = {"config_hash": "c0ffee", "data_hash": "d00d"}
+    assert _finished_run(client, job, fp, "abc") == on_test
+    job.split = "val"
+    assert _finished_run(client, job, fp, "abc") is None
