@@ -17,7 +17,7 @@ from monai.networks.nets import BasicUNet
 
 from bundle_utils import ROOT, error_lines, metric_values, mlflow_client, parse_study, run_bundle, train_quick
 from medseg_monai.data import load_datalist
-from medseg_monai.metrics import lesion_table
+from medseg_monai.metrics import CHALLENGE_NAMES, lesion_table
 from medseg_monai.networks import AttentionUNet, ClassicUNet
 
 CONFIGS = ROOT / "bundles" / "wmh" / "configs"
@@ -135,6 +135,11 @@ def test_grid_fine_tunes_from_the_parent_entry(tmp_path: Path) -> None:
     test_job = jobs[order.index("mish_small_set_test")]
     assert test_job.split == "test" and test_job.paper == {"f3": 0.80, "dice": 0.66, "recall": 0.90}
     assert "pretrained_ckpt" not in jobs[order.index("best_model")].overrides
+    # sec. 8.16's test figures: best_model's training, scored on the test split
+    best_test = jobs[order.index("best_model_test")]
+    assert best_test.split == "test" and best_test.configs == jobs[order.index("best_model")].configs
+    assert best_test.paper == {"f3": 0.74, "large_lesion_recall": 0.93}
+    assert set(CHALLENGE_NAMES) <= set(best_test.metrics)  # reported beside the thesis's figures
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +195,15 @@ def test_evaluate_writes_lesion_metrics(trained: tuple[Path, Path]) -> None:
     assert all(k.startswith("avg_recall_") or k == "large_lesion_recall" for k in nan), nan
     assert mean["n_pred"] == mean["tp"] + mean["fp"]
     assert len(metrics["cases"]) == 2
+    # the WMH 2017 challenge's figures per volume, and their mean over volumes
+    cases = metrics["cases"].values()
+    for case in cases:
+        tp, fp, fn = case["voxel_tp"], case["voxel_fp"], case["voxel_fn"]
+        assert case["challenge_dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn))  # unsmoothed
+        assert case["challenge_avd"] == pytest.approx(abs(fn - fp) / (tp + fn) * 100)
+        assert case["challenge_hd95"] > 0 and 0 <= case["challenge_lesion_f1"] <= 1
+    for name in CHALLENGE_NAMES:
+        assert mean[name] == pytest.approx(np.mean([c[name] for c in cases]))
     # counted on each volume's own grid (160 x 160 x 40 at 1.2 mm), not the 80 x 80 training grid
     n_ref = 0
     for case in load_datalist("wmh-synthetic", split="test"):

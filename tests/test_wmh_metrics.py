@@ -1,6 +1,8 @@
 """The WMH thesis's metrics on crafted volumes and against its own tables' arithmetic:
 voxel metrics, lesion counting (Total = TP + FP), the large-lesion recall of the abstract and
-the mean over 12-slice mini-batches (Røvang 2021, sec. 4.1, 7.3-7.5, Tables 8.5 and 8.17)."""
+the mean over 12-slice mini-batches (Røvang 2021, sec. 4.1, 7.3-7.5, Tables 8.5 and 8.17); and the
+WMH 2017 challenge's five figures as its evaluation.py defines them, on volumes worked by hand and
+against the ITK filters that script calls."""
 
 from __future__ import annotations
 
@@ -8,20 +10,26 @@ import math
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from ignite.engine import Engine
+from monai.data import MetaTensor
 from monai.handlers import IgniteMetricHandler
 
 from medseg_monai.handlers import CaseMetrics
 from medseg_monai.losses import FocalTverskyLoss
 from medseg_monai.metrics import (
+    CHALLENGE_NAMES,
+    ChallengeMetrics,
     LesionMetrics,
     MiniBatchMetrics,
     bracket_labels,
+    challenge_metrics,
     lesion_rates,
     lesion_table,
     voxel_metrics,
 )
+from medseg_monai.metrics.lesions import _boundary
 
 # ---------------------------------------------------------------- voxel metrics
 
@@ -321,3 +329,157 @@ def test_case_metrics_mean_takes_the_data_set_figures() -> None:
     assert mean["lesion_recall"] == pytest.approx(lesions.metric_fn.summary()["lesion_recall"])
     assert set(engine.state.case_metrics["cases"]) == {"case0", "case1"}
     assert "volume_dice" in engine.state.case_metrics["cases"]["case0"]
+
+
+# ---------------------------------------------------------------- the WMH 2017 challenge's figures
+
+
+def test_challenge_figures_worked_by_hand() -> None:
+    ref, pred = np.zeros((20, 20, 10), bool), np.zeros((20, 20, 10), bool)
+    ref[2:5, 2:5, 2] = True  # lesion A, 9 voxels
+    ref[10, 10, 5] = True  # lesion B, 1 voxel, missed
+    pred[3:6, 2:5, 2] = True  # A shifted one row: 6 of its voxels, 3 outside
+    pred[15, 15, 8] = pred[15, 16, 8] = True  # a 2-voxel false positive
+    pred[0, 19, 0] = True  # a 1-voxel false positive
+    m = challenge_metrics(pred, ref)
+    assert m["challenge_dice"] == pytest.approx(2 * 6 / (12 + 10))  # |P| 12, |R| 10, overlap 6
+    assert m["challenge_avd"] == pytest.approx(abs(10 - 12) / 10 * 100)  # 20 %
+    # lesions found by any overlap: A of A, B -> 1/2; detections on a lesion: 1 of 3 -> 1/3
+    assert m["challenge_lesion_recall"] == pytest.approx(1 / 2)
+    assert m["challenge_lesion_f1"] == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))  # 0.4
+    assert list(m) == list(CHALLENGE_NAMES)
+
+
+def test_challenge_lesions_are_26_connected_and_any_overlap_detects() -> None:
+    ref, pred = np.zeros((8, 8, 8), bool), np.zeros((8, 8, 8), bool)
+    ref[1, 1, 1] = ref[2, 2, 2] = True  # touching by a corner: one lesion
+    ref[5, 5, 1:6] = True  # 5 voxels, 1 of them predicted: detected (no 60 % rule)
+    pred[5, 5, 3] = True
+    m = challenge_metrics(pred, ref)
+    assert m["challenge_lesion_recall"] == 0.5  # 1 of the 2 lesions
+    assert m["challenge_lesion_f1"] == pytest.approx(2 * 1 * 0.5 / 1.5)  # precision 1 of 1
+
+
+def test_challenge_hd95_percentile_spacing_and_both_directions() -> None:
+    spacing = np.diag([0.5, 0.5, 3.0, 1.0])
+    ref, pred = np.zeros((12, 12, 8), bool), np.zeros((12, 12, 8), bool)
+    ref[5, 5, 5] = True
+    pred[5, 5, 7] = True  # two slices away: 2 x 3 mm
+    assert challenge_metrics(pred, ref, affine=spacing)["challenge_hd95"] == pytest.approx(6.0)
+    pred[:] = False
+    pred[5, 5, 5] = pred[5, 9, 5] = True  # predicted -> reference: 0 and 4 x 0.5 mm; back: 0
+    # numpy's 95th percentile of [0, 2] interpolates: 0 + 0.95 x 2
+    assert challenge_metrics(pred, ref, affine=spacing)["challenge_hd95"] == pytest.approx(1.9)
+    assert challenge_metrics(ref, pred, affine=spacing)["challenge_hd95"] == pytest.approx(1.9)
+
+
+def test_challenge_hd95_boundaries_are_in_plane_and_the_border_is_foreground() -> None:
+    ref, pred = np.zeros((10, 10, 3), bool), np.zeros((10, 10, 3), bool)
+    ref[3:8, 3:8, 1] = True  # a 5 x 5 square in one slice: its 16-voxel ring is the boundary
+    pred[5, 5, 1] = True  # its centre
+    # centre -> ring: 2 voxels; ring -> centre: 4 x 2, 8 x sqrt(5), 4 x sqrt(8); the 95th
+    # percentile of those 16 lies between the two largest, both sqrt(8)
+    assert challenge_metrics(pred, ref)["challenge_hd95"] == pytest.approx(math.sqrt(8))
+    ref[:], pred[:] = False, False
+    ref[0:5, 0:5, 1] = True  # against the image's corner: the border is not an edge
+    pred[0, 0, 1] = True
+    # boundary: row 4 and column 4 (9 voxels), at 4, 4, sqrt(17) x 2, sqrt(20) x 2, 5, 5, sqrt(32)
+    # from the corner voxel; the 95th percentile: 5 + 0.6 x (sqrt(32) - 5)
+    expected = 5 + 0.6 * (math.sqrt(32) - 5)
+    assert challenge_metrics(pred, ref)["challenge_hd95"] == pytest.approx(expected)
+
+
+def test_challenge_undefined_figures_and_other_pathology() -> None:
+    ref, empty = np.zeros((6, 6, 4), bool), np.zeros((6, 6, 4), bool)
+    ref[2:4, 2:4, 1] = True
+    missed = challenge_metrics(empty, ref)
+    assert math.isnan(missed["challenge_hd95"])  # the script: undefined when nothing is found
+    assert missed["challenge_dice"] == 0 and missed["challenge_avd"] == 100
+    assert missed["challenge_lesion_recall"] == 0 and missed["challenge_lesion_f1"] == 0
+    nothing = challenge_metrics(empty, empty)
+    assert math.isnan(nothing["challenge_dice"]) and math.isnan(nothing["challenge_avd"])
+    assert nothing["challenge_lesion_recall"] == 1 and nothing["challenge_lesion_f1"] == 1
+    other = np.zeros_like(ref)
+    other[0, 0, 3] = True  # label 2 in the challenge: a prediction there is removed
+    pred = ref | other
+    assert challenge_metrics(pred, ref, ignore=other)["challenge_dice"] == 1.0
+    assert challenge_metrics(pred, ref)["challenge_dice"] == pytest.approx(8 / 9)
+
+
+def _itk_edge(img: sitk.Image) -> np.ndarray:
+    """The script's ORIGINAL - ERODED boundary, back in our (x, y, z) order."""
+    edge = sitk.GetArrayFromImage(sitk.Subtract(img, sitk.BinaryErode(img, (1, 1, 0))))
+    return edge.transpose(2, 1, 0) > 0
+
+
+def _itk_figures(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...]) -> tuple[float, float, float]:
+    """HD95, lesion recall and F1 through the ITK filters the challenge's evaluation.py uses
+    (BinaryErode (1, 1, 0), fully connected ConnectedComponent), our (x, y, z) as ITK's index."""
+    from scipy.spatial import cKDTree
+
+    def image(a: np.ndarray) -> sitk.Image:
+        img = sitk.GetImageFromArray(a.astype(np.uint8).transpose(2, 1, 0))
+        img.SetSpacing(spacing)
+        return img
+
+    p, r = image(pred), image(ref)
+    points = []
+    for img in (r, p):
+        index = np.argwhere(_itk_edge(img))
+        points.append(np.array([img.TransformIndexToPhysicalPoint([int(v) for v in i]) for i in index]))
+    d_pr, d_rp = cKDTree(points[0]).query(points[1])[0], cKDTree(points[1]).query(points[0])[0]
+    hd95 = max(np.percentile(d_pr, 95), np.percentile(d_rp, 95))
+    cc = sitk.ConnectedComponentImageFilter()
+    cc.SetFullyConnected(True)
+    ref_lab, pred_lab = (sitk.GetArrayFromImage(cc.Execute(img)) for img in (r, p))
+    hit = (sitk.GetArrayFromImage(p) > 0) & (sitk.GetArrayFromImage(r) > 0)
+    recall = len(np.unique(ref_lab[hit])) / (len(np.unique(ref_lab)) - 1)
+    precision = len(np.unique(pred_lab[hit])) / (len(np.unique(pred_lab)) - 1)
+    return hd95, recall, 2 * precision * recall / (precision + recall)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_challenge_figures_match_the_itk_filters_of_the_script(seed: int) -> None:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    ref = ndimage.binary_dilation(rng.random((24, 20, 9)) > 0.985, iterations=2)
+    pred = ndimage.binary_dilation(ref & (rng.random(ref.shape) > 0.4), iterations=1)
+    pred |= rng.random(ref.shape) > 0.995  # scattered false positives, some on the border
+    spacing = (0.9, 1.1, 3.0)
+    for mask in (ref, pred):  # the same boundary voxels, lesions on the image's border included
+        itk_edge = _itk_edge(sitk.GetImageFromArray(mask.astype(np.uint8).transpose(2, 1, 0)))
+        assert np.array_equal(_boundary(mask, -1), itk_edge)
+    m = challenge_metrics(pred, ref, affine=np.diag([*spacing, 1.0]))
+    hd95, recall, f1 = _itk_figures(pred, ref, spacing)
+    assert m["challenge_hd95"] == pytest.approx(hd95)
+    assert m["challenge_lesion_recall"] == pytest.approx(recall)
+    assert m["challenge_lesion_f1"] == pytest.approx(f1)
+
+
+def test_challenge_metrics_per_case_in_mm_from_the_label_affine() -> None:
+    y = torch.zeros(2, 1, 12, 12, 8)
+    y[:, 0, 5, 5, 5] = 1
+    y[0, 0, 0, 0, 0] = -1  # other pathology
+    y_pred = torch.zeros_like(y)
+    y_pred[0, 0, 5, 5, 5] = 0.7  # case 0: the lesion and a voxel two slices off (0 and 6 mm)
+    y_pred[0, 0, 5, 5, 7] = 0.9  # case 1: nothing predicted
+    y_pred[0, 0, 0, 0, 0] = 0.8  # on other pathology: not counted
+    affine = torch.diag(torch.tensor([0.5, 0.5, 3.0, 1.0]))
+    metric = ChallengeMetrics(ignore_index=-1)
+    handler = IgniteMetricHandler(metric_fn=metric, save_details=True)
+    engine = Engine(lambda e, batch: batch)
+    handler.attach(engine, "challenge")
+    # decollated cases, as the evaluators' from_engine gives them, each with its affine
+    batch = ([y_pred[i] for i in range(2)], [MetaTensor(y[i], affine=affine) for i in range(2)])
+    engine.run([batch], max_epochs=1)
+    rows = [
+        dict(zip(metric.names, r.tolist(), strict=True)) for r in engine.state.metric_details["challenge"]
+    ]
+    assert rows[0]["challenge_hd95"] == pytest.approx(0.95 * 6.0)  # 95th percentile of [0, 6]
+    assert rows[0]["challenge_dice"] == pytest.approx(2 / 3) and rows[0]["challenge_avd"] == 100
+    assert math.isnan(rows[1]["challenge_hd95"]) and rows[1]["challenge_dice"] == 0
+    summary = metric.summary()  # the mean over cases, an undefined figure left out
+    assert summary["challenge_hd95"] == pytest.approx(5.7)
+    assert summary["challenge_dice"] == pytest.approx(1 / 3)
+    assert engine.state.metrics["challenge"] == pytest.approx(1 / 3)

@@ -47,6 +47,11 @@ equal to ``ignore_index`` (-1 from ``RemapLabelsd(..., ignore_index=-1)``), are 
 the prediction and the reference before anything is counted or labelled: they are neither TP,
 FP nor FN voxels, and a predicted component lying wholly inside them does not exist.
 
+Beyond the thesis, :func:`challenge_metrics` and :class:`ChallengeMetrics` give the MICCAI WMH
+2017 challenge's five figures of a volume (Kuijf et al., IEEE TMI 38(11), 2019), computed as the
+challenge's own ``evaluation.py`` (github.com/hjkuijf/wmhchallenge) computes them, without the
+thesis's smoothing or 60 % rule.
+
 :func:`voxel_metrics` and :func:`lesion_table` are the pure functions (``lesion_table`` gives the
 per-bracket table of one case, ready for ``pandas.DataFrame.from_dict(..., orient="index")``);
 :func:`lesion_rates` turns counts into the tables' rates; :class:`LesionMetrics` is a MONAI
@@ -70,9 +75,12 @@ from scipy import ndimage
 
 __all__ = [
     "BRACKETS",
+    "CHALLENGE_NAMES",
+    "ChallengeMetrics",
     "LesionMetrics",
     "LesionTableWriter",
     "bracket_labels",
+    "challenge_metrics",
     "lesion_rates",
     "lesion_table",
     "voxel_metrics",
@@ -405,6 +413,146 @@ class LesionMetrics(CumulativeIterationMetric):
         out.update({f"{c}_{b}": table[b][c] for b in self.labels for c in self.lesion_names})
         out["large_lesion_recall"] = table[self.labels[-1]]["avg_recall"]
         return out
+
+    def aggregate(self, name: str | None = None) -> torch.Tensor:  # type: ignore[override]
+        return torch.tensor(self.summary()[name or self.headline])
+
+
+CHALLENGE_NAMES: tuple[str, ...] = (
+    "challenge_dice",
+    "challenge_hd95",
+    "challenge_avd",
+    "challenge_lesion_recall",
+    "challenge_lesion_f1",
+)
+"""The WMH 2017 challenge's figures: Dice, 95th-percentile Hausdorff distance (mm), absolute volume
+difference (%), lesion recall and lesion F1."""
+
+
+def _boundary(mask: np.ndarray, slice_axis: int) -> np.ndarray:
+    """``getHausdorff``'s ORIGINAL - ERODED: ``sitk.BinaryErode(image, (1, 1, 0))`` is ITK's ball of
+    radius 1 in-plane, a full 3 x 3 square within each slice, nothing across slices, and ITK's
+    erosion counts the image border as foreground (checked against SimpleITK in the tests)."""
+    shape = [3] * mask.ndim
+    if mask.ndim == 3:
+        shape[slice_axis] = 1
+    return mask & ~ndimage.binary_erosion(mask, np.ones(shape, bool), border_value=1)
+
+
+def _hd95(ref: np.ndarray, pred: np.ndarray, linear: np.ndarray, slice_axis: int) -> float:
+    """``getHausdorff``: the larger of the two directed 95th percentiles (numpy's linear
+    interpolation) of the distances in mm from each boundary voxel to the nearest of the other
+    mask's; NaN when nothing is predicted (as the script) or the reference is empty (it fails)."""
+    from scipy.spatial import cKDTree
+
+    if not pred.any() or not ref.any():
+        return math.nan
+    a, b = (np.argwhere(_boundary(m, slice_axis)) @ linear.T for m in (ref, pred))
+    to_ref, to_pred = cKDTree(a).query(b)[0], cKDTree(b).query(a)[0]
+    return float(max(np.percentile(to_ref, 95), np.percentile(to_pred, 95)))
+
+
+def challenge_metrics(
+    pred: np.ndarray | torch.Tensor,
+    ref: np.ndarray | torch.Tensor,
+    ignore: np.ndarray | torch.Tensor | None = None,
+    threshold: float = 0.5,
+    affine: np.ndarray | torch.Tensor | None = None,
+    slice_axis: int = -1,
+) -> dict[str, float]:
+    """The WMH 2017 challenge's figures of one volume, as its ``evaluation.py`` computes them.
+
+    Each definition is the script's (function named), none the thesis's:
+
+    - masks (``getImages``): the prediction thresholded (>= ``threshold``, the script's 0.5 for
+      float images), the reference's WMH (label 1); predicted voxels on other pathology (label 2:
+      here non-zero ``ignore``, in :class:`ChallengeMetrics` ``ignore_index``) are removed;
+    - ``challenge_dice`` (``getDSC``): 2 |P & R| / (|P| + |R|), unsmoothed; NaN when both are empty;
+    - ``challenge_hd95`` (``getHausdorff``): boundary voxels = mask minus its in-plane erosion
+      (3 x 3 square in each slice along ``slice_axis``: the file's third axis in the script, axial
+      for WMH 2017, the S axis of our RAS volumes), placed in mm by ``affine`` (voxel -> world;
+      None: 1 mm voxels); the larger of the two directed 95th percentiles of nearest-neighbour
+      distances; NaN when nothing is predicted;
+    - ``challenge_avd`` (``getAVD``): |V_R - V_P| / V_R x 100, voxel counts; NaN for an empty
+      reference (where the script divides by zero);
+    - ``challenge_lesion_recall``, ``challenge_lesion_f1`` (``getLesionDetection``): lesions are 3D
+      connected components with full connectivity (26 neighbours; ``SetFullyConnected(True)``); a
+      reference lesion is detected when any predicted voxel lies in it, precision is the share of
+      predicted components touching the reference; recall, precision 1 when there is nothing to
+      count, F1 = 2 PR / (P + R), 0 when both are 0.
+    """
+    p, r = _masks(pred, ref, ignore, threshold)
+    n_pred, n_ref, tp = int(p.sum()), int(r.sum()), int((p & r).sum())
+    linear = np.eye(p.ndim) if affine is None else np.asarray(affine, dtype=np.float64)[: p.ndim, : p.ndim]
+    structure = ndimage.generate_binary_structure(p.ndim, p.ndim)
+    ref_lab, n_lesions = ndimage.label(r, structure)
+    pred_lab, n_found = ndimage.label(p, structure)
+    hit = p & r
+    recall = len(np.unique(ref_lab[hit])) / n_lesions if n_lesions else 1.0
+    precision = len(np.unique(pred_lab[hit])) / n_found if n_found else 1.0
+    return {
+        "challenge_dice": 2 * tp / (n_pred + n_ref) if n_pred + n_ref else math.nan,
+        "challenge_hd95": _hd95(r, p, linear, slice_axis),
+        "challenge_avd": abs(n_ref - n_pred) / n_ref * 100 if n_ref else math.nan,
+        "challenge_lesion_recall": recall,
+        "challenge_lesion_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+    }
+
+
+def _case_affines(y: Any, n: int) -> list[np.ndarray | None]:
+    """Each case's voxel -> world affine from the reference's MetaTensor (None for a plain tensor)."""
+    if not isinstance(y, MetaTensor):
+        return [None] * n
+    affine = y.affine.detach().cpu().double().numpy()
+    return [affine] * n if affine.ndim == 2 else list(affine)
+
+
+class ChallengeMetrics(CumulativeIterationMetric):
+    """The WMH 2017 challenge's figures per case (:func:`challenge_metrics`), for evaluators.
+
+    ``y_pred`` (B, 1, X, Y, Z) probabilities or masks of whole volumes on the reference's grid,
+    ``y`` (B, 1, X, Y, Z) in {0, 1}, voxels equal to ``ignore_index`` left out; distances in mm
+    from ``y``'s MetaTensor affine. Row columns: ``names`` (``CHALLENGE_NAMES``). The data set's
+    figure is the mean over cases, as the challenge averages its test scans; a case where a figure
+    is undefined (NaN: no prediction for the Hausdorff distance, no reference lesion) is left out
+    of that mean (``summary()``; ``medseg_monai.handlers.CaseMetrics`` does the same).
+    """
+
+    names = CHALLENGE_NAMES
+
+    def __init__(
+        self,
+        threshold: float = 0.5,
+        ignore_index: int | None = None,
+        slice_axis: int = -1,
+        headline: str = "challenge_dice",
+    ) -> None:
+        super().__init__()
+        self.threshold = threshold
+        self.ignore_index = ignore_index
+        self.slice_axis = slice_axis
+        self.headline = headline
+
+    def _compute_tensor(  # type: ignore[override]
+        self, y_pred: torch.Tensor, y: torch.Tensor, ignore: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        affines = _case_affines(y, y.shape[0])
+        p, r = case_masks(y_pred, y, ignore, self.ignore_index, self.threshold)
+        rows = [
+            list(challenge_metrics(pi, ri, affine=a, slice_axis=self.slice_axis).values())
+            for pi, ri, a in zip(p[:, 0].cpu().numpy(), r[:, 0].cpu().numpy(), affines, strict=True)
+        ]
+        return torch.tensor(rows, dtype=torch.float64, device=y_pred.device)
+
+    def summary(self) -> dict[str, float]:
+        """The mean of each figure over the cases where it is defined (NaN where none is)."""
+        buffer = self.get_buffer()
+        rows = (
+            torch.as_tensor(buffer, dtype=torch.float64).reshape(-1, len(self.names))
+            if buffer is not None and len(buffer)
+            else torch.full((1, len(self.names)), math.nan, dtype=torch.float64)
+        )
+        return {name: float(torch.nanmean(rows[:, i])) for i, name in enumerate(self.names)}
 
     def aggregate(self, name: str | None = None) -> torch.Tensor:  # type: ignore[override]
         return torch.tensor(self.summary()[name or self.headline])
