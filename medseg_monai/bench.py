@@ -73,9 +73,15 @@ def settings(study: str) -> dict[str, Any]:
     return yaml.safe_load((project_root() / "bundles" / study / "configs" / "bench.yaml").read_text())
 
 
-def _bundle_parts(study: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The bundle's own network, loss, optimiser, training handlers, inferer, device and AMP flag."""
+def _bundle_parts(
+    study: str, overrides: dict[str, Any], replace: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The bundle's own network, loss, optimiser, training handlers, inferer, device and AMP flag.
+    ``replace`` sets ids after the shared sections are copied in (``validate#evaluator``, which an
+    override cannot reach: ``make gpu-proof`` puts an engine that never runs there)."""
     parser = config_parser(config_files(study), overrides)
+    for key, value in (replace or {}).items():
+        parser[key] = value
     keys = ("network", "loss", "optimizer", "train_handlers", "val_inferer", "device", "amp")
     return {k: parser.get_parsed_content(k) for k in keys}
 
@@ -89,13 +95,24 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def train_throughput(
-    parts: dict[str, Any], images: torch.Tensor, labels: torch.Tensor, steps: int, warmup: int
+    parts: dict[str, Any],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int,
+    warmup: int,
+    fast: bool | None = None,
 ) -> dict[str, float]:
     """Seconds per step (median of ``steps``, after ``warmup``) of a plain PyTorch loop and of MONAI's
     ``SupervisedTrainer`` with the bundle's training handlers, over the same network, loss, optimiser
     and pre-loaded batch, the two steps alternating; and the engine's once-per-epoch seconds (its
     start, epoch and completion events and handlers). The plain loop clips gradients as the
-    bundle's ``GradientClipping`` handler does, when it has one."""
+    bundle's ``GradientClipping`` handler does, when it has one.
+
+    ``fast`` None (``make bench``): the batch is on the device, the trainer's defaults. ``fast``
+    True or False: the trainer as the bundles' ``fast`` key sets it (non-blocking transfers, zero_grad
+    to None); off, the batch stays in host memory and both loops copy it every step, as a
+    host-memory cache hands it over; on, it is on the device, as the fast path's GPU cache holds it.
+    cuDNN's settings are the caller's (``medseg_monai.gpu_proof.cudnn_as_bundle``)."""
     from ignite.engine import Events
     from monai.engines import SupervisedTrainer
 
@@ -104,13 +121,15 @@ def train_throughput(
     net, loss_fn, opt, device, amp = (parts[k] for k in ("network", "loss", "optimizer", "device", "amp"))
     handlers = [h for h in parts["train_handlers"] if h is not None]
     clip = next((h.max_norm for h in handlers if isinstance(h, GradientClipping)), None)
-    images, labels = images.to(device), labels.to(device)
+    if fast is not False:
+        images, labels = images.to(device), labels.to(device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
     def plain_step() -> None:
         opt.zero_grad(set_to_none=True)
+        x, y = images.to(device, non_blocking=bool(fast)), labels.to(device, non_blocking=bool(fast))
         with torch.autocast(device.type, enabled=amp):
-            loss = loss_fn(net(images), labels)
+            loss = loss_fn(net(x), y)
         scaler.scale(loss).backward()
         if clip is not None:
             scaler.unscale_(opt)
@@ -127,6 +146,8 @@ def train_throughput(
             optimizer=opt,
             loss_function=loss_fn,
             amp=amp,
+            non_blocking=bool(fast),
+            optim_set_to_none=bool(fast),
             train_handlers=handlers,
         )
 
