@@ -19,8 +19,9 @@ GPUS_PER_JOB ?=
 CPUS_PER_JOB ?=
 TIME ?=
 MEM_GB ?=
+GPU_PROOF_JSON ?= runs/gpu_proof.json
 
-.PHONY: help install test test-slow test-all lint format data reproduce-all report bench mlflow-ui clean
+.PHONY: help install test test-slow test-all lint format data reproduce-all report bench gpu-proof mlflow-ui clean
 
 help:
 	@echo "make install    create $(VENV) (torch==2.13.0 first when none is importable), pip install -e .[dev]"
@@ -34,6 +35,7 @@ help:
 	@echo "                 every bundle's experiment grid (train + evaluate), resumable; then the report"
 	@echo "make report     rebuild mlflow/reports/report.md and report.html from the MLflow store"
 	@echo "make bench      training/inference throughput vs a plain PyTorch loop -> bench.json"
+	@echo "make gpu-proof  [GPU_PROOF_JSON=f] the GPU path of every bundle against issue #42's targets, ~8 min (docs/gpu-proof.md)"
 	@echo "make mlflow-ui  serve the tracking store on http://$(HOST):$(PORT)"
 
 $(PY):
@@ -88,6 +90,10 @@ report: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(PY) -m medseg_monai.bench --output bench.json
+
+# a CUDA machine only (a CPU one is refused in one line); on a lent device see docs/gpu-proof.md
+gpu-proof: $(INSTALLED)
+	$(PY) -m medseg_monai.gpu_proof --output $(GPU_PROOF_JSON)
 
 mlflow-ui: $(INSTALLED)
 	@mkdir -p mlflow/artifacts
