@@ -58,8 +58,10 @@ def test_2d_variant_on_slices() -> None:
 
 def test_dropout_only_between_the_contracting_convolutions() -> None:
     net = EncoderDropoutUNet(dropout=0.2)
-    for block in net.downs:  # conv, ReLU, dropout | conv, ReLU: dropout sits between the two
+    for block in net.downs:  # conv, dropout, ReLU | conv, ReLU: dropout sits between the two
         first, second = block
+        leaves = [type(m).__name__ for m in first.modules() if not list(m.children())]
+        assert leaves == ["Conv3d", "Dropout", "ReLU"]  # in the order they run
         assert [
             type(m).__name__ for m in first.modules() if isinstance(m, (torch.nn.Dropout3d, torch.nn.Dropout))
         ]
@@ -77,6 +79,18 @@ def test_dropout_only_between_the_contracting_convolutions() -> None:
     assert torch.equal(net(x), net(x))
     net.train()
     assert not torch.equal(net(x), net(x))
+
+
+def test_dropout_before_relu_equals_the_keras_order_after_it() -> None:
+    # the block drops before its ReLU; with the same mask, ReLU then dropout (Keras) is the same
+    first = EncoderDropoutUNet(dropout=0.5).downs[0][0].train()
+    x = torch.randn(1, 1, 6, 6, 4)
+    torch.manual_seed(0)
+    ours = first(x)
+    torch.manual_seed(0)
+    conv = first.conv(x)
+    keras = torch.nn.functional.dropout(torch.relu(conv), p=0.5, training=True)
+    assert torch.allclose(ours, keras) and (ours == 0).float().mean() > (conv < 0).float().mean()
 
 
 def test_slice_axis_pools_only_where_the_strides_say() -> None:

@@ -14,7 +14,9 @@ __all__ = ["EncoderDropoutUNet"]
 
 
 def _block(spatial_dims: int, cin: int, cout: int, dropout: float) -> nn.Sequential:
-    """conv 3 -> ReLU -> dropout -> conv 3 -> ReLU (MONAI's ``Convolution`` orders act, dropout)."""
+    """conv 3 -> dropout -> ReLU -> conv 3 -> ReLU: MONAI's ``Convolution`` (``adn_ordering`` "NDA")
+    drops before its activation; the same function as Keras's conv -> ReLU -> Dropout, since
+    dropout scales each value by 0 or 1 / (1 - p) and ReLU(c x) = c ReLU(x) for c >= 0."""
     return nn.Sequential(
         Convolution(spatial_dims, cin, cout, kernel_size=3, act="relu", norm=None, dropout=dropout or None),
         Convolution(spatial_dims, cout, cout, kernel_size=3, act="relu", norm=None),
@@ -27,7 +29,10 @@ class EncoderDropoutUNet(nn.Module):
     transposed-convolution up, concatenation skips, 1x1(x1) output) in 2D or 3D, with dropout
     ``dropout`` between the two convolutions of every contracting block including the bottom one,
     and none on the expanding side (sec. 4.4.3: "Placing a Dropout unit between each convolution
-    pair on the contracting side ... 0.2 achieved the best results").
+    pair on the contracting side ... 0.2 achieved the best results"). A contracting block is
+    conv -> dropout -> ReLU -> conv -> ReLU (MONAI's ``Convolution`` drops before its activation),
+    which computes the same as the usual Keras order conv -> ReLU -> Dropout: dropout multiplies
+    each value by 0 or 1 / (1 - p), and ReLU(c x) = c ReLU(x) for c >= 0.
 
     The thesis names neither widths nor depth ("Channels: growth and initial size" is a heading
     without text) nor normalisation nor initialisation. The defaults: the original U-Net's four
