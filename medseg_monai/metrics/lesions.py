@@ -512,10 +512,10 @@ class ChallengeMetrics(CumulativeIterationMetric):
 
     ``y_pred`` (B, 1, X, Y, Z) probabilities or masks of whole volumes on the reference's grid,
     ``y`` (B, 1, X, Y, Z) in {0, 1}, voxels equal to ``ignore_index`` left out; distances in mm
-    from ``y``'s MetaTensor affine. Row columns: ``names`` (``CHALLENGE_NAMES``). The data set's
-    figure is the mean over cases, as the challenge averages its test scans; a case where a figure
-    is undefined (NaN: no prediction for the Hausdorff distance, no reference lesion) is left out
-    of that mean (``summary()``; ``medseg_monai.handlers.CaseMetrics`` does the same).
+    from ``y``'s MetaTensor affine. Row columns: ``names`` (``CHALLENGE_NAMES``). The script scores
+    one volume; the data set's figure is the mean over cases, a case where a figure is undefined
+    (NaN: no prediction for the Hausdorff distance, no reference lesion) left out of that mean
+    (``summary()``; ``medseg_monai.handlers.CaseMetrics`` does the same).
     """
 
     names = CHALLENGE_NAMES
