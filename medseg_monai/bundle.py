@@ -371,7 +371,7 @@ def choose(name: str, value: Any, options: Mapping[str, Any]) -> Any:
 
 def _check_value(key: str, value: Any) -> None:
     """Contract keys of the command line, checked before anything runs."""
-    from medseg_monai.data import SPLITS
+    from medseg_monai.data import FOLD_POOLS, SPLITS
 
     counts = ("max_epochs", "val_interval", "validations_per_epoch")
     if key in counts and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -388,6 +388,8 @@ def _check_value(key: str, value: Any) -> None:
         raise InputError(f"fold must be a whole number from 0 (one fold of n_folds), got {value!r}")
     if key == "n_folds" and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
         raise InputError(f"n_folds must be a whole number >= 2, got {value!r}")
+    if key == "fold_pool" and value not in FOLD_POOLS:
+        raise InputError(f"fold_pool must be one of {', '.join(FOLD_POOLS)}, got {value!r}")
     if key == "train_split" and value not in ("train", "all"):
         raise InputError(f"train_split must be train or all, got {value!r}")
     if key == "split" and value not in SPLITS:

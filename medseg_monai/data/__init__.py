@@ -1,11 +1,13 @@
 """Dataset registry API: ``datasets.json`` -> MONAI data dicts with deterministic splits."""
 
 from medseg_monai.data.datalist import (
+    FOLD_POOLS,
     SPLITS,
     decathlon_doc,
     default_dataset,
     find_cases,
     fold_cases,
+    is_configured,
     load_datalist,
     load_splits,
     resolve_data_root,
@@ -21,6 +23,7 @@ from medseg_monai.data.datalist import (
 from medseg_monai.data.registry import DatasetError, DatasetSpec, get_dataset, list_datasets, load_registry
 
 __all__ = [
+    "FOLD_POOLS",
     "SPLITS",
     "decathlon_doc",
     "DatasetError",
@@ -28,6 +31,7 @@ __all__ = [
     "default_dataset",
     "find_cases",
     "fold_cases",
+    "is_configured",
     "get_dataset",
     "list_datasets",
     "load_datalist",

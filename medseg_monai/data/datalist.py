@@ -77,7 +77,8 @@ def find_cases(spec: DatasetSpec, root: Path, channels: list[str] | None = None)
 
     Keys: ``case_id``, ``group`` (patient), ``image`` (list of paths, one per channel),
     one key per channel, ``label`` (label-map path, or list of mask paths in
-    ``spec.mask_names`` order) and any ``extra`` files. Missing files raise ``DatasetError``.
+    ``spec.mask_names`` order), any ``extra`` files and, where the layout names ``phases``, the
+    case's ``phase`` (e.g. ED or ES). Missing files raise ``DatasetError``.
     """
     layout = spec.layout
     channels = channels or spec.channels
@@ -126,7 +127,27 @@ def find_cases(spec: DatasetSpec, root: Path, channels: list[str] | None = None)
         raise DatasetError(
             f"dataset '{spec.id}': no case found under {root} matching '{layout['case']}'{hint}"
         )
-    return [cases[k] for k in sorted(cases)]
+    items = [cases[k] for k in sorted(cases)]
+    if "phases" in layout:
+        _assign_phases(spec, root, items, layout["phases"])
+    return items
+
+
+def _assign_phases(spec: DatasetSpec, root: Path, items: list[dict[str, Any]], phases: list[str]) -> None:
+    """Give each case its ``phase``: a patient's cases in case-id order are ``phases`` (ACDC labels
+    two frames of each patient, end-diastole first). A patient with another number of cases has no
+    phase to read, and a per-phase figure from it would be wrong: refused, naming the patient."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for item in items:
+        groups.setdefault(item["group"], []).append(item)
+    for group, members in groups.items():
+        if len(members) != len(phases):
+            raise DatasetError(
+                f"dataset '{spec.id}': patient '{group}' under {root} has {len(members)} case(s) "
+                f"({', '.join(m['case_id'] for m in members)}); each needs one per phase ({', '.join(phases)})"
+            )
+        for member, phase in zip(members, phases, strict=True):
+            member["phase"] = phase
 
 
 def split_cases(
@@ -294,26 +315,38 @@ def load_splits(
     channels: list[str] | None = None,
     fold: int | None = None,
     n_folds: int = 5,
+    fold_pool: str = "train_val",
 ) -> dict[str, list[dict[str, Any]]]:
     """All cases of ``dataset_id`` split into ``train``/``val``/``test`` in one scan of its files
     (arguments as in :func:`load_datalist`); with ``fold``, ``train`` and ``val`` are that fold of
-    :func:`fold_cases` (the test part stays as it is)."""
+    :func:`fold_cases` over ``fold_pool``."""
     spec = get_dataset(dataset_id)
     seed = spec.split["seed"] if seed is None else seed
     items = find_cases(spec, resolve_data_root(dataset_id, data_root), channels)
-    return fold_cases(split_cases(items, spec.split["fractions"], seed), fold, n_folds, seed)
+    return fold_cases(split_cases(items, spec.split["fractions"], seed), fold, n_folds, seed, fold_pool)
+
+
+FOLD_POOLS = ("train_val", "all")
 
 
 def fold_cases(
-    parts: dict[str, list[dict[str, Any]]], fold: int | None, n_folds: int = 5, seed: int = 0
+    parts: dict[str, list[dict[str, Any]]],
+    fold: int | None,
+    n_folds: int = 5,
+    seed: int = 0,
+    pool: str = "train_val",
 ) -> dict[str, list[dict[str, Any]]]:
-    """Fold ``fold`` of a k-fold cross-validation over the ``train`` and ``val`` cases, grouped by
-    patient: their groups are shuffled with ``seed`` and dealt round-robin into ``n_folds`` folds;
-    fold ``fold`` validates, the others train. ``test`` is untouched (it never takes part in model
-    selection). ``fold=None`` returns ``parts`` as they are.
+    """Fold ``fold`` of a k-fold cross-validation grouped by patient: the groups of the pool are
+    shuffled with ``seed`` and dealt round-robin into ``n_folds`` folds; fold ``fold`` validates,
+    the others train. ``pool`` ``train_val`` deals the ``train`` and ``val`` cases and leaves
+    ``test`` untouched (it never takes part in model selection); ``all`` deals every case, test
+    included, and leaves ``test`` empty: how a small real sample is cross-validated, so that every
+    case is scored once by a model that never saw it. ``fold=None`` returns ``parts`` as they are.
 
     Kayalibay et al. chose their best network by 5-fold cross-validation on the training cases.
     """
+    if pool not in FOLD_POOLS:
+        raise DatasetError(f"fold_pool must be one of {', '.join(FOLD_POOLS)}, got {pool!r}")
     if fold is None:
         return parts
     if isinstance(n_folds, bool) or not isinstance(n_folds, int) or n_folds < 2:
@@ -322,19 +355,21 @@ def fold_cases(
         raise DatasetError(
             f"fold must be a whole number from 0 to {n_folds - 1} (n_folds {n_folds}), got {fold!r}"
         )
-    pool = sorted(parts["train"] + parts["val"], key=lambda it: it["case_id"])
-    groups = sorted({it["group"] for it in pool})
+    dealt = ("train", "val", "test") if pool == "all" else ("train", "val")
+    cases = sorted((it for part in dealt for it in parts[part]), key=lambda it: it["case_id"])
+    groups = sorted({it["group"] for it in cases})
     if len(groups) < n_folds:
+        where = "" if pool == "all" else " outside the test part"
         raise DatasetError(
-            f"{n_folds}-fold cross-validation needs at least {n_folds} patients outside the test part, "
+            f"{n_folds}-fold cross-validation needs at least {n_folds} patients{where}, "
             f"found {len(groups)}: pass a smaller --n_folds"
         )
     random.Random(seed).shuffle(groups)
     held = set(groups[fold::n_folds])
     return {
-        "train": [it for it in pool if it["group"] not in held],
-        "val": [it for it in pool if it["group"] in held],
-        "test": parts["test"],
+        "train": [it for it in cases if it["group"] not in held],
+        "val": [it for it in cases if it["group"] in held],
+        "test": [] if pool == "all" else parts["test"],
     }
 
 
@@ -346,6 +381,7 @@ def load_datalist(
     channels: list[str] | None = None,
     fold: int | None = None,
     n_folds: int = 5,
+    fold_pool: str = "train_val",
 ) -> list[dict[str, Any]]:
     """The cases of one split of ``dataset_id`` as MONAI data dicts with absolute paths.
 
@@ -355,11 +391,11 @@ def load_datalist(
         split: ``train``, ``val``, ``test`` or ``all``.
         seed: split seed (default: the registry's for this dataset).
         channels: channel names that make up ``image``, in order (default: all).
-        fold, n_folds: one fold of a k-fold cross-validation (:func:`fold_cases`), or None.
+        fold, n_folds, fold_pool: one fold of a k-fold cross-validation (:func:`fold_cases`), or None.
     """
     if split not in SPLITS:
         raise DatasetError(f"unknown split '{split}'; use one of {', '.join(SPLITS)}")
-    parts = load_splits(dataset_id, data_root, seed, channels, fold, n_folds)
+    parts = load_splits(dataset_id, data_root, seed, channels, fold, n_folds, fold_pool)
     if split == "all":
         return select_split(parts, split)
     if not parts[split]:
@@ -448,16 +484,21 @@ def write_datalist(
     return write_json(decathlon_doc(dataset_id, root, parts, seed), path)
 
 
+def is_configured(dataset_id: str) -> bool:
+    """Whether the real dataset ``dataset_id`` is under ``$MEDSEG_DATA_ROOT`` (``<root>/<id>/``)."""
+    env = data_root_env()
+    return not get_dataset(dataset_id).synthetic and env is not None and (env / dataset_id).is_dir()
+
+
 def default_dataset(study: str) -> str:
     """The dataset a study's bundle uses by default: the first real dataset of the study present
     under ``$MEDSEG_DATA_ROOT``, else the study's synthetic dataset (said in one log line)."""
     ids = list_datasets(study)
     if not ids:
         raise DatasetError(f"unknown study '{study}'")
-    env = data_root_env()
     specs = [get_dataset(i) for i in ids]
     for spec in specs:
-        if not spec.synthetic and env is not None and (env / spec.id).is_dir():
+        if is_configured(spec.id):
             return spec.id
     synthetic = next(s.id for s in specs if s.synthetic)
     logger.info("no real %s data under MEDSEG_DATA_ROOT: using synthetic dataset '%s'", study, synthetic)
