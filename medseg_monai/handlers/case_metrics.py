@@ -22,11 +22,25 @@ def _case_id(item: Any) -> str:
     return Path(str(meta.get("filename_or_obj", "case"))).name
 
 
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _nan_means(cases: list[dict[str, float]]) -> dict[str, float]:
+    """The mean of every key over ``cases``, skipping NaN (NaN where no case has a value)."""
+    mean = {}
+    for k in dict.fromkeys(k for c in cases for k in c):
+        values = [c[k] for c in cases if k in c and not math.isnan(c[k])]
+        mean[k] = sum(values) / len(values) if values else math.nan
+    return mean
+
+
 def summarise_cases(
     details: dict[str, torch.Tensor],
     case_ids: list[str],
     class_names: list[str],
     columns: dict[str, list[str]] | None = None,
+    groups: dict[str, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per-case metric tables -> ``{"mean": {...}, "cases": {id: {...}}}``.
 
@@ -34,7 +48,9 @@ def summarise_cases(
     case-level metric). Each case gets ``<name>_<class>`` and ``<name>`` (mean over its classes);
     ``mean`` averages cases, skipping NaN (a class absent from both reference and prediction).
     A metric named in ``columns`` has its own column names instead (e.g. the many columns of
-    ``medseg_monai.metrics.LesionMetrics``), reported as they are.
+    ``medseg_monai.metrics.LesionMetrics``), reported as they are. With ``groups`` (case id ->
+    group, e.g. its cardiac phase ED or ES) the summary also has ``by_group``: the same means over
+    each group's cases.
     """
     cases: dict[str, dict[str, float]] = {cid: {} for cid in case_ids}
     columns = columns or {}
@@ -50,12 +66,13 @@ def summarise_cases(
             if table.shape[1] > 1:
                 cases[cid].update({f"{name}_{c}": float(v) for c, v in zip(class_names, row, strict=True)})
             cases[cid][name] = float(torch.nanmean(row)) if not torch.isnan(row).all() else math.nan
-    keys = list(dict.fromkeys(k for c in cases.values() for k in c))
-    mean = {}
-    for k in keys:
-        values = [c[k] for c in cases.values() if k in c and not math.isnan(c[k])]
-        mean[k] = sum(values) / len(values) if values else math.nan
-    return {"mean": mean, "cases": cases}
+    summary: dict[str, dict[str, Any]] = {"mean": _nan_means(list(cases.values())), "cases": cases}
+    if groups:
+        names = sorted(set(groups.values()))
+        summary["by_group"] = {
+            g: _nan_means([cases[c] for c in case_ids if groups.get(c) == g]) for g in names
+        }
+    return summary
 
 
 class CaseMetrics:
@@ -72,7 +89,12 @@ class CaseMetrics:
         aliases: extra names for reported values, e.g. ``{"dice": "dice_wmh"}`` for a one-class study.
         summaries: metrics (or their handlers) with a ``summary()`` of data-set figures that are
             not means over cases (e.g. lesion counts pooled over cases, the WMH thesis's mean over
-            mini-batches); they replace the case means of the same name in ``mean``.
+            mini-batches); they replace the case means of the same name in ``mean``. One with a
+            ``sections()`` adds its tables beside ``mean`` and ``cases`` (e.g. ``patients``: the
+            ejection fractions of :class:`~medseg_monai.metrics.EjectionFractions`).
+        group_by: a data-dict key whose value groups the cases (e.g. ``phase``: ED, ES); the
+            summary's ``by_<group_by>`` (``by_phase``) holds each group's means. Cases without
+            it are in no group.
     """
 
     def __init__(
@@ -83,6 +105,7 @@ class CaseMetrics:
         columns: dict[str, list[str]] | None = None,
         aliases: dict[str, str] | None = None,
         summaries: list[Any] | None = None,
+        group_by: str | None = None,
     ) -> None:
         self.metrics = dict(metrics)
         self.class_names = list(class_names)
@@ -90,20 +113,27 @@ class CaseMetrics:
         self.columns = {k: list(v) for k, v in (columns or {}).items()}
         self.aliases = dict(aliases or {})
         self.summaries = [getattr(m, "metric_fn", m) for m in summaries or []]
+        self.group_by = group_by
         self._ids: list[str] = []
+        self._groups: dict[str, str] = {}
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self._ids.clear())
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: (self._ids.clear(), self._groups.clear()))
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._summarise)
 
     def _collect(self, engine: Engine) -> None:
         batch = engine.state.batch
-        if isinstance(batch, dict):  # not decollated: one list of ids per key
-            ids = batch.get("case_id")
-            self._ids.extend(str(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids]))
+        if isinstance(batch, dict):  # not decollated: one list per key
+            ids = [str(i) for i in _as_list(batch.get("case_id"))]
+            groups = _as_list(batch.get(self.group_by)) if self.group_by else []
+            pairs = list(zip(ids, groups + [None] * (len(ids) - len(groups)), strict=True))
         else:
-            self._ids.extend(_case_id(item) for item in batch)
+            pairs = [(_case_id(item), item.get(self.group_by) if self.group_by else None) for item in batch]
+        for cid, group in pairs:
+            self._ids.append(cid)
+            if group is not None:
+                self._groups[cid] = str(group)
 
     def _summarise(self, engine: Engine) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -111,15 +141,26 @@ class CaseMetrics:
             gathered: list[list[str]] = [[] for _ in range(torch.distributed.get_world_size())]
             torch.distributed.all_gather_object(gathered, self._ids)
             self._ids = [cid for ids in gathered for cid in ids]
+            groups: list[dict[str, str]] = [{} for _ in gathered]
+            torch.distributed.all_gather_object(groups, self._groups)
+            self._groups = {cid: g for part in groups for cid, g in part.items()}
         details = getattr(engine.state, "metric_details", {})
         missing = [m for m in self.metrics if m not in details]
         if missing:
             raise RuntimeError(f"metrics {missing} have no per-case details: set save_details=True on them")
         summary = summarise_cases(
-            {self.metrics[m]: details[m] for m in self.metrics}, self._ids, self.class_names, self.columns
+            {self.metrics[m]: details[m] for m in self.metrics},
+            self._ids,
+            self.class_names,
+            self.columns,
+            self._groups if self.group_by else None,
         )
+        if "by_group" in summary:  # named for what groups them: by_phase
+            summary[f"by_{self.group_by}"] = summary.pop("by_group")
         for metric in self.summaries:
             summary["mean"].update(metric.summary())
+            if hasattr(metric, "sections"):
+                summary.update(metric.sections())
         for values in (summary["mean"], *summary["cases"].values()):
             values.update({alias: values[name] for name, alias in self.aliases.items() if name in values})
         engine.state.case_metrics = summary
