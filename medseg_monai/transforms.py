@@ -152,10 +152,17 @@ class CheckFilesd(MapTransform):
     PNG/GIF/JPEG/BMP/TIFF are verified with PIL; NIfTI headers are read with nibabel and the data
     checked to be all there (a ``.nii.gz`` is decompressed to its end, so a truncated or corrupt
     download is caught; a ``.nii`` must be as long as its header says); other formats are only
-    checked to exist and be non-empty.
+    checked to exist and be non-empty. With ``spatial_dims`` (3 for the volume bundles) a NIfTI
+    holding more dimensions (a 4D cine series, several channels in one file) is refused too.
     """
 
     _PIL = (".png", ".gif", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+    def __init__(
+        self, keys: KeysCollection, spatial_dims: int | None = None, allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.spatial_dims = spatial_dims
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -180,6 +187,14 @@ class CheckFilesd(MapTransform):
                     img.verify()
             elif path.lower().endswith((".nii", ".nii.gz")):
                 image = nibabel.load(path)
+                shape = tuple(image.shape)
+                while len(shape) > (self.spatial_dims or len(shape)) and shape[-1] == 1:
+                    shape = shape[:-1]  # (X, Y, Z, 1) is a volume
+                if self.spatial_dims and len(shape) != self.spatial_dims:
+                    raise DatasetError(
+                        f"{case}{path}: a {len(shape)}D image ({' x '.join(map(str, shape))}) where one "
+                        f"{self.spatial_dims}D volume is expected (a cine or time series: one file per frame)"
+                    )
                 if path.lower().endswith(".gz"):
                     with gzip.open(path, "rb") as f:
                         while f.read(1 << 24):  # to the end: a truncated stream raises here
@@ -692,7 +707,7 @@ def load_volumes(
     Images (C, *spatial) and labels (1, *spatial) leave it as MetaTensors on the file's grid.
     """
     keys = [keys] if isinstance(keys, str) else list(keys)
-    steps: list[Any] = [CheckFilesd(keys)]
+    steps: list[Any] = [CheckFilesd(keys, spatial_dims=3)]
     if check_geometry:
         steps.append(CheckGeometryd(keys))
     steps += [

@@ -186,6 +186,21 @@ def test_truncated_nifti_is_one_line_naming_case_and_file(tmp_path: Path, suffix
         CheckFilesd("image")({"image": str(path), "case_id": "A1"})
 
 
+def test_a_4d_nifti_where_a_volume_is_expected_is_one_line(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    cine, frame = tmp_path / "cine.nii.gz", tmp_path / "frame.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((6, 5, 4, 3), np.float32), np.eye(4)), cine)
+    nib.save(nib.Nifti1Image(np.ones((6, 5, 4, 1), np.float32), np.eye(4)), frame)  # a trailing 1 is 3D
+    CheckFilesd("image", spatial_dims=3)({"image": str(frame), "case_id": "A1"})
+    CheckFilesd("image")({"image": str(cine), "case_id": "A1"})  # no dimension asked for: any
+    with pytest.raises(
+        DatasetError,
+        match=rf"^case 'A1': {cine}: a 4D image \(6 x 5 x 4 x 3\) where one 3D volume is expected \(a cine",
+    ):
+        CheckFilesd("image", spatial_dims=3)({"image": str(cine), "case_id": "A1"})
+
+
 def test_in_plane_grid_pads_with_slice_minimum_crops_and_inverts() -> None:
     """WMH thesis sec. 9.2: narrow slices padded with the slice's own minimum, wide ones centre
     cropped, the voxels never stretched; Invertd maps a prediction back to the volume's grid."""
