@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -56,8 +58,8 @@ __all__ = [
     "metric_cmp_fn",
     "report_outputs",
     "require_file",
+    "recorded_settings",
     "run",
-    "run_config_files",
     "run_name",
     "studies",
     "tidy_logs",
@@ -144,16 +146,154 @@ def _cli_value(value: Any) -> str:
     return value if isinstance(value, str) else repr(value)
 
 
-def run_config_files(study: str, mode: str, ckpt_path: str | Path) -> list[str] | None:
-    """For evaluating or applying a checkpoint: the merged config its training recorded beside it
-    (``config.json``: dataset, class set, network, preprocessing as trained, whatever profile or
-    experiment it ran) followed by the mode's layer; None when the checkpoint has no record."""
-    recorded = Path(ckpt_path).expanduser().resolve().parent / "config.json"
-    if mode not in ("evaluate", "inference") or not recorded.is_file():
+# what evaluation never reads from a run's record: the wiring and the training-only sections come
+# from the bundle's own files, so nothing written there can reach the evaluation
+_UNREAD = (
+    "_meta_", "imports", "initialize", "run", "finalize", "train", "validate", "infer", "device", "amp",
+    "network", "loss", "optimizer", "lr_scheduler",
+)  # fmt: skip
+_SPECIAL_KEY = re.compile(r"_[a-z]+_")  # MONAI's _target_, _requires_, _disabled_, _mode_, _desc_
+
+
+def _not_plain(value: Any, key: str) -> tuple[str, Any] | None:
+    """The first id under ``key`` (``key``, ``key#i``, ...) whose value MONAI would not take as written:
+    an expression (``$``, run with ``eval``), a reference (``@``), a macro (``%``, which reads another
+    file) or a special key such as ``_target_`` (a component to build); None for plain data."""
+    if isinstance(value, str):
+        return (key, value) if value.startswith(("$", "@", "%")) else None
+    if value is None or isinstance(value, (bool, int, float)):
         return None
-    layer = config_files(study, mode)[-1]
-    root = project_root()
-    return [(recorded.relative_to(root) if recorded.is_relative_to(root) else recorded).as_posix(), layer]
+    if isinstance(value, list):
+        return next((f for i, v in enumerate(value) if (f := _not_plain(v, f"{key}#{i}"))), None)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str) or _SPECIAL_KEY.fullmatch(k):
+                return (f"{key}#{k}", v)
+            if found := _not_plain(v, f"{key}#{k}"):
+                return found
+        return None
+    return (key, value)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, int):
+        return "a whole number"
+    return {float: "a number", str: "a text", list: "a list", dict: "a mapping"}.get(type(value), "null")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _not_plain_error(where: Path, found: tuple[str, Any]) -> InputError:
+    return InputError(
+        f"{where}: '{found[0]}' holds {_short(found[1])}, which MONAI would run or build: a run's "
+        "record is read as plain values only (name --experiment and --profile to evaluate with the "
+        "bundle's own files)"
+    )
+
+
+def _recorded_differences(recorded: Any, own: Any, key: str, where: Path, out: dict[str, Any]) -> None:
+    """Into ``out``: the ids under ``key`` where the record differs from the bundle's own config, each
+    a plain value of the kind the bundle's value is; anything else is refused in one line."""
+    if recorded == own:
+        return
+    same_keys = isinstance(recorded, dict) and isinstance(own, dict) and recorded.keys() == own.keys()
+    same_length = isinstance(recorded, list) and isinstance(own, list) and len(recorded) == len(own)
+    if same_keys or same_length:
+        for k, v in recorded.items() if isinstance(recorded, dict) else enumerate(recorded):
+            _recorded_differences(v, own[k], f"{key}#{k}", where, out)
+        return
+    found = _not_plain(recorded, key)
+    if found is None and _SPECIAL_KEY.fullmatch(key.rpartition("#")[2]):
+        found = (key, recorded)  # a component's _target_ (or the like) changed to another plain name
+    if found is not None:
+        raise _not_plain_error(where, found)
+    expression = isinstance(own, str) and own.startswith(("$", "@", "%"))
+    flag_text = key in _FLAG_KEYS and isinstance(recorded, str)
+    number = isinstance(own, float) and _kind(recorded) == "a whole number"
+    if own is not None and not expression and not flag_text and not number and _kind(recorded) != _kind(own):
+        raise InputError(
+            f"{where}: '{key}' is {_short(recorded)} there, where the bundle takes {_kind(own)} "
+            f"(its own: {_short(own)})"
+        )
+    out[key] = recorded
+
+
+def _recorded_layers(study: str, run_dir: Path, recorded: Mapping[str, Any]) -> list[str]:
+    """The bundle's own files a run layered on its ``train.yaml``: those its ``run.json`` command
+    names, looked up in this checkout's ``bundles/<study>/configs`` (a file from elsewhere is never
+    read: the record's plain values then say what it set), else the experiment and profile the
+    record names."""
+    configs = Path(bundle_root(study)) / "configs"
+    try:
+        command = json.loads((run_dir / "run.json").read_text()).get("command")
+    except (OSError, ValueError, AttributeError):
+        command = None
+    if isinstance(command, list) and all(isinstance(a, str) for a in command):
+        named = parse_command_line(command)[0]
+    else:
+        experiment, profile = recorded.get("experiment"), recorded.get("profile")
+        named = [f"experiments/{experiment}.yaml", f"{profile}.yaml"]
+    marker = f"bundles/{study}/configs/"
+    tails = [f.replace("\\", "/").rpartition(marker)[2] for f in named]
+    layers = []
+    for tail in tails:
+        own = configs / tail
+        inside = own.resolve().is_relative_to(configs.resolve())
+        if (
+            inside
+            and own.suffix == ".yaml"
+            and own.is_file()
+            and tail != "train.yaml"
+            and own.stem not in MODES
+        ):
+            layers.append(f"bundles/{study}/configs/{tail}")
+    return layers
+
+
+def recorded_settings(
+    study: str, mode: str, ckpt_path: str | Path
+) -> tuple[list[str], dict[str, Any]] | None:
+    """For evaluating or applying a checkpoint: the config files and overrides that rebuild the
+    settings its training recorded beside it (``config.json``: dataset, class set, network,
+    preprocessing, folds, as trained), or None when there is no record.
+
+    The record is data, never code (a run folder may come from anyone): the files are the bundle's
+    own (``train.yaml``, the layers the run named, the mode's layer) and the record contributes only
+    the ids where it differs from them, each a plain value (text, number, flag, null, lists and
+    mappings of those) of the kind the bundle's own value is. A recorded expression, reference,
+    macro or ``_target_`` where the bundle's files differ, and a key they do not define, are
+    refused in one line naming the id; the wiring and training-only sections are never read."""
+    recorded_file = Path(ckpt_path).expanduser().resolve().parent / "config.json"
+    if mode not in ("evaluate", "inference") or not recorded_file.is_file():
+        return None
+    try:
+        recorded = json.loads(recorded_file.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{recorded_file}: not a readable run record ({e})") from None
+    if not isinstance(recorded, dict):
+        raise InputError(f"{recorded_file}: not a run record (a mapping of settings)")
+    train, layer = config_files(study)[0], config_files(study, mode)[-1]
+    layers = _recorded_layers(study, recorded_file.parent, recorded)
+    own_files = [str(project_root() / f) for f in (train, *layers)]  # named from the repository root
+    own = json.loads(json.dumps(config_parser(own_files).get(), default=str))
+    overrides: dict[str, Any] = {}
+    for key, value in recorded.items():
+        if key in _UNREAD:
+            continue
+        if key not in own:
+            if (found := _not_plain(value, key)) is not None:
+                raise _not_plain_error(recorded_file, found)
+            raise InputError(
+                f"{recorded_file}: '{key}' is not a setting of the {study} bundle "
+                f"({', '.join([train, *layers])}): a run's record may only set the bundle's own settings"
+            )
+        _recorded_differences(value, own[key], key, recorded_file, overrides)
+    return [train, *layers, layer], overrides
 
 
 def meta_files(files: Sequence[str], meta_dir: str | Path | None = None) -> list[str]:
@@ -840,13 +980,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _, _, overrides = parse_command_line(["run", *rest])
     meta_dir = Path(files[0]).parent
-    recorded = None
-    if "ckpt_path" in overrides and not (args.experiment or args.profile):
-        recorded = run_config_files(args.study, args.mode, str(overrides["ckpt_path"]))
-    if recorded is not None:  # the checkpoint's own run says how it was trained
-        files = recorded
-        print(f"using the settings the checkpoint was trained with: {files[0]}", file=sys.stderr)
     try:
+        recorded = None
+        if "ckpt_path" in overrides and not (args.experiment or args.profile):
+            recorded = recorded_settings(args.study, args.mode, str(overrides["ckpt_path"]))
+        if recorded is not None:  # the checkpoint's own run says how it was trained
+            files, settings = recorded
+            overrides = {**settings, **overrides}  # the command line wins
+            where = Path(str(overrides["ckpt_path"])).expanduser().resolve().parent / "config.json"
+            shown = ", ".join(f"{k}={_short(v)}" for k, v in settings.items()) or "none"
+            print(
+                f"using the settings the checkpoint was trained with: {where} (bundle files "
+                f"{', '.join(files)}; recorded settings {shown})",
+                file=sys.stderr,
+            )
         with at_repo_root():
             check_command_line(command_line(files, meta_dir, **overrides)[2:])
     except InputError as e:

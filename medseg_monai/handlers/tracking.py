@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 from contextlib import ExitStack
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
-import torch
 from ignite.engine import Engine, Events
 
 from medseg_monai.handlers.progress import evaluation_values, iteration_loss
@@ -39,42 +37,23 @@ _RECORDED_SECTIONS = ("network_def", "loss", "optimizer", "lr_scheduler")
 _WORKFLOW_KEYS = ("imports", "initialize", "run", "finalize", "_meta_")
 
 
+def _plain(value: Any) -> bool:
+    """A value MONAI takes as written: not an expression (``$``), reference (``@``) or macro (``%``)."""
+    return not (isinstance(value, str) and value.startswith(("$", "@", "%")))
+
+
 def _flat(value: Any) -> bool:
     scalar = isinstance(value, (str, int, float, bool)) or value is None
-    return scalar or (isinstance(value, list) and all(not isinstance(v, (dict, list)) for v in value))
-
-
-def _references(raw: str) -> list[str]:
-    return re.findall(r"@([\w#]+)", raw)
+    flat_list = isinstance(value, list) and all(not isinstance(v, (dict, list)) and _plain(v) for v in value)
+    return (scalar and _plain(value)) or flat_list
 
 
 def config_params(config: dict[str, Any]) -> dict[str, Any]:
-    """MLflow params of a merged bundle config: its top-level scalar and flat-list settings as the run
-    resolved them (``dataset`` is ``xray-synthetic``, not the expression that chose it; a setting
-    that cannot be resolved here keeps its expression) and its network, loss, optimiser and
-    scheduler definitions as written. Expressions that refer to a component (a dict, e.g.
-    ``network_def``) are not evaluated: nothing is built again."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser(dict(config))
-    components = {k for k, v in config.items() if isinstance(v, dict)}
-    params: dict[str, Any] = {}
-    for key, value in config.items():
-        if key in _WORKFLOW_KEYS or not _flat(value):
-            continue
-        if (
-            isinstance(value, str)
-            and value.startswith(("$", "@"))
-            and not components & {r.split("#")[0] for r in _references(value)}
-        ):
-            try:
-                resolved = parser.get_parsed_content(key)
-            except Exception:  # a setting that needs the running bundle: keep what was written
-                resolved = value
-            resolved = str(resolved) if isinstance(resolved, torch.device) else resolved
-            value = resolved if _flat(resolved) or isinstance(resolved, tuple) else value
-            value = list(value) if isinstance(value, tuple) else value
-        params[key] = value
+    """MLflow params of a merged bundle config: its top-level plain settings (text, numbers, flags,
+    flat lists of them) and its network, loss, optimiser and scheduler definitions as written.
+    Nothing is evaluated, so an expression, reference or macro is not a param: a ``config.json`` may
+    come from a run folder someone else wrote, and logging must never run its code."""
+    params = {k: v for k, v in config.items() if k not in _WORKFLOW_KEYS and _flat(v)}
     params.update({k: config[k] for k in _RECORDED_SECTIONS if isinstance(config.get(k), dict)})
     return params
 

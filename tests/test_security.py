@@ -1,0 +1,160 @@
+"""Runs and files from elsewhere are data, never code (issue #41, security): a run folder's recorded
+config is read as plain values checked against the bundle's own configs, a training checkpoint is
+loaded without unpickling code, a dataset layout stays inside its data root, an offline journal
+uploads only its own folder's files to the store the user chose, and credentials in a tracking URI
+never reach an error line.
+
+Each refusal is checked for its exit status, its single ``error:`` line and what is left on disk."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from bundle_utils import error_lines, local_store_env, parse_study, run_python_module
+from medseg_monai.bundle import command_line, config_files, studies
+from medseg_monai.handlers import config_params
+from medseg_monai.io import write_json
+from medseg_monai.record import merged_config
+
+TINY = {"image_size": 32, "dataset": "xray-synthetic"}
+
+
+# ----------------------------------------------------------------------------- 1. a recorded config is data
+
+
+def _record(
+    folder: Path, argv: list[str], changes: dict[str, Any] | None = None, model: bool = False
+) -> Path:
+    """A run folder as a training leaves it: ``config.json`` (the merged config of ``argv``, a
+    ``monai.bundle run`` command line, with ``changes`` at top level or at ``a#b`` ids), ``run.json``
+    (its command) and ``model.pt`` (the xray quick network's weights when ``model``, else empty)."""
+    config = merged_config(argv)
+    assert config is not None
+    for key, value in (changes or {}).items():
+        *parents, last = key.split("#")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(config, folder / "config.json")
+    write_json({"command": argv}, folder / "run.json")
+    weights = parse_study("xray", profile="quick", **TINY).get_parsed_content("network_def").state_dict()
+    torch.save(weights if model else {}, folder / "model.pt")
+    return folder
+
+
+def _training_argv(study: str = "xray", layer: str | None = None, **overrides: Any) -> list[str]:
+    """The command line of a quick-profile training of ``study`` with the experiment file ``layer``."""
+    return command_line(config_files(study, "train", layer, "quick"), **overrides)[2:]
+
+
+def _experiments(study: str) -> list[str | None]:
+    found = sorted(p.stem for p in Path(config_files(study)[0]).parent.glob("experiments/*.yaml"))
+    return [None, *found]
+
+
+@pytest.mark.parametrize(
+    ("study", "experiment"), [(s, e) for s in studies() for e in _experiments(s)], ids=str
+)
+def test_a_record_is_rebuilt_from_the_bundles_own_files(
+    tmp_path: Path, study: str, experiment: str | None
+) -> None:
+    argv = _training_argv(study, experiment, output_dir=str(tmp_path / "run"), seed=3, max_epochs=2)
+    folder = _record(tmp_path / "run", argv)
+    from medseg_monai.bundle import recorded_settings
+
+    files, overrides = recorded_settings(study, "evaluate", folder / "model.pt")
+    assert files == config_files(study, "evaluate", experiment, "quick")
+    assert overrides == {"output_dir": str(tmp_path / "run"), "seed": 3, "max_epochs": 2}
+
+
+def test_a_record_carries_its_plain_settings_nested_ones_too(tmp_path: Path) -> None:
+    # a sweep entry of the grid: experiments/baseline.yaml under another name, one setting changed
+    argv = _training_argv("xray", "baseline", experiment="train_size_005", train_size=5, **TINY)
+    argv += ["--network_def#norm", "instance", "--data_root", str(tmp_path / "data")]
+    folder = _record(tmp_path / "run", argv)
+    from medseg_monai.bundle import recorded_settings
+
+    files, overrides = recorded_settings("xray", "inference", folder / "model.pt")
+    assert files == config_files("xray", "inference", "baseline", "quick")
+    assert overrides == {
+        "experiment": "train_size_005",
+        "train_size": 5,
+        "network_def#norm": "instance",
+        "data_root": str(tmp_path / "data"),
+        **TINY,
+    }
+    # without run.json the experiment and profile named in the record choose the files
+    (folder / "run.json").unlink()
+    assert recorded_settings("xray", "evaluate", folder / "model.pt")[0] == [
+        *config_files("xray", profile="quick"),
+        "bundles/xray/configs/evaluate.yaml",
+    ]
+
+
+def _marker_code(marker: Path) -> str:
+    return f"$__import__('os').mkdir({str(marker)!r}) or 'xray-synthetic'"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "needle"),
+    [
+        ("dataset", "code", "'dataset' holds \"$__import__"),  # a setting evaluation resolves
+        ("unused", "code", "'unused' holds \"$__import__"),  # a key nothing reads (the tracker's params did)
+        ("network_def", "target", "'network_def#_target_'"),  # instantiated by check_checkpoint
+        ("class_set", "@study", "'class_set' holds '@study'"),
+        ("data_root", "%bundles/xray/configs/quick.yaml#profile", "'data_root' holds '%bundles"),
+        ("batch_size", "four", "'batch_size' is 'four' there"),  # plain, but not what the bundle takes
+    ],
+)
+def test_evaluating_a_foreign_run_runs_none_of_its_code(
+    tmp_path: Path, key: str, value: str, needle: str
+) -> None:
+    marker = tmp_path / "code-ran"
+    changes: dict[str, Any] = {
+        "code": {key: _marker_code(marker)},
+        "target": {"network_def": {"_target_": "os.mkdir", "path": str(marker)}},
+    }.get(value, {key: value})
+    # the folder has no MLflow run: evaluation opens one and logs params (which evaluated 'unused')
+    argv = _training_argv(**TINY, output_dir=str(tmp_path / "run"))
+    folder = _record(tmp_path / "run", argv, changes, model=True)
+    evaluation = tmp_path / "eval"
+    args = [sys.executable, "-m", "medseg_monai.bundle", "xray", "--mode", "evaluate"]
+    args += ["--ckpt_path", str(folder / "model.pt"), "--output_dir", str(evaluation)]
+    result = run_python_module(args, local_store_env(tmp_path / "mlflow"), 600)
+    assert not marker.exists(), "the record's code ran"
+    lines = error_lines(result)
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert needle in lines[0] and str(folder / "config.json") in lines[0], lines[0]
+    assert not evaluation.exists() and sorted(p.name for p in folder.iterdir()) == [
+        "config.json",
+        "model.pt",
+        "run.json",
+    ]
+
+
+def test_params_are_logged_as_written_never_evaluated(tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+    config = {
+        "imports": ["$import os"],
+        "lr": 0.1,
+        "channels": ["flair", "t1"],
+        "in_channels": "$len(@channels)",  # an expression is not a param
+        "batch": "@lr",
+        "evil": f"$__import__('os').mkdir({str(marker)!r})",
+        "mixed": [1, "$2"],
+        "network_def": {"_target_": "torch.nn.Identity"},  # the method's sections, as written
+        "train": {"trainer": {}},
+    }
+    assert config_params(config) == {
+        "lr": 0.1,
+        "channels": ["flair", "t1"],
+        "network_def": {"_target_": "torch.nn.Identity"},
+    }
+    assert not marker.exists()
