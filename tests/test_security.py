@@ -8,16 +8,20 @@ Each refusal is checked for its exit status, its single ``error:`` line and what
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from ignite.engine import Engine
 
 from bundle_utils import error_lines, local_store_env, parse_study, run_python_module
 from medseg_monai.bundle import command_line, config_files, studies
+from medseg_monai.errors import InputError
 from medseg_monai.handlers import config_params
+from medseg_monai.handlers.resume import TrainingCheckpoint
 from medseg_monai.io import write_json
 from medseg_monai.record import merged_config
 
@@ -158,3 +162,72 @@ def test_params_are_logged_as_written_never_evaluated(tmp_path: Path) -> None:
         "network_def": {"_target_": "torch.nn.Identity"},
     }
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- 2. resuming unpickles no code
+
+
+class _Payload:
+    """Unpickled with ``weights_only=False``, it creates the folder ``path``: code from the file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (os.mkdir, (self.path,))
+
+
+def _engine() -> Engine:
+    engine = Engine(lambda e, b: None)
+    engine.optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)  # type: ignore[attr-defined]
+    return engine
+
+
+def test_a_checkpoint_holds_only_tensors_and_plain_values(tmp_path: Path) -> None:
+    from monai.data import Dataset
+    from monai.transforms import RandFlipd
+
+    flip = RandFlipd("image", prob=0.5)
+    data = Dataset([{"image": torch.zeros(1, 2, 2)}], transform=flip)
+    flip.R.seed(5)
+    engine = _engine()
+    saver = TrainingCheckpoint(str(tmp_path), {"optimizer": engine.optimizer}, datasets=[data])
+    saver.attach(engine)
+    engine.run([0, 1], max_epochs=1)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # refuses anything else
+    assert saved["objects"]["trainer"]["iteration"] == 2
+    flip.R.seed(6)
+    resumed = TrainingCheckpoint(str(tmp_path), {"optimizer": engine.optimizer}, datasets=[data], resume=True)
+    resumed._load(_engine())
+    assert flip.R.randint(1 << 30) == __import__("numpy").random.RandomState(5).randint(1 << 30)
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+    torch.save({"objects": {}, "random": _Payload(marker)}, tmp_path / "checkpoint.pt")
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    resumed = TrainingCheckpoint(str(tmp_path), {}, resume=True)
+    with pytest.raises(InputError) as refused:
+        resumed._load(_engine())
+    message = str(refused.value)
+    assert "\n" not in message and "checkpoint.pt" in message and "mkdir" in message, message
+    assert not marker.exists() and (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_resume_of_a_doctored_run_is_one_line_and_runs_nothing(tmp_path: Path) -> None:
+    from bundle_utils import run_bundle
+
+    out, store = tmp_path / "run", tmp_path / "mlflow"
+    trained = run_bundle("xray", store, output_dir=out, max_epochs=1, **TINY)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    marker = tmp_path / "code-ran"
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state["random"]["python"] = _Payload(marker)
+    torch.save(state, out / "checkpoint.pt")
+    kept = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".pt"}
+    resumed = run_bundle("xray", store, output_dir=out, max_epochs=2, resume=True, **TINY)
+    lines = error_lines(resumed)
+    assert resumed.returncode != 0 and len(lines) == 1 and "mkdir" in lines[0], resumed.stderr[-3000:]
+    assert "Traceback" not in resumed.stderr and not marker.exists()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".pt"} == kept

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import signal
 import threading
@@ -59,9 +60,31 @@ def random_states(datasets: list[Any]) -> dict[str, Any]:
     return states
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with NumPy arrays as tensors and NumPy scalars as Python numbers: what
+    ``torch.load(weights_only=True)`` reads without unpickling code (a NumPy generator's state holds
+    a uint32 array, kept as int64)."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.astype(np.int64) if value.dtype == np.uint32 else value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    return value
+
+
+def _numpy_state(state: Any) -> tuple[Any, ...]:
+    """A NumPy generator state as saved by :func:`_plain` (keys as a tensor), as NumPy takes it."""
+    name, keys, *rest = state
+    return (name, np.asarray(keys, dtype=np.uint32), *rest)
+
+
 def _set_random_states(states: Mapping[str, Any], datasets: list[Any]) -> None:
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    np.random.set_state(_numpy_state(states["numpy"]))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -72,7 +95,16 @@ def _set_random_states(states: Mapping[str, Any], datasets: list[Any]) -> None:
             "resume with the configuration the run started with"
         )
     for t, state in zip(transforms, states["transforms"], strict=True):
-        t.R.set_state(state)
+        t.R.set_state(_numpy_state(state))
+
+
+def _unsafe_globals(path: Path) -> str:
+    """What a checkpoint needs beyond tensors and plain values (read without unpickling it)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint: torch's reader says no more than that
+        names = []
+    return ", ".join(names[:3]) + (f" (and {len(names) - 3} more)" if len(names) > 3 else "") or "objects"
 
 
 class TrainingCheckpoint:
@@ -140,7 +172,14 @@ class TrainingCheckpoint:
             raise InputError(
                 f"nothing to resume: no checkpoint at {self.path} (the run saves one after every epoch)"
             )
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        try:  # tensors and plain values only: unpickling anything else would run code from the file
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise InputError(
+                f"{self.path} holds {_unsafe_globals(self.path)}, which only code from the file could "
+                "rebuild: refused (this suite's checkpoints hold tensors and plain values; to start the "
+                "run again: --overwrite true)"
+            ) from None
         max_epochs = engine.state.max_epochs
         for name, obj in self._all_objects(engine).items():
             if name not in state["objects"]:
@@ -170,6 +209,7 @@ class TrainingCheckpoint:
             else None,
             "random": random_states(self.datasets),
         }
+        state = _plain(state)  # what resuming reads with weights_only=True
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         torch.save(state, tmp)
