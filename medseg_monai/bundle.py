@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg_monai.data import DatasetError
-from medseg_monai.errors import InputError, RunInterrupted, is_input_error
+from medseg_monai.errors import InputError, RunInterrupted, is_input_error, redact
 from medseg_monai.paths import project_root
 from medseg_monai.record import parse_command_line
 from medseg_monai.timing import Stopwatch
@@ -468,7 +468,7 @@ def install_error_hook() -> None:
         if found is None:
             previous(exc_type, exc, tb)
         else:
-            print(f"error: {found}", file=sys.stderr)
+            print(f"error: {redact(str(found))}", file=sys.stderr)
 
     hook.medseg_error_hook = True  # type: ignore[attr-defined]
     sys.excepthook = hook

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
-__all__ = ["InputError", "OneLineInputErrorFormatter", "RunInterrupted", "is_input_error"]
+__all__ = ["InputError", "OneLineInputErrorFormatter", "RunInterrupted", "is_input_error", "redact"]
+
+_CREDENTIALS = re.compile(r"(?<=://)[^/\s?#]*@")  # the user:password@ of a URL
+
+
+def redact(text: str) -> str:
+    """``text`` with the ``user:password@`` of every URL in it shown as ``***@``: a tracking URI's
+    credentials (``MLFLOW_TRACKING_URI=http://user:password@host``) never reach a log or error line."""
+    return _CREDENTIALS.sub("***@", text)
 
 
 class InputError(Exception):
@@ -40,4 +49,4 @@ class OneLineInputErrorFormatter(logging.Formatter):
 
     def formatException(self, ei: Any) -> str:  # noqa: N802 (logging's name)
         found = is_input_error(ei[1])
-        return f"error: {found}" if found is not None else super().formatException(ei)
+        return f"error: {redact(str(found))}" if found is not None else redact(super().formatException(ei))

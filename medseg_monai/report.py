@@ -25,6 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from medseg_monai.errors import redact
 from medseg_monai.tracking import mlflow_dir, open_client, tracking_uri
 
 __all__ = ["build_report", "collect", "main", "split_sentence"]
@@ -236,10 +237,10 @@ def build_report(output_dir: str | Path | None = None) -> Path:
     (out / "figures").mkdir(parents=True, exist_ok=True)
     groups = collect(client)
     figures: dict[tuple[str, str], list[Path]] = {}
-    md = ["# Reproduction report", "", f"From MLflow store `{tracking_uri()}`.", ""]
+    md = ["# Reproduction report", "", f"From MLflow store `{redact(tracking_uri())}`.", ""]
     parts_html = [
         "<h1>Reproduction report</h1>",
-        f"<p>From MLflow store <code>{html.escape(tracking_uri())}</code>.</p>",
+        f"<p>From MLflow store <code>{html.escape(redact(tracking_uri()))}</code>.</p>",
     ]
     if not groups:
         md.append("No reproduction runs yet: run `make reproduce-all`.")

@@ -50,6 +50,7 @@ from medseg_monai.tracking import (
     open_client,
     record_run,
     recorded_run,
+    redact,
     run_tags,
     server_answers,
     tracking_uri,
@@ -577,7 +578,7 @@ class _Grid:
             return False
         if not self.offline:
             print(
-                f"the MLflow server {tracking_uri()} went away: no more jobs start; the running ones "
+                f"the MLflow server {redact(tracking_uri())} went away: no more jobs start; the running ones "
                 "finish and keep what the server did not get in their folders",
                 flush=True,
             )
@@ -679,7 +680,7 @@ def reproduce(
     threads = backend.threads(workers, os.cpu_count() or 1)
     print(
         f"reproduce ({profile}): {len(planned)} runs of {', '.join(dict.fromkeys(j.study for j in planned))}, "
-        f"{workers} at once through the {launcher} launcher; tracking {uri}",
+        f"{workers} at once through the {launcher} launcher; tracking {redact(uri)}",
         flush=True,
     )
     grid = _Grid(planned, force, workers, threads, profile_time, backend)
@@ -688,7 +689,7 @@ def reproduce(
     report_s = None
     if grid.offline:
         print(
-            f"error: the MLflow server {uri} went away during the grid ({len(grid.not_started)} jobs not "
+            f"error: the MLflow server {redact(uri)} went away during the grid ({len(grid.not_started)} jobs not "
             f"started). When it answers again: python -m medseg_monai.tracking upload {runs / profile}, "
             "then run the same reproduce command: the uploaded runs are skipped, the others run, and "
             "the report is built.",

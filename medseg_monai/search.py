@@ -1089,6 +1089,7 @@ def search(args: argparse.Namespace, overrides: Mapping[str, Any]) -> int:
             )
         except KeyboardInterrupt:
             return 130
+    from medseg_monai.errors import redact
     from medseg_monai.tracking import tracking_uri
 
     parent = _parent_run(setup, study)
@@ -1096,7 +1097,7 @@ def search(args: argparse.Namespace, overrides: Mapping[str, Any]) -> int:
     print(
         f"search '{setup.name}' of {setup.study} ({setup.profile} profile): {setup.n_trials} trials of "
         f"{setup.steps} steps, {setup.metric} ({setup.direction}), {complete} complete already; "
-        f"{args.workers} worker(s); trials in {setup.folder}; MLflow run {parent[:8]} at {tracking_uri()}",
+        f"{args.workers} worker(s); trials in {setup.folder}; MLflow run {parent[:8]} at {redact(tracking_uri())}",
         flush=True,
     )
     started = time.perf_counter()

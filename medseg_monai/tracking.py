@@ -24,16 +24,19 @@ device and the versions of Python and the main libraries, taken from the run rec
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
 import os
 import re
+import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 
+from medseg_monai.errors import redact
 from medseg_monai.paths import project_root
 from medseg_monai.record import content_hash, device_description, git_state, library_versions
 
@@ -104,19 +107,32 @@ def tracking_uri() -> str:
     return default_tracking_uri()
 
 
+def _health_request(uri: str) -> urllib.request.Request:
+    """The ``/health`` request of the server ``uri``; its ``user:password@`` (which urllib would take
+    for part of the host name) is sent as HTTP basic auth, as MLflow's client sends it."""
+    parts = urlsplit(uri)
+    host = parts.netloc.rpartition("@")[2]
+    request = urllib.request.Request(
+        urlunsplit((parts.scheme, host, parts.path.rstrip("/") + "/health", "", ""))
+    )
+    if parts.username is not None:
+        token = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        request.add_header("Authorization", "Basic " + base64.b64encode(token).decode())
+    return request
+
+
 def _unreachable(uri: str, timeout: float) -> str | None:
     """Why the server ``uri`` does not answer its ``/health`` within ``timeout`` seconds (None: it
     does, or ``uri`` is a local store)."""
     import urllib.error
-    import urllib.request
 
     if not uri.startswith(("http://", "https://")):
         return None
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+        with urllib.request.urlopen(_health_request(uri), timeout=timeout) as response:
             return None if response.status == 200 else f"HTTP {response.status}"
     except (urllib.error.URLError, OSError, ValueError) as e:
-        return str(getattr(e, "reason", e))
+        return redact(str(getattr(e, "reason", e)))
 
 
 def server_answers(uri: str | None = None, timeout: float = 3.0) -> bool:
@@ -135,8 +151,8 @@ def check_tracking_uri(timeout: float = 5.0) -> str:
     from medseg_monai.errors import InputError
 
     raise InputError(
-        f"the MLflow server MLFLOW_TRACKING_URI={uri} does not answer ({reason}): start it, or unset "
-        f"MLFLOW_TRACKING_URI to track in the local store {default_tracking_uri()}"
+        f"the MLflow server MLFLOW_TRACKING_URI={redact(uri)} does not answer ({reason}): start it, or "
+        f"unset MLFLOW_TRACKING_URI to track in the local store {default_tracking_uri()}"
     )
 
 
@@ -337,15 +353,17 @@ def recorded_run(output_dir: str | Path) -> str | None:
     if not record.is_file():
         return None
     info = json.loads(record.read_text())
-    return info["run_id"] if info.get("tracking_uri") == tracking_uri() else None
+    uri = tracking_uri()
+    return info["run_id"] if info.get("tracking_uri") in (uri, redact(uri)) else None
 
 
 def record_run(output_dir: str | Path, run_id: str, experiment: str) -> None:
-    """Write ``<output_dir>/mlflow_run.json``: the run a folder's results belong to, and where."""
+    """Write ``<output_dir>/mlflow_run.json``: the run a folder's results belong to, and where (without
+    the URI's credentials: the file is one of the run's artifacts)."""
     from medseg_monai.io import write_json
 
     write_json(
-        {"run_id": run_id, "experiment": experiment, "tracking_uri": tracking_uri()},
+        {"run_id": run_id, "experiment": experiment, "tracking_uri": redact(tracking_uri())},
         Path(output_dir) / RUN_RECORD,
     )
 
@@ -398,7 +416,7 @@ def journal(
     if entry.get("run_id", run_id) != run_id:
         raise RuntimeError(f"{path} holds run {entry['run_id']}, not {run_id}")
     entry.setdefault("run_id", run_id)
-    entry.setdefault("tracking_uri", tracking_uri())
+    entry.setdefault("tracking_uri", redact(tracking_uri()))  # what it was for; upload never sends there
     entry.setdefault("metrics", []).extend([k, float(v), int(t), int(s)] for k, v, t, s in metrics)
     entry.setdefault("tags", {}).update(tags or {})
     entry.setdefault("artifacts", []).extend([a, d] for a, d in artifacts)
@@ -408,26 +426,74 @@ def journal(
     return path
 
 
+def _journal(path: Path) -> dict[str, Any]:
+    """An offline journal read as data: its run id, metrics, tags, end status and files, each file
+    inside the journal's run folder (a name that leads out of it, through ``..``, an absolute path or
+    a link, is refused in one line before anything of the journal is sent)."""
+    from medseg_monai.errors import InputError
+
+    folder = path.parent.resolve()
+    try:
+        entry = json.loads(path.read_text())
+        journal = {
+            "run_id": str(entry["run_id"]),
+            "metrics": [(str(k), float(v), int(t), int(s)) for k, v, t, s in entry.get("metrics", [])],
+            "tags": {str(k): str(v) for k, v in entry.get("tags", {}).items()},
+            "artifacts": [(str(n), None if d is None else str(d)) for n, d in entry.get("artifacts", [])],
+            "status": entry.get("status"),
+        }
+    except (OSError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise InputError(f"{path}: not an offline journal of this suite ({type(e).__name__}: {e})") from None
+    if journal["status"] not in (None, "FINISHED", "FAILED", "KILLED"):
+        raise InputError(f"{path}: unknown end status {journal['status']!r}")
+    for name, artifact_path in journal["artifacts"]:
+        inside = (folder / name).resolve().is_relative_to(folder)
+        escapes = artifact_path is not None and (
+            artifact_path.startswith("/") or ".." in artifact_path.split("/")
+        )
+        if not inside or escapes:
+            raise InputError(
+                f"{path}: refusing to upload '{name}' (to {artifact_path or 'the run'}), which is outside "
+                f"the run folder {folder}: nothing of this journal was sent"
+            )
+    return journal
+
+
 def upload(paths: Iterable[str | Path], uri: str | None = None) -> int:
-    """Send every ``mlflow_offline.json`` under ``paths`` (run folders, or folders of them) to its run:
-    metrics, tags, artifacts, then the run's end status; each journal is removed once sent. ``uri``
-    overrides the store the journals name (e.g. the server moved). Returns the runs uploaded."""
+    """Send every ``mlflow_offline.json`` under ``paths`` (run folders, or folders of them) to its run in
+    the store ``uri``, else the configured one (:func:`tracking_uri`): metrics, tags, the files of the
+    run's folder, then the run's end status; each journal is removed once sent. The store a journal
+    names is never used: a journal is data from a run folder, which may come from anyone. Returns
+    the runs uploaded."""
     from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    from medseg_monai.errors import InputError
 
     found = sorted(
         {j for p in map(Path, paths) for j in ([p] if p.name == OFFLINE_RECORD else p.rglob(OFFLINE_RECORD))}
     )
     if not found:
         log.info("nothing to upload: no %s under %s", OFFLINE_RECORD, ", ".join(map(str, paths)))
+        return 0
+    target = uri or tracking_uri()
+    reason = _unreachable(target, 3.0)
+    if reason is not None:
+        raise InputError(
+            f"the MLflow server {redact(target)} does not answer ({reason}): start it, then upload again"
+        )
+    client = open_client(target)
     for path in found:
-        entry = json.loads(path.read_text())
-        target = uri or entry["tracking_uri"]
-        if not server_answers(target):
-            from medseg_monai.errors import InputError
-
-            raise InputError(f"the MLflow server {target} does not answer: start it, then upload again")
-        client, run_id, folder = open_client(target), entry["run_id"], path.parent
-        metrics = [Metric(k, v, t, s) for k, v, t, s in entry["metrics"]]
+        entry, folder = _journal(path), path.parent
+        run_id = entry["run_id"]
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            raise InputError(
+                f"{path}: MLflow run {run_id} is not in {redact(target)}: pass the store the run tracked to "
+                "(--tracking_uri, or MLFLOW_TRACKING_URI)"
+            ) from None
+        metrics = [Metric(*m) for m in entry["metrics"]]
         for i in range(0, len(metrics), 1000):
             client.log_batch(run_id, metrics=metrics[i : i + 1000])
         for key, value in _truncate_tags(entry["tags"]).items():
@@ -435,12 +501,12 @@ def upload(paths: Iterable[str | Path], uri: str | None = None) -> int:
         for name, artifact_path in entry["artifacts"]:
             if (folder / name).is_file():
                 client.log_artifact(run_id, str(folder / name), artifact_path=artifact_path)
-        if entry.get("status"):
+        if entry["status"]:
             client.set_terminated(run_id, status=entry["status"])
         path.unlink()
         log.info(
             "uploaded %d metric values, %d tags and %d files of %s to run %s (%s)",
-            len(metrics), len(entry["tags"]), len(entry["artifacts"]), folder, run_id, target,
+            len(metrics), len(entry["tags"]), len(entry["artifacts"]), folder, run_id, redact(target),
         )  # fmt: skip
     return len(found)
 
@@ -457,7 +523,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("upload", help="send the offline journals under these folders to their runs")
     up.add_argument("folders", nargs="+", type=Path)
-    up.add_argument("--tracking_uri", help="the store to send to (default: the one each run used)")
+    up.add_argument(
+        "--tracking_uri",
+        help="the store to send to (default: MLFLOW_TRACKING_URI, else the local store; never the one a journal names)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

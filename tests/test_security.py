@@ -8,8 +8,13 @@ Each refusal is checked for its exit status, its single ``error:`` line and what
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +23,7 @@ import torch
 from ignite.engine import Engine
 
 from bundle_utils import error_lines, local_store_env, parse_study, run_python_module
+from medseg_monai import tracking
 from medseg_monai.bundle import command_line, config_files, studies
 from medseg_monai.errors import InputError
 from medseg_monai.handlers import config_params
@@ -231,3 +237,194 @@ def test_resume_of_a_doctored_run_is_one_line_and_runs_nothing(tmp_path: Path) -
     assert resumed.returncode != 0 and len(lines) == 1 and "mkdir" in lines[0], resumed.stderr[-3000:]
     assert "Traceback" not in resumed.stderr and not marker.exists()
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".pt"} == kept
+
+
+# ----------------------------------------------------------------------------- 3. paths and uploads
+
+
+def _toy_registry(tmp_path: Path, label: str) -> Path:
+    entry = {
+        "id": "toy",
+        "study": "wmh",
+        "kind": "real",
+        "description": "toy",
+        "citation": "none",
+        "licence": "CC0",
+        "obtain": {"url": "https://example.org/toy", "instructions": "unpack toy.zip"},
+        # {gap} is empty in every case: '.{gap}.' passes the schema's '../' check and fills as '..'
+        "layout": {
+            "case": "{subject}{gap:x?}/flair.nii.gz",
+            "case_id": "{subject}",
+            "images": {"flair": "{subject}/flair.nii.gz"},
+            "label": label,
+        },
+        "labels": {
+            "structures": {"0": "background", "1": "wmh"},
+            "classes": {"default": {"background": [], "wmh": ["wmh"]}},
+        },
+        "intensity": {"bit_depth": 16, "normalised": False},
+        "split": {"fractions": [0.7, 0.15, 0.15], "seed": 0},
+    }
+    path = tmp_path / "datasets.json"
+    path.write_text(json.dumps({"version": 1, "datasets": [entry]}))
+    return path
+
+
+@pytest.mark.parametrize(
+    "label", [".{gap}./outside/{subject}.nii.gz", "{subject}/.{gap}./.{gap}./outside/{subject}.nii.gz"]
+)
+def test_a_layout_cannot_reach_outside_its_data_root(
+    tmp_path: Path, label: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from medseg_monai.data.cli import main
+
+    monkeypatch.setenv("MEDSEG_REGISTRY", str(_toy_registry(tmp_path, label)))
+    root = tmp_path / "toy"
+    for name in ("1/flair.nii.gz", "../outside/1.nii.gz"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+    written = tmp_path / "datalist.json"
+    assert main(["datalist", "toy", "--data_root", str(root), "-o", str(written)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: dataset 'toy': case '1'"), lines
+    assert "outside its data root" in lines[0] and str(root) in lines[0]
+    assert not written.exists()
+
+
+def _run_folder(
+    tmp_path: Path, store_uri: str, journal_uri: str, artifacts: list[list[Any]]
+) -> tuple[Path, str]:
+    """A run in the local store ``store_uri`` and a folder whose offline journal names ``journal_uri``
+    and ``artifacts``."""
+    client = tracking.open_client(store_uri)
+    run_id = client.create_run(tracking.ensure_experiment("toy", client)).info.run_id
+    folder = tmp_path / "runs" / "a"
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text("{}")
+    write_json(
+        {
+            "run_id": run_id,
+            "tracking_uri": journal_uri,
+            "metrics": [["val_dice", 0.5, 1, 1]],
+            "tags": {},
+            "artifacts": artifacts,
+            "status": "FINISHED",
+        },
+        folder / tracking.OFFLINE_RECORD,
+    )
+    return folder, run_id
+
+
+class _Server:
+    """A stand-in MLflow server on loopback: answers ``/health`` (with HTTP basic auth when
+    ``credentials`` are set), 404 to the rest, and keeps every request it saw."""
+
+    def __init__(self, credentials: str | None = None) -> None:
+        seen: list[str] = []
+        expected = None if credentials is None else "Basic " + base64.b64encode(credentials.encode()).decode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                seen.append(self.path)
+                ok = self.path == "/health" and self.headers.get("Authorization") == expected
+                self.send_response(200 if ok else 401 if self.path == "/health" else 404)
+                self.end_headers()
+                self.wfile.write(b"OK" if ok else b"")
+
+            do_POST = do_GET  # noqa: N815
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.seen = seen
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def fake_server() -> Iterator[_Server]:
+    server = _Server()
+    yield server
+    server.close()
+
+
+def test_upload_goes_to_the_configured_store_never_to_the_journals(
+    tmp_path: Path, fake_server: _Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MEDSEG_MLFLOW_DIR", str(tmp_path / "mlflow"))
+    store = tracking.tracking_uri()
+    folder, run_id = _run_folder(
+        tmp_path, store, f"http://127.0.0.1:{fake_server.port}", [["metrics.json", None]]
+    )
+    assert tracking.main(["upload", str(tmp_path / "runs")]) == 0
+    assert fake_server.seen == []  # not even asked whether it is up
+    client = tracking.open_client(store)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [a.path for a in client.list_artifacts(run_id)] == ["metrics.json"]
+    assert not (folder / tracking.OFFLINE_RECORD).exists()
+    assert "uploaded 1 run(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["../secret.txt", "link.txt", "/etc/hostname"])
+def test_upload_sends_no_file_from_outside_the_run_folder(
+    tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MEDSEG_MLFLOW_DIR", str(tmp_path / "mlflow"))
+    store = tracking.tracking_uri()
+    folder, run_id = _run_folder(tmp_path, store, store, [["metrics.json", None], [name, None]])
+    (folder.parent / "secret.txt").write_text("not yours")
+    (folder / "link.txt").symlink_to(folder.parent / "secret.txt")
+    capsys.readouterr()  # MLflow's lines on creating the store
+    assert tracking.main(["upload", str(folder)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and f"'{name}'" in lines[0], lines
+    assert "outside the run folder" in lines[0]
+    client = tracking.open_client(store)
+    run = client.get_run(run_id)  # nothing of the journal was sent
+    assert run.info.status == "RUNNING" and not run.data.metrics and not client.list_artifacts(run_id)
+    assert (folder / tracking.OFFLINE_RECORD).is_file()
+
+
+def test_credentials_in_the_tracking_uri_never_reach_an_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    closed = _Server()
+    closed.close()  # a port nothing answers on
+    uri = f"http://alice:s3cret@127.0.0.1:{closed.port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(InputError) as refused:
+        tracking.check_tracking_uri(timeout=2)
+    assert "s3cret" not in str(refused.value) and f"http://***@127.0.0.1:{closed.port}" in str(refused.value)
+    folder, _ = _run_folder(tmp_path, f"sqlite:///{tmp_path}/m.db", uri, [])
+    capsys.readouterr()  # MLflow's lines on creating the store
+    assert tracking.main(["upload", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "s3cret" not in err, err
+    assert (folder / tracking.OFFLINE_RECORD).is_file()
+    # a training started against that server: one line, no password, nothing written
+    out = tmp_path / "run"
+    args = command_line(config_files("xray", profile="quick"), output_dir=str(out), **TINY)
+    result = run_python_module(
+        args, {**local_store_env(tmp_path / "mlflow"), "MLFLOW_TRACKING_URI": uri}, 300
+    )
+    lines = error_lines(result)
+    assert result.returncode != 0 and len(lines) == 1 and "does not answer" in lines[0], result.stderr[-2000:]
+    assert "s3cret" not in result.stderr + result.stdout and not (out / "run.json").exists()
+
+
+def test_a_tracking_uri_with_credentials_is_accepted_when_its_server_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = _Server(credentials="alice:s3cret")
+    try:
+        uri = f"http://alice:s3cret@127.0.0.1:{server.port}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        assert tracking.check_tracking_uri(timeout=5) == uri
+        assert server.seen == ["/health"]
+    finally:
+        server.close()

@@ -15,7 +15,7 @@ import random
 import re
 import shutil
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from medseg_monai.data.registry import DatasetError, DatasetSpec, get_dataset, list_datasets
@@ -66,10 +66,21 @@ def _fill(template: str, fields: dict[str, str]) -> str:
     return _PLACEHOLDER.sub(lambda m: fields[m.group(1)], template)
 
 
+def _escapes(relative: str) -> bool:
+    """Whether a filled layout path leaves the data root: absolute, or with a ``..`` segment (the
+    schema refuses ``../`` in a pattern, but an empty placeholder, as in ``.{x}./``, or a captured
+    value can still make one; a ``..`` after a linked folder would leave it however it normalises)."""
+    path = PurePosixPath(relative)
+    return path.is_absolute() or ".." in path.parts
+
+
 def _case_files(spec: DatasetSpec, root: Path) -> Any:
     """Paths under ``root`` that match the layout's case pattern."""
     glob, rx = _pattern_regex(spec.layout["case"])
-    return (p for p in root.glob(glob) if rx.fullmatch(p.relative_to(root).as_posix()))
+    for p in root.glob(glob):
+        relative = p.relative_to(root).as_posix()
+        if rx.fullmatch(relative) and not _escapes(relative):
+            yield p
 
 
 def find_cases(spec: DatasetSpec, root: Path, channels: list[str] | None = None) -> list[dict[str, Any]]:
@@ -93,13 +104,19 @@ def find_cases(spec: DatasetSpec, root: Path, channels: list[str] | None = None)
     cases: dict[str, dict[str, Any]] = {}
     for anchor in sorted(root.glob(glob)):
         m = rx.fullmatch(anchor.relative_to(root).as_posix())
-        if m is None:
+        if m is None or _escapes(anchor.relative_to(root).as_posix()):
             continue
         fields = m.groupdict()
         case_id = _fill(id_template, fields)
 
         def path(pattern: str, what: str, case_id: str = case_id, fields: dict[str, str] = fields) -> str:
-            p = root / _fill(pattern, fields)
+            relative = _fill(pattern, fields)
+            if _escapes(relative):
+                raise DatasetError(
+                    f"dataset '{spec.id}': case '{case_id}': its {what} {relative!r} (layout "
+                    f"{pattern!r}) leads outside its data root {root}: refused"
+                )
+            p = root / relative
             if not p.is_file():
                 raise DatasetError(f"dataset '{spec.id}': case '{case_id}' is missing its {what}: {p}")
             return str(p)

@@ -13,6 +13,7 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
+from medseg_monai.errors import redact
 from medseg_monai.handlers.progress import evaluation_values, iteration_loss
 from medseg_monai.tracking import (
     OFFLINE_RECORD,
@@ -178,7 +179,11 @@ class MLflowTracker:
         if not self.log_only:
             record_run(self.output_dir, self.run_id, self.experiment)
         logger.info(
-            "MLflow run %s (%s / %s) at %s", self.run_id, self.experiment, self.run_name, tracking_uri()
+            "MLflow run %s (%s / %s) at %s",
+            self.run_id,
+            self.experiment,
+            self.run_name,
+            redact(tracking_uri()),
         )
 
     def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -213,8 +218,8 @@ class MLflowTracker:
         logger.warning(
             "the MLflow server %s went away (%s): the run goes on, its metrics and files stay in %s; "
             "when the server is back: python -m medseg_monai.tracking upload %s",
-            self._client.tracking_uri, str(error).splitlines()[0][:200], self.output_dir / OFFLINE_RECORD,
-            self.output_dir,
+            redact(self._client.tracking_uri), redact(str(error).splitlines()[0][:200]),
+            self.output_dir / OFFLINE_RECORD, self.output_dir,
         )  # fmt: skip
 
     def _accumulate(self, engine: Engine) -> None:
@@ -316,5 +321,7 @@ class MLflowTracker:
                 stack.__exit__(type(e), e, e.__traceback__)
             except BaseException as inner:
                 if inner is not e:
-                    logger.error("could not mark MLflow run %s as FAILED: %s", self.run_id, inner)
+                    logger.error(
+                        "could not mark MLflow run %s as FAILED: %s", self.run_id, redact(str(inner))
+                    )
         raise e
