@@ -213,6 +213,11 @@ def _recorded_differences(recorded: Any, own: Any, key: str, where: Path, out: d
     if found is not None:
         raise _not_plain_error(where, found)
     expression = isinstance(own, str) and own.startswith(("$", "@", "%"))
+    if expression and isinstance(recorded, dict):  # e.g. the dataset's spec: what the bundle computes
+        raise InputError(
+            f"{where}: '{key}' is {_short(recorded)} there, where the bundle computes it ({_short(own)}): "
+            "a record may put a plain text, number, flag or list there, not a mapping"
+        )
     flag_text = key in _FLAG_KEYS and isinstance(recorded, str)
     number = isinstance(own, float) and _kind(recorded) == "a whole number"
     if own is not None and not expression and not flag_text and not number and _kind(recorded) != _kind(own):

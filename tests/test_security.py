@@ -108,6 +108,16 @@ def test_a_record_carries_its_plain_settings_nested_ones_too(tmp_path: Path) -> 
     ]
 
 
+def test_a_record_may_not_replace_a_computed_setting_by_a_mapping(tmp_path: Path) -> None:
+    from medseg_monai.bundle import recorded_settings
+
+    folder = _record(tmp_path / "run", _training_argv(**TINY), {"spec": {"class_names": ["a"]}})
+    with pytest.raises(
+        InputError, match=r"'spec' is \{'class_names': \['a'\]\} there, where the bundle computes"
+    ):
+        recorded_settings("xray", "evaluate", folder / "model.pt")
+
+
 def _marker_code(marker: Path) -> str:
     return f"$__import__('os').mkdir({str(marker)!r}) or 'xray-synthetic'"
 
