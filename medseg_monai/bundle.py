@@ -708,14 +708,24 @@ def require_file(path: str, what: str) -> str:
     return path
 
 
-def image_files(path: str, suffixes: Sequence[str] = (".png",)) -> list[dict[str, str]]:
+def image_files(
+    path: str, suffixes: Sequence[str] = (".png",), spatial_dims: int | None = None
+) -> list[dict[str, str]]:
     """Inference inputs: one file, or every file with one of ``suffixes`` in a folder, as
-    ``{"image": path, "case_id": name}`` dicts (the name without its suffixes)."""
+    ``{"image": path, "case_id": name}`` dicts (the name without its suffixes). Each file is checked
+    before the engine starts (readable; a NIfTI of ``spatial_dims`` dimensions), so a bad one is
+    refused in one line naming it rather than failing inside the evaluator's run."""
+    from medseg_monai.transforms import CheckFilesd  # torch and MONAI: not at the launcher's import
+
     p = Path(path).expanduser().resolve()
     files = sorted(f for f in p.iterdir() if f.name.lower().endswith(tuple(suffixes))) if p.is_dir() else [p]
     if not files or not files[0].is_file():
         raise DatasetError(f"no input image at {p} (expected a file or a folder of {', '.join(suffixes)})")
-    return [{"image": str(f), "case_id": f.name.split(".")[0]} for f in files]
+    items = [{"image": str(f), "case_id": f.name.split(".")[0]} for f in files]
+    check = CheckFilesd("image", spatial_dims=spatial_dims)
+    for item in items:
+        check(item)
+    return items
 
 
 def channel_cases(path: str | Sequence[str], dataset: str, channels: Sequence[str]) -> list[dict[str, Any]]:
