@@ -122,11 +122,31 @@ class EjectionFractions:
         self.channels = {c: list(class_names).index(n) for c, n in cavities.items() if n in class_names}
         self.output_path = output_path
         self._counts: dict[str, dict[str, dict[str, float]]] = {}
+        self._gathered = False
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self._counts.clear())
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _reset(self, engine: Engine) -> None:
+        self._counts.clear()
+        self._gathered = False
+
+    def _gather(self) -> None:
+        """Under DDP each rank saw some frames: merge every rank's counts once per epoch (the
+        first call of :meth:`rows` after the epoch, made on every rank by CaseMetrics)."""
+        if self._gathered or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        parts: list[dict[str, dict[str, dict[str, float]]]] = [
+            {} for _ in range(torch.distributed.get_world_size())
+        ]
+        torch.distributed.all_gather_object(parts, self._counts)
+        self._counts = {}
+        for part in parts:
+            for patient, frames in part.items():
+                self._counts.setdefault(patient, {}).update(frames)
+        self._gathered = True
 
     def _collect(self, engine: Engine) -> None:
         batch, output = engine.state.batch, engine.state.output
@@ -147,6 +167,7 @@ class EjectionFractions:
 
     def rows(self) -> dict[str, dict[str, float]]:
         """Per patient with both frames: voxel counts and predicted / reference EF per cavity."""
+        self._gather()
         rows: dict[str, dict[str, float]] = {}
         for patient, frames in sorted(self._counts.items()):
             if set(frames) != set(self.phases):
@@ -176,9 +197,10 @@ class EjectionFractions:
         return {"patients": self.rows()}
 
     def _write(self, engine: Engine) -> None:
-        if not self.output_path:
+        rows = self.rows()  # on every rank: under DDP it gathers the counts
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not self.output_path or (distributed and torch.distributed.get_rank() != 0):
             return
-        rows = self.rows()
         columns = list(next(iter(rows.values()), {}))
         Path(self.output_path).parent.mkdir(parents=True, exist_ok=True)
         with open(self.output_path, "w", newline="") as f:
