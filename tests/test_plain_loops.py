@@ -67,3 +67,26 @@ def test_xray_plain_loop_scores_the_validation_images_of_its_fold(
     assert set(result["val_dice"]) == {"lungs", "heart"}
     assert all(set(v) == {"lungs", "heart"} for v in result["per_image"].values())
     assert all(0.0 <= d <= 1.0 for v in result["per_image"].values() for d in v.values())
+
+
+def test_lv_plain_loop_refuses_a_fold_out_of_range(
+    shared_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ["x", "--data_root", str(shared_data / "acdc"), "--fold", "4", "--n_folds", "4"]
+    monkeypatch.setattr(sys, "argv", args)
+    with pytest.raises(
+        SystemExit, match=r"^error: fold must be a whole number from 0 to 3 \(n_folds 4\), got 4$"
+    ):
+        runpy.run_path(str(ROOT / "bundles" / "lv" / "docs" / "plain_loop.py"), run_name="__main__")
+
+
+@pytest.mark.slow
+def test_lv_plain_loop_scores_every_frame_of_its_fold(
+    shared_data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    root = shared_data / "acdc"
+    result = _run("lv", ["--data_root", str(root), "--minutes", "0.05", "--fold", "2"], monkeypatch, capsys)
+    held = {it["case_id"] for it in load_datalist("acdc", root, "val", fold=2, n_folds=4, fold_pool="all")}
+    assert set(result["per_frame"]) == held and len(held) == 10  # the fold's 5 patients, ED and ES
+    assert result["steps"] >= 1 and set(result["val_dice"]) == {"rv_cavity", "myocardium", "lv_cavity"}
+    assert all(0.0 <= d <= 1.0 for v in result["per_frame"].values() for d in v.values())

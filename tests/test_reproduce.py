@@ -103,6 +103,29 @@ def test_every_bundle_grid_plans(tmp_path: Path) -> None:
     assert {"dice_femur", "dice_tibia", "dice_fibula", "iou_fibula"} <= set(knee["merged"].metrics)
 
 
+def test_real_data_entries_run_only_where_their_dataset_is_configured(
+    tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    lv = {j.experiment: j for j in plan("quick", studies=["lv"], runs_dir=tmp_path)}
+    assert set(lv) == {"baseline", "cross_entropy", "batch_norm", "full_conv", "all_classes"}
+    assert capsys.readouterr().out.strip() == (
+        "reproduce: lv: baseline_acdc, cross_entropy_acdc, batch_norm_acdc, full_conv_acdc skipped: "
+        "no acdc under MEDSEG_DATA_ROOT"
+    )
+    assert lv["baseline"].paper == {"iou_lv": 0.63} and lv["baseline"].split == "test"
+    monkeypatch.setenv("MEDSEG_DATA_ROOT", str(shared_data))
+    lv = {j.experiment: j for j in plan("quick", studies=["lv"], runs_dir=tmp_path)}
+    real = {n: j for n, j in lv.items() if n.endswith("_acdc")}
+    assert set(real) == {"baseline_acdc", "cross_entropy_acdc", "batch_norm_acdc", "full_conv_acdc"}
+    for name, job in real.items():  # the experiment's own config, on acdc, under the entry's name
+        assert job.overrides == {"dataset": "acdc", "experiment": name}
+        assert job.configs == lv[name.removesuffix("_acdc")].configs and job.output_dir.endswith(
+            f"{name}/seed0"
+        )
+    assert real["baseline_acdc"].paper == {"iou_lv": 0.63} and not real["full_conv_acdc"].paper
+    assert {"iou_lv", "ef_lv_mae", "ef_lv_corr", "hd95_vox"} <= set(real["baseline_acdc"].metrics)
+
+
 # The slides' Task 2 table as printed, columns "necrosis, edema, enhancing, non-enhancing"
 SLIDES_TASK2 = {
     "flair": (0.19, 0.74, 0.28, 0.36),
