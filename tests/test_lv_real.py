@@ -189,3 +189,29 @@ def test_a_wrong_fold_pool_is_refused_in_one_line(tmp_path: Path) -> None:
     assert result.returncode != 0 and error_lines(result) == [
         "error: fold_pool must be one of train_val, all, got 'every'"
     ]
+
+
+@pytest.mark.parametrize(("class_set", "classes"), [("lv", [1, 2]), ("default", [2, 3])])
+def test_whole_lv_iou_is_the_iou_of_myocardium_and_cavity_as_one_mask(
+    class_set: str, classes: list[int]
+) -> None:
+    """The paper's one LV mask against our two classes: iou_lv scores their union (issue #37, item 7)."""
+    import torch
+    from monai.metrics import compute_iou
+
+    from medseg_monai.transforms import LabelToRegionsd
+
+    parser = parse_study("lv", dataset="lv-synthetic", class_set=class_set)
+    assert parser.get_parsed_content("region_names") == ["lv"]
+    assert parser.get_parsed_content("region_classes") == [classes]
+    myo, cavity = classes
+    ref = torch.zeros(1, 4, 4, 1)
+    ref[0, :2, :2] = cavity  # 4 cavity voxels
+    ref[0, 2:, :2] = myo  # 4 myocardium voxels
+    pred = ref.clone()
+    pred[0, 1, :2] = myo  # 2 cavity voxels called myocardium: the classes' IoU drop, the LV's does not
+    pred[0, 0, 2] = myo  # 1 voxel too many
+    regions = LabelToRegionsd(["pred", "label"], parser.get_parsed_content("region_classes"))
+    out = regions({"pred": pred, "label": ref})
+    iou = compute_iou(out["pred"][None], out["label"][None], include_background=True)
+    assert iou.item() == pytest.approx(8 / 9)  # union 9 voxels, intersection 8
