@@ -3,7 +3,9 @@
 For every study (MLflow experiment) and profile: a line naming the split each row is scored on
 (the grid's ``split``: a test split, or the validation split that also chose each ``model.pt``),
 then a table with, per experiment, the paper's number, ours as mean +- sd over seeds, n, the
-dataset (id, real or synthetic, content hash) and the run ids; then the figures the bundle asked for (validation curves, sweeps, lesion brackets)
+dataset (id, real or synthetic, content hash) and the run ids; where the study has an experiment named
+``baseline``, every other experiment against it case by case (``medseg_monai.compare.versus_baseline``:
+mean difference, bootstrap interval, Holm-corrected Wilcoxon p, verdict); then the figures the bundle asked for (validation curves, sweeps, lesion brackets)
 and the failed runs; then a section per hyperparameter search (``medseg_monai.search``) with its
 trajectory. Writes ``report.md`` and a self-contained ``report.html`` (figures inlined)
 to ``<mlflow dir>/reports``.
@@ -230,6 +232,49 @@ def _search_sections(client: Any, out: Path, md: list[str], parts_html: list[str
             )
 
 
+def _baseline_statistics(
+    client: Any, study: str, variants: dict[str, list[Any]]
+) -> tuple[list[str], list[str]]:
+    """Markdown and HTML of a study's experiments against its ``baseline``, paired per case on the
+    headline metric (``medseg_monai.compare.versus_baseline``; ``docs/statistics.md``); nothing when
+    the study has no experiment named ``baseline``."""
+    from medseg_monai.compare import versus_baseline
+    from medseg_monai.stats import Paired, lower_is_better
+
+    metric, rows = versus_baseline(client, variants, study)
+    if metric is None:
+        text = [f"No paired statistics: {name}: {why}" for name, why in rows]
+        return [*text, ""] if text else [], [f"<p>{html.escape(t)}</p>" for t in text]
+    title = (
+        f"Against the baseline, case by case: {metric}, experiment - baseline "
+        f"({'lower' if lower_is_better(metric) else 'higher'} is better), seeds averaged per case, 95 % "
+        "bootstrap CI, Wilcoxon p Holm-corrected across the experiments (docs/statistics.md)."
+    )
+    both = "(experiment / baseline)"
+    header = ["experiment", "cases", f"seeds {both}", "difference (95 % CI)", "p", "Holm p", "verdict"]
+    header.append(f"seed sd {both}")
+    table = []
+    for name, r in rows:
+        if not isinstance(r, Paired):
+            table.append([name, "-", "-", "-", "-", "-", f"not compared: {r}", "-"])
+            continue
+        seed_sd = " / ".join("-" if v is None else f"{v:.4f}" for v in (r.a.seed_sd, r.b.seed_sd))
+        low, high = r.ci
+        difference = f"{r.mean_difference:+.4f} [{low:+.4f}, {high:+.4f}]"
+        counts = [str(len(r.cases)), f"{r.a.seeds} / {r.b.seeds}"]
+        table.append([name, *counts, difference, f"{r.p_value:.3g}", f"{r.p_holm:.3g}", r.verdict, seed_sd])
+    md = [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(row) + " |" for row in table] + [""]
+    parts = [
+        f"<p>{html.escape(title)}</p><table><tr>"
+        + "".join(f"<th>{h}</th>" for h in header)
+        + "</tr>"
+        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table)
+        + "</table>"
+    ]
+    return md, parts
+
+
 def build_report(output_dir: str | Path | None = None) -> Path:
     """Write ``report.md``, ``report.html`` and ``figures/*.png``; returns the Markdown path."""
     client = open_client()
@@ -300,6 +345,9 @@ def build_report(output_dir: str | Path | None = None) -> Path:
             + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
             + "</table>"
         )
+        stats_md, stats_html = _baseline_statistics(client, study, variants)
+        md += stats_md
+        parts_html += stats_html
         specs = (
             json.loads(next(iter(variants.values()))[0].data.tags.get("reproduce.figures", "[]"))
             if variants
