@@ -11,16 +11,17 @@ of the tibial plateau below; the growth plates are thinner bands inside the bone
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import CropForegroundd
+from monai.data import MetaTensor
+from monai.transforms import CropForegroundd, MapTransform
 from scipy import ndimage
 
-__all__ = ["JointWindowCropd", "joint_centre", "reference_joint_centre"]
+__all__ = ["JointWindowCropd", "RecropToWindowd", "joint_centre", "reference_joint_centre"]
 
 
 def joint_centre(
@@ -105,7 +106,8 @@ class JointWindowCropd(CropForegroundd):
     around the joint centre of ``source_key`` (1, X, S, Z), every slice kept: the thesis's crop
     (sec. 4.3.1). Resample in-plane first (``Spacingd``) so that the window has a fixed size in
     mm. MONAI's ``CropForegroundd`` does the cropping, so ``Invertd`` puts a prediction back; the
-    window's start and end in voxels are stored as ``joint_window_start`` / ``_end``.
+    window's start and end in voxels (X, S, Z of the resampled grid, negative where it pads) are
+    stored as ``start_coord_key`` / ``end_coord_key``.
     """
 
     def __init__(
@@ -117,6 +119,8 @@ class JointWindowCropd(CropForegroundd):
         search_mm: float = 12.0,
         smooth_mm: float = 2.0,
         mode: str | Sequence[str] = "constant",
+        start_coord_key: str = "joint_window_start",
+        end_coord_key: str = "joint_window_end",
         allow_missing_keys: bool = False,
     ) -> None:
         win = [int(w) for w in window]
@@ -132,7 +136,49 @@ class JointWindowCropd(CropForegroundd):
             margin=margin,
             allow_smaller=False,
             mode=mode,
-            start_coord_key="joint_window_start",
-            end_coord_key="joint_window_end",
+            start_coord_key=start_coord_key,
+            end_coord_key=end_coord_key,
             allow_missing_keys=allow_missing_keys,
         )
+
+
+class RecropToWindowd(MapTransform):
+    """Move arrays (C, X, S, Z) predicted on one joint window to another window of the same
+    resampled grid: the part inside both is kept, the rest of the target window is zero (never
+    predicted). The windows are the boxes :class:`JointWindowCropd` stored under ``from_*`` and
+    ``to_*`` keys; Z is kept as it is (no z crop, both resized alike).
+
+    The knee bundle predicts on the ``infer_window_mm`` window and scores the thesis's figure on
+    the ``window_mm`` one, the window it trained on (the same when both are 100 mm).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        from_start_key: str = "joint_window_start",
+        to_start_key: str = "thesis_window_start",
+        to_end_key: str = "thesis_window_end",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.from_start_key, self.to_start_key, self.to_end_key = from_start_key, to_start_key, to_end_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+
+        def in_plane(key: str) -> np.ndarray:  # a stored box corner, (x, s)
+            return np.asarray(torch.as_tensor(d[key]).cpu()).reshape(-1)[:2].astype(int)
+
+        start = in_plane(self.to_start_key)
+        offset, size = start - in_plane(self.from_start_key), in_plane(self.to_end_key) - start
+        for key in self.key_iterator(d):
+            src = d[key].as_tensor() if isinstance(d[key], MetaTensor) else torch.as_tensor(d[key])
+            out = src.new_zeros((src.shape[0], int(size[0]), int(size[1]), src.shape[3]))
+            # the overlap of the target window [offset, offset + size) with the source [0, shape)
+            lo = np.maximum(offset, 0)
+            hi = np.minimum(offset + size, src.shape[1:3])
+            if (hi > lo).all():
+                a, b = lo - offset, hi - offset
+                out[:, a[0] : b[0], a[1] : b[1]] = src[:, lo[0] : hi[0], lo[1] : hi[1]]
+            d[key] = out
+        return d

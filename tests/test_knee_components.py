@@ -1,8 +1,11 @@
 """The knee study's parts against the thesis and hand-made inputs: the U-Net with contracting-side
 dropout, the negative soft Dice, N4 through ITK, the joint centre (measured in mm on the synthetic
-knees), the merged map's per-bone split, the maps-to-label conversion and early stopping."""
+knees), the two fields of view scored (the thesis's window and the whole scan, counted by hand on a
+crafted knee), the merged map's per-bone split, the maps-to-label conversion and early stopping."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -19,11 +22,11 @@ from monai.transforms import (
     Spacingd,
 )
 
-from bundle_utils import gradient_check
+from bundle_utils import gradient_check, parse_study
 from medseg_monai.bias_field import N4BiasFieldCorrectiond, n4_bias_field
 from medseg_monai.data import load_splits
 from medseg_monai.handlers import EarlyStopping
-from medseg_monai.joint import JointWindowCropd, joint_centre, reference_joint_centre
+from medseg_monai.joint import JointWindowCropd, RecropToWindowd, joint_centre, reference_joint_centre
 from medseg_monai.losses import NegativeSoftDiceLoss
 from medseg_monai.networks import EncoderDropoutUNet
 from medseg_monai.transforms import MapsToLabeld, SplitByNearestLabeld
@@ -224,6 +227,138 @@ def test_window_pads_where_it_leaves_the_image() -> None:
     out = JointWindowCropd("image", window=(64, 64), band_mm=10, search_mm=8, smooth_mm=1)(item)
     assert out["image"].shape == (1, 64, 64, 4)
     assert out["joint_window_start"][0] < 0 and out["joint_window_end"][0] > 40  # padded in x
+
+
+def test_recrop_moves_a_prediction_to_another_window_of_the_grid() -> None:
+    """From the window predicted (start (10, 20)) to the thesis's (start (12, 19), 3 x 4 voxels):
+    the overlap is kept, the row before the predicted window is zero."""
+    pred = torch.arange(4 * 5 * 2, dtype=torch.float32).reshape(1, 4, 5, 2)
+    item = {
+        "pred": pred,
+        "joint_window_start": np.array([10, 20, 0]),
+        "thesis_window_start": np.array([12, 19, 0]),
+        "thesis_window_end": np.array([15, 23, 7]),
+    }
+    out = RecropToWindowd("pred")(item)["pred"]
+    assert out.shape == (1, 3, 4, 2)
+    assert torch.equal(out[:, :2, 1:], pred[:, 2:4, :3])  # x 12-13, s 20-22
+    assert out[:, 2].sum() == 0 and out[:, :, 0].sum() == 0  # x 14, s 19: never predicted
+
+
+# A crafted knee, 40 x 48 x 4 voxels of 1 mm stored in RSP, scored by the bundle's own validation
+# (transforms, postprocessing, metrics, CaseMetrics) with a 16 mm window of 16 x 16 x 4 voxels, so
+# that every resampling is the identity and each figure is a count of voxels. Soft tissue 0.3;
+# femur 1.0 at x 12-27, s 26-43; tibia 0.8 at x 12-21, s 6-21; fibula 0.6 at x 24-31, s 8-17; the
+# dark band between femur and tibia puts the joint at (19.5, 23), the window at x 12-27, s 15-30.
+# A network reads each bone from its intensity (pointwise, so sliding windows change nothing), and
+# errs inside the window twice: a 2 x 4 x 4 femur-bright patch in soft tissue (32 false femur
+# voxels) and tibia rows s 20-21 at 0.7 (80 tibia voxels missed).
+_LEVELS = (1.0, 0.8, 0.6)  # femur, tibia, fibula
+
+
+class _ReadsBoneFromIntensity(torch.nn.Module):
+    def __init__(self, merged: bool = False) -> None:
+        super().__init__()
+        self.merged = merged
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = torch.cat([((x - v).abs() < 0.05).float() for v in _LEVELS], dim=1)
+        if self.merged:
+            maps = maps.amax(dim=1, keepdim=True)
+        return 20.0 * maps - 10.0
+
+
+def _crafted_knee(folder: Path) -> dict[str, str]:
+    image = np.zeros((40, 48, 4), np.float32)
+    label = np.zeros((40, 48, 4), np.uint8)
+    image[4:36] = 0.3
+    for value, cls, (xs, ss) in zip(
+        _LEVELS,
+        (1, 2, 3),
+        ((slice(12, 28), slice(26, 44)), (slice(12, 22), slice(6, 22)), (slice(24, 32), slice(8, 18))),
+        strict=True,
+    ):
+        image[xs, ss], label[xs, ss] = value, cls
+    image[22:24, 16:20] = 1.0  # soft tissue that looks like femur
+    image[12:22, 20:22] = 0.7  # tibia the network misses
+    rsp = np.array([[1, 0, 0, 0], [0, 0, -1, 0], [0, 1, 0, 0], [0, 0, 0, 1]], float)  # x R, s S, z P
+    paths = {"image": str(folder / "knee_img.nii.gz"), "label": str(folder / "knee_lab.nii.gz")}
+    nib.save(nib.Nifti1Image(image, rsp), paths["image"])
+    nib.save(nib.Nifti1Image(label, rsp), paths["label"])
+    return {**paths, "case_id": "crafted"}
+
+
+# (femur, tibia, fibula): window by hand (TP over predicted and labelled voxels inside the window)
+# femur 320 TP + 32 FP of 320; tibia 200 TP of 280; fibula 48 TP of 48 (its other 272 lie outside)
+_WINDOW_DICE = (640 / 672, 400 / 480, 1.0)
+_WINDOW_IOU = (320 / 352, 200 / 280, 1.0)
+# the whole scan: the same predictions, and all the bone: femur 1152, tibia 640, fibula 320 voxels
+_SCAN_DICE = {16.0: (640 / 1504, 400 / 840, 96 / 368), 24.0: (1152 / 1760, 720 / 1000, 448 / 544)}
+_SCAN_IOU = {16.0: (320 / 1184, 200 / 640, 48 / 320)}
+
+
+@pytest.mark.parametrize("infer_window_mm", [16.0, 24.0, 23.0])
+def test_window_figure_ignores_bone_outside_the_window_the_scan_figure_counts_it_missed(
+    tmp_path: Path, infer_window_mm: float
+) -> None:
+    """The thesis's figure (window_*) is scored on the window it trained on, the whole-scan
+    figure (dice_*, iou_*) on every voxel of the scan, where bone outside the predicted window is
+    missed. A wider inference window (24 mm: x 8-31, s 11-34; 23 mm, odd: x 8-30, s 12-34) sees
+    more bone and raises the scan figure, never the window one."""
+    parser = parse_study(
+        "knee",
+        profile="quick",
+        dataset="knee-synthetic",
+        output_dir=str(tmp_path / "run"),
+        window_mm=16.0,
+        size=[16, 16, 4],
+        infer_window_mm=infer_window_mm,
+        intensity=[{"_target_": "ScaleIntensityd", "keys": "image", "minv": 0.0, "maxv": 1.0}],  # no N4
+        val_datalist=[_crafted_knee(tmp_path)],
+    )
+    parser["network_def"] = _ReadsBoneFromIntensity()
+    evaluator = parser.get_parsed_content("validate#evaluator")
+    evaluator.run()
+    case = evaluator.state.case_metrics["cases"]["crafted"]
+    for bone, dice, iou in zip(("femur", "tibia", "fibula"), _WINDOW_DICE, _WINDOW_IOU, strict=True):
+        assert case[f"window_dice_{bone}"] == pytest.approx(dice, abs=1e-6), bone
+        assert case[f"window_iou_{bone}"] == pytest.approx(iou, abs=1e-6), bone
+    assert case["window_dice"] == pytest.approx(sum(_WINDOW_DICE) / 3, abs=1e-6)
+    if infer_window_mm in _SCAN_DICE:
+        for bone, dice in zip(("femur", "tibia", "fibula"), _SCAN_DICE[infer_window_mm], strict=True):
+            assert case[f"dice_{bone}"] == pytest.approx(dice, abs=1e-6), bone
+        assert case["dice"] == pytest.approx(sum(_SCAN_DICE[infer_window_mm]) / 3, abs=1e-6)
+    for bone, iou in zip(("femur", "tibia", "fibula"), _SCAN_IOU.get(infer_window_mm, ()), strict=False):
+        assert case[f"iou_{bone}"] == pytest.approx(iou, abs=1e-6), bone
+    if infer_window_mm == 23.0:  # tibia s 12-21 less the 80 missed, fibula x 24-30, s 12-17
+        assert case["dice_tibia"] == pytest.approx(640 / 960, abs=1e-6)
+        assert case["dice_fibula"] == pytest.approx(336 / 488, abs=1e-6)
+    assert evaluator.state.case_metrics["mean"]["window_dice_femur"] == case["window_dice_femur"]
+
+
+def test_merged_map_is_scored_in_the_window_and_on_the_scan(tmp_path: Path) -> None:
+    """One bone map: its own Dice (union of the bones: 568 TP of 600 predicted, 648 labelled in
+    the window, 2112 in the scan) and per bone by the nearest reference bone, in each field of view
+    on its own reference (the femur's predicted voxels are all femur: 320 of 320 in the window)."""
+    parser = parse_study(
+        "knee",
+        "merged",
+        "quick",
+        dataset="knee-synthetic",
+        output_dir=str(tmp_path / "run"),
+        window_mm=16.0,
+        size=[16, 16, 4],
+        intensity=[{"_target_": "ScaleIntensityd", "keys": "image", "minv": 0.0, "maxv": 1.0}],
+        val_datalist=[_crafted_knee(tmp_path)],
+    )
+    parser["network_def"] = _ReadsBoneFromIntensity(merged=True)
+    evaluator = parser.get_parsed_content("validate#evaluator")
+    evaluator.run()
+    case = evaluator.state.case_metrics["cases"]["crafted"]
+    assert case["window_dice"] == pytest.approx(1136 / 1248, abs=1e-6)
+    assert case["dice"] == pytest.approx(1136 / 2712, abs=1e-6)
+    assert case["window_dice_femur"] == pytest.approx(1.0, abs=1e-6)
+    assert case["dice_femur"] == pytest.approx(640 / 1472, abs=1e-6)
 
 
 # --- merged maps, labels, early stopping ---------------------------------------------------------
