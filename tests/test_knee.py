@@ -115,10 +115,20 @@ def test_evaluate_scores_on_the_native_grid(trained: tuple[Path, Path], tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["cases"]) == 2
-    assert {"dice", "dice_femur", "dice_tibia", "dice_fibula", "iou_femur", "iou_tibia", "iou_fibula"} <= set(
-        metrics["mean"]
-    )
-    assert metrics["mean"]["dice_femur"] > 0.6, metrics["mean"]
+    scan = ["dice", "dice_femur", "dice_tibia", "dice_fibula", "iou_femur", "iou_tibia", "iou_fibula"]
+    assert set(scan) | {"window_" + m for m in scan} <= set(metrics["mean"])  # both fields of view
+    assert metrics["mean"]["dice_femur"] > 0.6 and metrics["mean"]["window_dice_femur"] > 0.6, metrics["mean"]
+
+
+def test_the_grid_reports_the_thesis_window_and_the_whole_scan(tmp_path: Path) -> None:
+    """The report lists, for every entry, the thesis's figure (window_*) and the whole scan's."""
+    from medseg_monai.reproduce import plan
+
+    jobs = [j for j in plan("quick", studies=["knee"], runs_dir=tmp_path) if j.study == "knee"]
+    for bone in ("femur", "tibia", "fibula"):
+        for metric in ("dice", "iou"):
+            assert all({f"window_{metric}_{bone}", f"{metric}_{bone}"} <= set(j.metrics) for j in jobs)
+    assert "window_* = the thesis's scoring" in next(j.note for j in jobs if j.experiment == "baseline")
 
 
 # --- a real-layout knee of another shape and spacing ------------------------------------------------
