@@ -43,15 +43,18 @@ def test_wmh_plain_loop_scores_the_volume_it_left_out(
     assert 0.0 <= result["dice"] <= 1.0 and 0.0 <= result["recall"] <= 1.0
 
 
-def test_xray_plain_loop_refuses_a_fold_out_of_range(
-    shared_data: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("study", "dataset", "n_folds"), [("xray", "jsrt-scr", 5), ("lv", "acdc", 4)])
+def test_plain_loop_refuses_a_fold_out_of_range(
+    shared_data: Path, monkeypatch: pytest.MonkeyPatch, study: str, dataset: str, n_folds: int
 ) -> None:
-    args = ["x", "--data_root", str(shared_data / "jsrt-scr"), "--fold", "5", "--n_folds", "5"]
+    args = ["x", "--data_root", str(shared_data / dataset), "--fold", str(n_folds), "--n_folds", str(n_folds)]
     monkeypatch.setattr(sys, "argv", args)
+    last = n_folds - 1
     with pytest.raises(
-        SystemExit, match=r"^error: fold must be a whole number from 0 to 4 \(n_folds 5\), got 5$"
+        SystemExit,
+        match=rf"^error: fold must be a whole number from 0 to {last} \(n_folds {n_folds}\), got {n_folds}$",
     ):
-        runpy.run_path(str(ROOT / "bundles" / "xray" / "docs" / "plain_loop.py"), run_name="__main__")
+        runpy.run_path(str(ROOT / "bundles" / study / "docs" / "plain_loop.py"), run_name="__main__")
 
 
 @pytest.mark.slow
@@ -67,17 +70,6 @@ def test_xray_plain_loop_scores_the_validation_images_of_its_fold(
     assert set(result["val_dice"]) == {"lungs", "heart"}
     assert all(set(v) == {"lungs", "heart"} for v in result["per_image"].values())
     assert all(0.0 <= d <= 1.0 for v in result["per_image"].values() for d in v.values())
-
-
-def test_lv_plain_loop_refuses_a_fold_out_of_range(
-    shared_data: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    args = ["x", "--data_root", str(shared_data / "acdc"), "--fold", "4", "--n_folds", "4"]
-    monkeypatch.setattr(sys, "argv", args)
-    with pytest.raises(
-        SystemExit, match=r"^error: fold must be a whole number from 0 to 3 \(n_folds 4\), got 4$"
-    ):
-        runpy.run_path(str(ROOT / "bundles" / "lv" / "docs" / "plain_loop.py"), run_name="__main__")
 
 
 @pytest.mark.slow
