@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from medseg_monai.bundle import config_files, config_parser
-from medseg_monai.data import DatasetError, get_dataset, is_configured, resolve_data_root, resolve_data_roots
+from medseg_monai.data import DatasetError, get_dataset, resolve_data_root, resolve_data_roots
 from medseg_monai.errors import InputError
 from medseg_monai.handlers.progress import format_duration
 from medseg_monai.launch import LAUNCHERS, SlurmSettings, make_launcher, redirect_output
@@ -92,21 +92,10 @@ class Job:
 def _entries(spec: dict[str, Any], spec_path: Path) -> list[dict[str, Any]]:
     """The grid's experiments, sweeps expanded: an entry with ``sweep: {param: [v1, v2, ...]}`` is one
     experiment per value, named ``<name>_<value>`` (zero-padded to 3 digits for integers), run with
-    ``param`` overridden and the paper's numbers of that value (``paper: {value: {metric: x}}``).
-    An entry with ``dataset: <id>`` trains on that dataset under its own name (its folder, MLflow
-    run and report row); :func:`load_grid` leaves it out while that real dataset is not configured."""
+    ``param`` overridden and the paper's numbers of that value (``paper: {value: {metric: x}}``)."""
     out = []
     for exp in spec["experiments"]:
         sweep = exp.get("sweep")
-        if exp.get("dataset"):  # a real-data variant: its own name for its folder and MLflow run
-            exp = {
-                **exp,
-                "overrides": {
-                    "dataset": exp["dataset"],
-                    "experiment": exp["name"],
-                    **exp.get("overrides", {}),
-                },
-            }
         if not sweep:
             out.append({**exp, "overrides": dict(exp.get("overrides", {}))})
             continue
@@ -144,15 +133,7 @@ def load_grid(
     seed_list = seeds if seeds is not None else spec["seeds"][profile]
     runs = runs_dir or project_root() / "runs" / "reproduce"
     jobs = []
-    entries = _entries(spec, spec_path)
-    absent = [e for e in entries if e.get("dataset") and not is_configured(e["dataset"])]
-    if absent:
-        print(
-            f"reproduce: {study}: {', '.join(e['name'] for e in absent)} skipped: no "
-            f"{', '.join(dict.fromkeys(e['dataset'] for e in absent))} under MEDSEG_DATA_ROOT",
-            flush=True,
-        )
-    for exp in (e for e in entries if e not in absent):
+    for exp in _entries(spec, spec_path):
         try:
             files = config_files(
                 study, "train", exp.get("config", exp["name"]), profile, bundles_dir=bundle.parent
