@@ -3,6 +3,7 @@ against a private MLflow store), inputs in another geometry, and a network's gra
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import subprocess
@@ -167,3 +168,33 @@ def gradient_check(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, f"no gradient reaches {name}"
     return y
+
+
+def write_toy_registry(tmp_path: Path, entry_changes: dict | None = None) -> Path:
+    """``tmp_path/datasets.json`` holding one real WMH-like dataset ``toy`` (FLAIR and T1 per
+    ``{site}/{subject}``), its entry updated with ``entry_changes``, for ``MEDSEG_REGISTRY``."""
+    entry = {
+        "id": "toy",
+        "study": "wmh",
+        "kind": "real",
+        "description": "toy",
+        "citation": "none",
+        "licence": "CC0",
+        "obtain": {"url": "https://example.org/toy", "instructions": "unpack toy.zip"},
+        "layout": {
+            "case": "{site}/{subject}/flair.nii.gz",
+            "case_id": "{subject}",
+            "images": {"flair": "{site}/{subject}/flair.nii.gz", "t1": "{site}/{subject}/t1.nii.gz"},
+            "label": "{site}/{subject}/wmh.nii.gz",
+        },
+        "labels": {
+            "structures": {"0": "background", "1": "wmh"},
+            "classes": {"default": {"background": [], "wmh": ["wmh"]}},
+        },
+        "intensity": {"bit_depth": 16, "normalised": False},
+        "split": {"fractions": [0.7, 0.15, 0.15], "seed": 0},
+    }
+    entry.update(entry_changes or {})
+    path = tmp_path / "datasets.json"
+    path.write_text(json.dumps({"version": 1, "datasets": [entry]}))
+    return path

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from monai.data import load_decathlon_datalist
 
+from bundle_utils import write_toy_registry
 from medseg_monai.data import (
     DatasetError,
     fold_cases,
@@ -192,34 +193,6 @@ def test_real_split_and_decathlon_datalist(shared_data: Path, tmp_path: Path) ->
 # --- bad input: one clear line, never a traceback maze -------------------------------------------
 
 
-def _write_registry(tmp_path: Path, entry_changes: dict | None = None) -> Path:
-    entry = {
-        "id": "toy",
-        "study": "wmh",
-        "kind": "real",
-        "description": "toy",
-        "citation": "none",
-        "licence": "CC0",
-        "obtain": {"url": "https://example.org/toy", "instructions": "unpack toy.zip"},
-        "layout": {
-            "case": "{site}/{subject}/flair.nii.gz",
-            "case_id": "{subject}",
-            "images": {"flair": "{site}/{subject}/flair.nii.gz", "t1": "{site}/{subject}/t1.nii.gz"},
-            "label": "{site}/{subject}/wmh.nii.gz",
-        },
-        "labels": {
-            "structures": {"0": "background", "1": "wmh"},
-            "classes": {"default": {"background": [], "wmh": ["wmh"]}},
-        },
-        "intensity": {"bit_depth": 16, "normalised": False},
-        "split": {"fractions": [0.7, 0.15, 0.15], "seed": 0},
-    }
-    entry.update(entry_changes or {})
-    path = tmp_path / "datasets.json"
-    path.write_text(json.dumps({"version": 1, "datasets": [entry]}))
-    return path
-
-
 def _touch(root: Path, *names: str) -> None:
     for name in names:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -228,7 +201,7 @@ def _touch(root: Path, *names: str) -> None:
 
 @pytest.fixture
 def toy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("MEDSEG_REGISTRY", str(_write_registry(tmp_path)))
+    monkeypatch.setenv("MEDSEG_REGISTRY", str(write_toy_registry(tmp_path)))
     root = tmp_path / "toy"
     _touch(root, "A/1/flair.nii.gz", "A/1/t1.nii.gz", "A/1/wmh.nii.gz")
     return root
@@ -300,7 +273,7 @@ def test_duplicate_case_ids(toy: Path) -> None:
 )
 def test_malformed_registry_names_the_json_path(tmp_path: Path, changes: dict, message: str) -> None:
     with pytest.raises(DatasetError, match=message):
-        load_registry(_write_registry(tmp_path, changes))
+        load_registry(write_toy_registry(tmp_path, changes))
 
 
 def test_registry_that_is_not_json(tmp_path: Path) -> None:
@@ -339,7 +312,7 @@ def test_cli_bad_input_is_one_line_and_nonzero(
 
 
 def test_cli_malformed_registry(tmp_path: Path) -> None:
-    path = _write_registry(tmp_path, {"study": 7})
+    path = write_toy_registry(tmp_path, {"study": 7})
     result = _cli("list", env={"MEDSEG_REGISTRY": str(path)})
     assert (
         result.returncode == 2 and "$.datasets[0].study" in result.stderr and "Traceback" not in result.stderr

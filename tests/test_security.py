@@ -9,7 +9,6 @@ Each refusal is checked for its exit status, its single ``error:`` line and what
 from __future__ import annotations
 
 import base64
-import json
 import os
 import sys
 import threading
@@ -22,7 +21,7 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from bundle_utils import error_lines, local_store_env, parse_study, run_python_module
+from bundle_utils import error_lines, local_store_env, parse_study, run_python_module, write_toy_registry
 from medseg_monai import tracking
 from medseg_monai.bundle import command_line, config_files, studies
 from medseg_monai.errors import InputError
@@ -253,31 +252,14 @@ def test_resume_of_a_doctored_run_is_one_line_and_runs_nothing(tmp_path: Path) -
 
 
 def _toy_registry(tmp_path: Path, label: str) -> Path:
-    entry = {
-        "id": "toy",
-        "study": "wmh",
-        "kind": "real",
-        "description": "toy",
-        "citation": "none",
-        "licence": "CC0",
-        "obtain": {"url": "https://example.org/toy", "instructions": "unpack toy.zip"},
-        # {gap} is empty in every case: '.{gap}.' passes the schema's '../' check and fills as '..'
-        "layout": {
-            "case": "{subject}{gap:x?}/flair.nii.gz",
-            "case_id": "{subject}",
-            "images": {"flair": "{subject}/flair.nii.gz"},
-            "label": label,
-        },
-        "labels": {
-            "structures": {"0": "background", "1": "wmh"},
-            "classes": {"default": {"background": [], "wmh": ["wmh"]}},
-        },
-        "intensity": {"bit_depth": 16, "normalised": False},
-        "split": {"fractions": [0.7, 0.15, 0.15], "seed": 0},
+    # {gap} is empty in every case: '.{gap}.' passes the schema's '../' check and fills as '..'
+    layout = {
+        "case": "{subject}{gap:x?}/flair.nii.gz",
+        "case_id": "{subject}",
+        "images": {"flair": "{subject}/flair.nii.gz"},
+        "label": label,
     }
-    path = tmp_path / "datasets.json"
-    path.write_text(json.dumps({"version": 1, "datasets": [entry]}))
-    return path
+    return write_toy_registry(tmp_path, {"layout": layout})
 
 
 @pytest.mark.parametrize(
