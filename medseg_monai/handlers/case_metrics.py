@@ -41,6 +41,7 @@ def summarise_cases(
     class_names: list[str],
     columns: dict[str, list[str]] | None = None,
     groups: dict[str, str] | None = None,
+    group_name: str = "group",
 ) -> dict[str, dict[str, Any]]:
     """Per-case metric tables -> ``{"mean": {...}, "cases": {id: {...}}}``.
 
@@ -49,8 +50,8 @@ def summarise_cases(
     ``mean`` averages cases, skipping NaN (a class absent from both reference and prediction).
     A metric named in ``columns`` has its own column names instead (e.g. the many columns of
     ``medseg_monai.metrics.LesionMetrics``), reported as they are. With ``groups`` (case id ->
-    group, e.g. its cardiac phase ED or ES) the summary also has ``by_group``: the same means over
-    each group's cases.
+    group, e.g. its cardiac phase ED or ES) the summary also has ``by_<group_name>``: the same
+    means over each group's cases.
     """
     cases: dict[str, dict[str, float]] = {cid: {} for cid in case_ids}
     columns = columns or {}
@@ -69,7 +70,7 @@ def summarise_cases(
     summary: dict[str, dict[str, Any]] = {"mean": _nan_means(list(cases.values())), "cases": cases}
     if groups:
         names = sorted(set(groups.values()))
-        summary["by_group"] = {
+        summary[f"by_{group_name}"] = {
             g: _nan_means([cases[c] for c in case_ids if groups.get(c) == g]) for g in names
         }
     return summary
@@ -154,9 +155,8 @@ class CaseMetrics:
             self.class_names,
             self.columns,
             self._groups if self.group_by else None,
+            self.group_by or "group",
         )
-        if "by_group" in summary:  # named for what groups them: by_phase
-            summary[f"by_{self.group_by}"] = summary.pop("by_group")
         for metric in self.summaries:
             summary["mean"].update(metric.summary())
             if hasattr(metric, "sections"):
