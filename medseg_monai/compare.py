@@ -406,7 +406,7 @@ def versus_baseline(
         return None, [(baseline, "no per-case metrics")]
     base = RunScores(baseline, "mlflow", [], study, base_split, base_seeds, {}).metric(metric)
     rows: list[tuple[str, Paired | str]] = []
-    for name in sorted(set(variants) - {baseline}):
+    for name in [n for n in variants if n != baseline]:  # the caller's order (the report's: the paper's)
         seeds, split, data = loaded[name]
         if name in reasons:
             rows.append((name, reasons[name]))

@@ -1,14 +1,17 @@
 """The reproduction report, rebuilt from the MLflow store alone (``make report``).
 
-For every study (MLflow experiment) and profile: a line naming the split each row is scored on
-(the grid's ``split``: a test split, or the validation split that also chose each ``model.pt``),
-then a table with, per experiment, the paper's number, ours as mean +- sd over seeds, n, the
-dataset (id, real or synthetic, content hash) and the run ids; where the study has an experiment named
-``baseline``, every other experiment against it case by case (``medseg_monai.compare.versus_baseline``:
-mean difference, bootstrap interval, Holm-corrected Wilcoxon p, verdict); then the figures the bundle asked for (validation curves, sweeps, lesion brackets)
-and the failed runs; then a section per hyperparameter search (``medseg_monai.search``) with its
-trajectory. Writes ``report.md`` and a self-contained ``report.html`` (figures inlined)
-to ``<mlflow dir>/reports``.
+It opens on a summary, one line per study and profile (reproduced, not reproduced, synthetic
+only) linking to the study's section. Each section: the paper-shaped table
+(``medseg_monai.tables``: experiments in the paper's order, the baseline first, per metric ours as
+mean ± sd over seeds with n beside the paper's figure and the difference, labelled reference rows
+with their citations, and dataset, split, commit, date, hardware and profile once above it), the
+grid's notes; where the study has an experiment named ``baseline``, every other experiment against
+it case by case (``medseg_monai.compare.versus_baseline``: mean difference, bootstrap interval,
+Holm-corrected Wilcoxon p, verdict); the figures the grid asked for (validation curves, one labelled
+curve per experiment, sweeps with their spread over seeds, lesion brackets) and the failed runs.
+Then a section per hyperparameter search (``medseg_monai.search``) with its trajectory. The report
+is one document model (sections of paragraphs, tables, lists and figures) rendered twice:
+``report.md`` and a self-contained ``report.html`` (figures inlined), in ``<mlflow dir>/reports``.
 
     python -m medseg_monai.report [--output_dir DIR]
 """
@@ -21,33 +24,160 @@ import html
 import io
 import json
 import math
+import re
 import statistics
 import sys
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medseg_monai.errors import redact
+from medseg_monai.errors import InputError, redact
+from medseg_monai.tables import PaperTable, paper_table, split_sentence
 from medseg_monai.tracking import mlflow_dir, open_client, tracking_uri
 
-__all__ = ["build_report", "collect", "main", "split_sentence"]
+__all__ = [
+    "Image",
+    "Items",
+    "Paragraph",
+    "Section",
+    "Table",
+    "bars_figure",
+    "build_report",
+    "collect",
+    "curves_figure",
+    "main",
+    "paper_blocks",
+    "render_html",
+    "render_markdown",
+    "split_sentence",
+    "sweep_figure",
+]
 
 SYNTHETIC_NOTE = "synthetic data: these rows check the pipeline and reproduce nothing"
-# what a figure on each evaluation split is worth: model.pt is the epoch of best validation score
-SPLITS = {
-    "test": "the test split (cases that neither trained the model nor chose its checkpoint)",
-    "val": "the validation split (the cases that chose model.pt, its best epoch: a flattering figure)",
-    "train": "the training split (cases the model trained on)",
-    "all": "every case (the training cases included)",
-}
+_STYLE = (
+    "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+    "table{border-collapse:collapse;display:block;overflow-x:auto}"
+    "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px;white-space:nowrap}"
+    "th{background:#f3f3f3}img{max-width:100%}figure{margin:1em 0}"
+)
 
 
-def _mean_sd(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+# ----------------------------------------------------------------------------- the document model
+
+
+@dataclass
+class Paragraph:
+    text: str
+    strong: bool = False
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Items:
+    """A bullet list, with an optional title line; ``links`` (one per item, or None) are anchors."""
+
+    items: list[str]
+    title: str = ""
+    links: list[str | None] | None = None
+
+
+@dataclass
+class Image:
+    title: str
+    file: str  # relative to the report, e.g. figures/xray-quick-0.png
+    png: bytes
+
+
+@dataclass
+class Section:
+    title: str
+    blocks: list[Any] = field(default_factory=list)
+    level: int = 2
+
+    @property
+    def anchor(self) -> str:
+        """GitHub's heading anchor, so the Markdown links work there and in the HTML alike."""
+        return re.sub(r"[^a-z0-9 _-]", "", self.title.lower()).strip().replace(" ", "-")
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def render_markdown(blocks: Sequence[Any]) -> str:
+    out: list[str] = []
+    for block in blocks:
+        if isinstance(block, Section):
+            out += [f"{'#' * block.level} {block.title}", "", render_markdown(block.blocks)]
+        elif isinstance(block, Paragraph):
+            out += [f"**{block.text}**" if block.strong else block.text, ""]
+        elif isinstance(block, Table):
+            out += ["| " + " | ".join(block.header) + " |", "|" + "---|" * len(block.header)]
+            out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in block.rows] + [""]
+        elif isinstance(block, Items):
+            links = block.links or [None] * len(block.items)
+            out += [block.title, ""] if block.title else []
+            out += [f"- [{t}](#{a})" if a else f"- {t}" for t, a in zip(block.items, links, strict=True)]
+            out.append("")
+        elif isinstance(block, Image):
+            out += [f"![{block.title}]({block.file})", ""]
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def _inline(text: str) -> str:
+    """Escaped text with Markdown's `code` spans as <code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
+def render_html(blocks: Sequence[Any]) -> str:
+    out: list[str] = []
+    esc = _inline
+    for block in blocks:
+        if isinstance(block, Section):
+            level = min(block.level, 6)
+            out.append(f"<h{level} id='{block.anchor}'>{esc(block.title)}</h{level}>")
+            out.append(render_html(block.blocks))
+        elif isinstance(block, Paragraph):
+            out.append(
+                f"<p><strong>{esc(block.text)}</strong></p>" if block.strong else f"<p>{esc(block.text)}</p>"
+            )
+        elif isinstance(block, Table):
+            head = "".join(f"<th>{esc(h)}</th>" for h in block.header)
+            body = "".join(
+                "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in block.rows
+            )
+            out.append(f"<table><tr>{head}</tr>{body}</table>")
+        elif isinstance(block, Items):
+            links = block.links or [None] * len(block.items)
+            items = "".join(
+                f"<li><a href='#{a}'>{esc(t)}</a></li>" if a else f"<li>{esc(t)}</li>"
+                for t, a in zip(block.items, links, strict=True)
+            )
+            out.append((f"<p>{esc(block.title)}</p>" if block.title else "") + f"<ul>{items}</ul>")
+        elif isinstance(block, Image):
+            data = base64.b64encode(block.png).decode()
+            out.append(
+                f"<figure><img alt='{html.escape(block.title)}' src='data:image/png;base64,{data}'/>"
+                f"<figcaption>{esc(block.title)}</figcaption></figure>"
+            )
+    return "\n".join(out)
+
+
+def _page(blocks: Sequence[Any]) -> str:
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>Reproduction report</title>"
+        f"<style>{_STYLE}</style></head><body>\n{render_html(blocks)}\n</body></html>"
+    )
+
+
+# ----------------------------------------------------------------------------- MLflow queries
 
 
 def collect(client: Any) -> dict[tuple[str, str], dict[str, Any]]:
@@ -68,99 +198,141 @@ def collect(client: Any) -> dict[tuple[str, str], dict[str, Any]]:
     return groups
 
 
-def split_sentence(splits: dict[str, str]) -> str:
-    """The line above a table saying which split its rows are scored on: ``splits`` maps each
-    experiment to its split; the most common one is named first, the others with their rows."""
-    by_split: dict[str, list[str]] = defaultdict(list)
-    for name, split in sorted(splits.items()):
-        by_split[split].append(name)
-    ordered = sorted(by_split, key=lambda s: -len(by_split[s]))
-    parts = [f"Scored on {SPLITS.get(ordered[0], f'the {ordered[0]} split')}"]
-    parts += [f"{', '.join(by_split[s])} on {SPLITS.get(s, f'the {s} split')}" for s in ordered[1:]]
-    return "; ".join(parts) + "."
-
-
 def _latest_per_seed(runs: list[Any]) -> list[Any]:
     """One run per seed (the newest), so reruns do not count twice."""
     by_seed = {r.data.tags.get("seed", r.info.run_id): r for r in runs}
     return list(by_seed.values())
 
 
-def _png(fig: Any) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()
+# ----------------------------------------------------------------------------- figures
 
 
-def _figure(client: Any, spec: dict[str, Any], variants: dict[str, list[Any]]) -> tuple[str, bytes] | None:
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    return plt
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return buf.getvalue()
+
+
+def _legend(ax: Any, count: int, title: str = "experiment") -> None:
+    """Outside the plot on the right, so a dozen curves leave the data readable."""
+    ax.legend(title=title, fontsize=7, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              ncol=1 if count <= 18 else 2)  # fmt: skip
+
+
+def curves_figure(
+    curves: Mapping[str, Sequence[tuple[int, float]]],
+    metric: str,
+    title: str,
+    paper: Mapping[str, float] | None = None,
+) -> Any:
+    """One labelled curve per experiment (mean over seeds per epoch), and the paper's figure of an
+    experiment, where it has one, as a dotted line of the same colour."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.4, 4.0))
+    cmap = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
+    paper = paper or {}
+    for i, (name, points) in enumerate(curves.items()):
+        color, style = cmap(i % cmap.N), ("-", "--", "-.")[(i // cmap.N) % 3]
+        ax.plot([s for s, _ in points], [v for _, v in points], style, color=color, lw=1.4, label=name)
+        if name in paper:
+            ax.axhline(paper[name], color=color, ls=":", lw=1.2, label=f"{name}: paper {paper[name]:g}")
+    ax.set(xlabel="epoch", ylabel=metric, title=title)
+    ax.grid(alpha=0.3)
+    _legend(ax, len(curves) + len(paper))
+    return fig
+
+
+def sweep_figure(
+    points: Sequence[tuple[float, float]],
+    x: str,
+    y: str,
+    title: str,
+    paper: Mapping[float, float] | None = None,
+) -> Any:
+    """The metric against a swept parameter: the mean over seeds, a band of ± 1 sd where several
+    seeds ran, each seed's point, and the paper's points."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.4, 4.0))
+    by_x: dict[float, list[float]] = defaultdict(list)
+    for px, py in points:
+        by_x[px].append(py)
+    xs = sorted(by_x)
+    means = [statistics.mean(by_x[v]) for v in xs]
+    ax.plot(xs, means, "o-", label="ours (mean over seeds)")
+    if any(len(by_x[v]) > 1 for v in xs):
+        sds = [statistics.stdev(by_x[v]) if len(by_x[v]) > 1 else 0.0 for v in xs]
+        ax.fill_between(xs, [m - s for m, s in zip(means, sds, strict=True)],
+                        [m + s for m, s in zip(means, sds, strict=True)], alpha=0.2, label="ours ± 1 sd over seeds")  # fmt: skip
+    ax.scatter([px for px, _ in points], [py for _, py in points], s=10, alpha=0.4, label="each seed")
+    if paper:
+        ax.plot(list(paper), list(paper.values()), "r*", markersize=12, label="paper")
+    ax.set(xlabel=x, ylabel=y, title=title)
+    ax.grid(alpha=0.3)
+    _legend(ax, 4, title="")
+    return fig
+
+
+def bars_figure(values: Mapping[str, Sequence[float]], metrics: Sequence[str], title: str) -> Any:
+    """Grouped bars: per metric, one bar per experiment (the mean over seeds)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.4, 4.0))
+    width = 0.8 / max(len(values), 1)
+    for i, (name, row) in enumerate(values.items()):
+        ax.bar([j + i * width for j in range(len(metrics))], row, width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))], metrics, rotation=20, fontsize=7)
+    ax.set(xlabel="metric", ylabel="mean over seeds", title=title)
+    ax.grid(alpha=0.3, axis="y")
+    _legend(ax, len(values))
+    return fig
+
+
+def _figure(client: Any, spec: dict[str, Any], variants: dict[str, list[Any]], names: list[str]) -> Any:
+    """The figure a grid asked for (``figures`` of its reproduce.yaml), drawn from the runs in
+    ``names``' order; None when there is nothing to draw."""
+    title = spec.get("title", spec["kind"])
     if spec["kind"] == "curves":
-        for name, runs in sorted(variants.items()):
-            histories = [
-                sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, spec["metric"]))
-                for r in runs
-            ]
-            steps = sorted({s for h in histories for s, _ in h})
-            if not steps:
-                continue
-            means = [statistics.mean(v for h in histories for s2, v in h if s2 == s) for s in steps]
-            ax.plot(steps, means, label=name)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(spec["metric"])
-        if len(variants) <= 12:
-            ax.legend(fontsize=7)
-    elif spec["kind"] == "sweep":
+        curves, paper = {}, {}
+        for name in names:
+            histories = [client.get_metric_history(r.info.run_id, spec["metric"]) for r in variants[name]]
+            by_step: dict[int, list[float]] = defaultdict(list)
+            for m in (m for h in histories for m in h):
+                by_step[m.step].append(m.value)
+            if by_step:
+                curves[name] = [(s, statistics.mean(by_step[s])) for s in sorted(by_step)]
+            quoted = variants[name][0].data.tags.get(f"paper.{spec['metric'].removeprefix('val_')}")
+            if quoted is not None and name in curves:
+                paper[name] = float(quoted)
+        return curves_figure(curves, spec["metric"], title, paper) if curves else None
+    if spec["kind"] == "sweep":
         points = []
-        for runs in variants.values():
-            for r in runs:
-                split = r.data.tags.get("reproduce.split", "val")
-                y = r.data.metrics.get(f"eval_{split}_{spec['y']}")
+        for name in names:
+            for r in variants[name]:
+                y = r.data.metrics.get(f"eval_{r.data.tags.get('reproduce.split', 'val')}_{spec['y']}")
                 x = r.data.params.get(spec["x"])
                 if y is not None and x is not None:
                     points.append((float(x), y))
-        if not points:
-            plt.close(fig)
-            return None
-        xs = sorted({x for x, _ in points})
-        ax.plot(
-            xs,
-            [statistics.mean(y for x2, y in points if x2 == x) for x in xs],
-            "o-",
-            label="ours (mean over seeds)",
-        )
-        ax.scatter([x for x, _ in points], [y for _, y in points], s=10, alpha=0.4)
         paper = {float(k): float(v) for k, v in (spec.get("paper") or {}).items()}
-        if paper:
-            ax.plot(list(paper), list(paper.values()), "r*", markersize=12, label="paper")
-        ax.set_xlabel(spec["x"])
-        ax.set_ylabel(spec["y"])
-        ax.legend(fontsize=8)
-    elif spec["kind"] == "bars":
-        names = sorted(variants)
-        keys = spec["metrics"]
-        width = 0.8 / max(len(names), 1)
-        for i, name in enumerate(names):
-            runs = variants[name]
-            split = runs[0].data.tags.get("reproduce.split", "val")
-            values = [
-                statistics.mean(r.data.metrics.get(f"eval_{split}_{k}", math.nan) for r in runs) for k in keys
+        return sweep_figure(points, spec["x"], spec["y"], title, paper) if points else None
+    if spec["kind"] == "bars":
+        values = {}
+        for name in names:
+            split = variants[name][0].data.tags.get("reproduce.split", "val")
+            values[name] = [
+                statistics.mean(r.data.metrics.get(f"eval_{split}_{k}", math.nan) for r in variants[name])
+                for k in spec["metrics"]
             ]
-            ax.bar([j + i * width for j in range(len(keys))], values, width, label=name)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], keys, rotation=20, fontsize=7)
-        ax.legend(fontsize=6)
-    else:
-        plt.close(fig)
-        return None
-    ax.set_title(spec.get("title", ""))
-    ax.grid(alpha=0.3)
-    data = _png(fig)
-    plt.close(fig)
-    return spec.get("title", spec["kind"]), data
+        return bars_figure(values, spec["metrics"], title)
+    return None
 
 
 def _log_figures(client: Any, figures: dict[tuple[str, str], list[Path]]) -> None:
@@ -180,12 +352,72 @@ def _log_figures(client: Any, figures: dict[tuple[str, str], list[Path]]) -> Non
             client.log_artifact(run_id, str(path), artifact_path="figures")
 
 
-def _search_sections(client: Any, out: Path, md: list[str], parts_html: list[str]) -> None:
+# ----------------------------------------------------------------------------- sections
+
+
+def paper_blocks(table: PaperTable) -> list[Any]:
+    """A study's paper-shaped table as blocks: the synthetic label, the header said once, the
+    table, the grid's notes and the references' citations."""
+    blocks: list[Any] = [Paragraph(f"{SYNTHETIC_NOTE}.", strong=True)] if table.synthetic else []
+    blocks += [Items([f"{k}: {v}" for k, v in table.header.items()]), Table(table.columns(), table.body())]
+    # where the paper column is empty the grid's notes say why (e.g. a draft without results)
+    notes = [f"{r.name}: {r.note}" for r in table.rows if r.note]
+    if notes:
+        blocks.append(Items(notes, title="Notes:"))
+    if table.references:
+        refs = [f"{r.name}: {r.citation}. What differs: {r.differs}" for r in table.references]
+        blocks.append(Items(refs, title="References (labelled rows, not our runs):"))
+    return blocks
+
+
+def _baseline_statistics(client: Any, study: str, variants: dict[str, list[Any]]) -> list[Any]:
+    """A study's experiments against its ``baseline``, paired per case on the headline metric
+    (``medseg_monai.compare.versus_baseline``; ``docs/statistics.md``); nothing when the study has
+    no experiment named ``baseline``."""
+    from medseg_monai.compare import versus_baseline
+    from medseg_monai.stats import Paired, lower_is_better
+
+    metric, rows = versus_baseline(client, variants, study)
+    if metric is None:
+        return [Paragraph(f"No paired statistics: {name}: {why}") for name, why in rows]
+    title = (
+        f"Against the baseline, case by case: {metric}, experiment - baseline "
+        f"({'lower' if lower_is_better(metric) else 'higher'} is better), seeds averaged per case, 95 % "
+        "bootstrap CI, Wilcoxon p Holm-corrected across the experiments (docs/statistics.md)."
+    )
+    both = "(experiment / baseline)"
+    header = ["experiment", "cases", f"seeds {both}", "difference (95 % CI)", "p", "Holm p", "verdict"]
+    header.append(f"seed sd {both}")
+    table = []
+    for name, r in rows:
+        if not isinstance(r, Paired):
+            table.append([name, "-", "-", "-", "-", "-", f"not compared: {r}", "-"])
+            continue
+        seed_sd = " / ".join("-" if v is None else f"{v:.4f}" for v in (r.a.seed_sd, r.b.seed_sd))
+        low, high = r.ci
+        difference = f"{r.mean_difference:+.4f} [{low:+.4f}, {high:+.4f}]"
+        counts = [str(len(r.cases)), f"{r.a.seeds} / {r.b.seeds}"]
+        table.append([name, *counts, difference, f"{r.p_value:.3g}", f"{r.p_holm:.3g}", r.verdict, seed_sd])
+    return [Paragraph(title), Table(header, table)]
+
+
+def _failed(runs: list[Any]) -> Items:
+    lines = []
+    for run in runs:
+        tags = run.data.tags
+        error = tags.get("reproduce.error", run.info.status).strip().splitlines()[-1:] or [run.info.status]
+        name = tags.get("variant", run.info.run_name)
+        lines.append(f"{name} seed {tags.get('seed', '?')} ({run.info.run_id[:8]}): {error[0][:300]}")
+    return Items(lines, title="Failed runs:")
+
+
+def _search_sections(client: Any, out: Path) -> list[Section]:
     """One section per hyperparameter search (a parent run tagged ``search.role``, its trials the
     child runs): what was searched, the best trial, and the trajectory drawn from the children's
-    ``search.score``, appended to ``md`` and ``parts_html``; the figure goes to ``out/figures``."""
+    ``search.score``; the figure goes to ``out/figures``."""
     from medseg_monai.search import plot_trajectory
 
+    sections = []
     for exp in client.search_experiments():
         parents = client.search_runs([exp.experiment_id], "tags.`search.role` = 'parent'", max_results=500)
         for parent in sorted(parents, key=lambda r: r.info.start_time or 0):
@@ -216,63 +448,15 @@ def _search_sections(client: Any, out: Path, md: list[str], parts_html: list[str
                 text += f"best {best['score']:.4f} in trial {best['number']} ({shown}); "
             kinds = {c.data.tags.get("dataset.kind") for c in children} - {None}
             text += f"MLflow run {pid[:8]}" + (" (synthetic data)" if "synthetic" in kinds else "") + "."
-            md += [f"## Hyperparameter search: {title}", "", text, ""]
-            parts_html += [
-                f"<h2>Hyperparameter search: {html.escape(title)}</h2>",
-                f"<p>{html.escape(text)}</p>",
-            ]
+            section = Section(f"Hyperparameter search: {title}", [Paragraph(text)])
+            sections.append(section)
             if not points:
                 continue
             png = plot_trajectory(points, metric, direction, title)
             figure = f"search-{exp.name}-{profile}-{name}.png".replace("/", "_")
             (out / "figures" / figure).write_bytes(png)
-            md += [f"![{title}](figures/{figure})", ""]
-            parts_html.append(
-                f"<img alt='{html.escape(title)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'/>"
-            )
-
-
-def _baseline_statistics(
-    client: Any, study: str, variants: dict[str, list[Any]]
-) -> tuple[list[str], list[str]]:
-    """Markdown and HTML of a study's experiments against its ``baseline``, paired per case on the
-    headline metric (``medseg_monai.compare.versus_baseline``; ``docs/statistics.md``); nothing when
-    the study has no experiment named ``baseline``."""
-    from medseg_monai.compare import versus_baseline
-    from medseg_monai.stats import Paired, lower_is_better
-
-    metric, rows = versus_baseline(client, variants, study)
-    if metric is None:
-        text = [f"No paired statistics: {name}: {why}" for name, why in rows]
-        return [*text, ""] if text else [], [f"<p>{html.escape(t)}</p>" for t in text]
-    title = (
-        f"Against the baseline, case by case: {metric}, experiment - baseline "
-        f"({'lower' if lower_is_better(metric) else 'higher'} is better), seeds averaged per case, 95 % "
-        "bootstrap CI, Wilcoxon p Holm-corrected across the experiments (docs/statistics.md)."
-    )
-    both = "(experiment / baseline)"
-    header = ["experiment", "cases", f"seeds {both}", "difference (95 % CI)", "p", "Holm p", "verdict"]
-    header.append(f"seed sd {both}")
-    table = []
-    for name, r in rows:
-        if not isinstance(r, Paired):
-            table.append([name, "-", "-", "-", "-", "-", f"not compared: {r}", "-"])
-            continue
-        seed_sd = " / ".join("-" if v is None else f"{v:.4f}" for v in (r.a.seed_sd, r.b.seed_sd))
-        low, high = r.ci
-        difference = f"{r.mean_difference:+.4f} [{low:+.4f}, {high:+.4f}]"
-        counts = [str(len(r.cases)), f"{r.a.seeds} / {r.b.seeds}"]
-        table.append([name, *counts, difference, f"{r.p_value:.3g}", f"{r.p_holm:.3g}", r.verdict, seed_sd])
-    md = [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(row) + " |" for row in table] + [""]
-    parts = [
-        f"<p>{html.escape(title)}</p><table><tr>"
-        + "".join(f"<th>{h}</th>" for h in header)
-        + "</tr>"
-        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table)
-        + "</table>"
-    ]
-    return md, parts
+            section.blocks.append(Image(title, f"figures/{figure}", png))
+    return sections
 
 
 def build_report(output_dir: str | Path | None = None) -> Path:
@@ -280,114 +464,48 @@ def build_report(output_dir: str | Path | None = None) -> Path:
     client = open_client()
     out = Path(output_dir) if output_dir else mlflow_dir() / "reports"
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    groups = collect(client)
     figures: dict[tuple[str, str], list[Path]] = {}
-    md = ["# Reproduction report", "", f"From MLflow store `{redact(tracking_uri())}`.", ""]
-    parts_html = [
-        "<h1>Reproduction report</h1>",
-        f"<p>From MLflow store <code>{html.escape(redact(tracking_uri()))}</code>.</p>",
-    ]
-    if not groups:
-        md.append("No reproduction runs yet: run `make reproduce-all`.")
-        parts_html.append("<p>No reproduction runs yet: run <code>make reproduce-all</code>.</p>")
-    for (study, profile), group in sorted(groups.items()):
+    summary: list[str] = []
+    studies: list[Section] = []
+    for (study, profile), group in sorted(collect(client).items()):
         variants = {k: _latest_per_seed(v) for k, v in group["variants"].items()}
-        md += [f"## {study} ({profile} profile)", ""]
-        parts_html.append(f"<h2>{html.escape(study)} ({html.escape(profile)} profile)</h2>")
-        header = ["experiment", "metric", "paper", "ours (mean ± sd)", "n", "dataset", "runs"]
-        rows, synthetic, splits = [], False, {}
-        for name, runs in sorted(variants.items()):
-            tags = runs[0].data.tags
-            split = splits[name] = tags.get("reproduce.split", "val")
-            metrics = {k[len("paper.") :] for k in tags if k.startswith("paper.")}
-            metrics |= set(filter(None, tags.get("reproduce.metrics", "dice").split(",")))
-            kind = tags.get("dataset.kind", "?")
-            synthetic |= kind == "synthetic"
-            dataset = f"{tags.get('dataset.id', '?')} ({kind}, {tags.get('dataset.hash', '?')[:8]})"
-            for metric in sorted(metrics):
-                values = [
-                    r.data.metrics[f"eval_{split}_{metric}"]
-                    for r in runs
-                    if f"eval_{split}_{metric}" in r.data.metrics
-                ]
-                paper = tags.get(f"paper.{metric}", "-")
-                if not values and paper == "-":  # a metric of another label set (e.g. BraTS 2015's classes)
+        section = Section(f"{study} ({profile} profile)")
+        if variants:
+            table = paper_table(study, profile, variants)
+            names = [r.name for r in table.rows]
+            variants = {n: variants[n] for n in names}  # the paper's order, the baseline first
+            summary.append(f"{study} ({profile} profile): {table.verdict()}")
+            section.blocks += paper_blocks(table)
+            section.blocks += _baseline_statistics(client, study, variants)
+            specs = json.loads(variants[names[0]][0].data.tags.get("reproduce.figures", "[]"))
+            for i, spec in enumerate(specs):
+                fig = _figure(client, spec, variants, names)
+                if fig is None:
                     continue
-                run_ids = " ".join(r.info.run_id[:8] for r in runs)
-                rows.append(
-                    [name, f"{split} {metric}", paper, _mean_sd(values), str(len(values)), dataset, run_ids]
-                )
-        if synthetic:
-            md += [f"> {SYNTHETIC_NOTE}.", ""]
-            parts_html.append(f"<p><strong>{html.escape(SYNTHETIC_NOTE)}.</strong></p>")
-        if splits:
-            md += [split_sentence(splits), ""]
-            parts_html.append(f"<p>{html.escape(split_sentence(splits))}</p>")
-        md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        md += ["| " + " | ".join(r) + " |" for r in rows]
-        md.append("")
-        # where the paper column is empty the grid's notes say why (e.g. a draft without results)
-        notes = [
-            (name, runs[0].data.tags.get("reproduce.note", "")) for name, runs in sorted(variants.items())
-        ]
-        notes = [(name, note) for name, note in notes if note]
-        if notes:
-            md += ["Notes:", ""] + [f"- {name}: {note}" for name, note in notes] + [""]
-            parts_html.append(
-                "<p>Notes:</p><ul>"
-                + "".join(f"<li>{html.escape(n)}: {html.escape(t)}</li>" for n, t in notes)
-                + "</ul>"
-            )
-        parts_html.append(
-            "<table><tr>"
-            + "".join(f"<th>{h}</th>" for h in header)
-            + "</tr>"
-            + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-            + "</table>"
-        )
-        stats_md, stats_html = _baseline_statistics(client, study, variants)
-        md += stats_md
-        parts_html += stats_html
-        specs = (
-            json.loads(next(iter(variants.values()))[0].data.tags.get("reproduce.figures", "[]"))
-            if variants
-            else []
-        )
-        for i, spec in enumerate(specs):
-            made = _figure(client, spec, variants)
-            if made is None:
-                continue
-            title, png = made
-            name = f"{study}-{profile}-{i}.png"
-            (out / "figures" / name).write_bytes(png)
-            figures.setdefault((study, profile), []).append(out / "figures" / name)
-            md += [f"![{title}](figures/{name})", ""]
-            parts_html.append(
-                f"<h3>{html.escape(title)}</h3><img alt='{html.escape(title)}' "
-                f"src='data:image/png;base64,{base64.b64encode(png).decode()}'/>"
-            )
+                png, path = _png(fig), out / "figures" / f"{study}-{profile}-{i}.png"
+                path.write_bytes(png)
+                figures.setdefault((study, profile), []).append(path)
+                section.blocks.append(Image(spec.get("title", spec["kind"]), f"figures/{path.name}", png))
+        else:
+            summary.append(f"{study} ({profile} profile): no finished run")
         if group["failed"]:
-            md += ["Failed runs:", ""]
-            parts_html.append("<h3>Failed runs</h3><ul>")
-            for run in group["failed"]:
-                tags = run.data.tags
-                error = tags.get("reproduce.error", run.info.status).strip().splitlines()[-1:] or [
-                    run.info.status
-                ]
-                line = f"{tags.get('variant', run.info.run_name)} seed {tags.get('seed', '?')} ({run.info.run_id[:8]}): {error[0][:300]}"
-                md.append(f"- {line}")
-                parts_html.append(f"<li>{html.escape(line)}</li>")
-            md.append("")
-            parts_html.append("</ul>")
-    _search_sections(client, out, md, parts_html)
-    (out / "report.md").write_text("\n".join(md))
+            section.blocks.append(_failed(group["failed"]))
+        studies.append(section)
+    store = Paragraph(f"From MLflow store `{redact(tracking_uri())}`.")
+    if studies:
+        links: list[str | None] = [s.anchor for s in studies]
+        head = Section("Summary", [Items(summary, links=links)])
+    else:
+        head = Section("Summary", [Paragraph("No reproduction runs yet: run `make reproduce-all`.")])
+    document = [
+        Section("Reproduction report", [store], level=1),
+        head,
+        *studies,
+        *_search_sections(client, out),
+    ]
+    (out / "report.md").write_text(render_markdown(document))
     _log_figures(client, figures)
-    style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}img{max-width:100%}"
-    (out / "report.html").write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>Reproduction report</title><style>{style}</style></head><body>"
-        + "\n".join(parts_html)
-        + "</body></html>"
-    )
+    (out / "report.html").write_text(_page(document))
     return out / "report.md"
 
 
@@ -395,7 +513,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="medseg-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", help="default: <mlflow dir>/reports")
     args = parser.parse_args(argv)
-    print(build_report(args.output_dir))
+    try:
+        print(build_report(args.output_dir))
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -29,7 +29,7 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from medseg_monai.handlers.progress import format_duration
 from medseg_monai.launch import LAUNCHERS, SlurmSettings, make_launcher, redirect_output
 from medseg_monai.paths import project_root
 from medseg_monai.record import content_hash, cpu_description, git_state, torch_threads
+from medseg_monai.tables import load_references
 from medseg_monai.timing import PHASES, Stopwatch
 from medseg_monai.tracking import (
     check_tracking_uri,
@@ -80,6 +81,8 @@ class Job:
     figures: list[dict[str, Any]] = field(default_factory=list)
     overrides: dict[str, Any] = field(default_factory=dict)
     init_from: str = ""
+    order: int = 0  # the entry's place in the grid (the paper's order), for the report's rows
+    references: list[dict[str, Any]] = field(default_factory=list)  # the grid's reference rows
 
     @property
     def label(self) -> str:
@@ -130,10 +133,11 @@ def load_grid(
             f"{spec_path}: no seeds for profile '{profile}' (profiles: {', '.join(spec.get('seeds', {}))})"
         )
     study = spec["study"]
+    references = [asdict(r) for r in load_references(spec, spec_path)]
     seed_list = seeds if seeds is not None else spec["seeds"][profile]
     runs = runs_dir or project_root() / "runs" / "reproduce"
     jobs = []
-    for exp in _entries(spec, spec_path):
+    for order, exp in enumerate(_entries(spec, spec_path)):
         try:
             files = config_files(
                 study, "train", exp.get("config", exp["name"]), profile, bundles_dir=bundle.parent
@@ -157,6 +161,8 @@ def load_grid(
                     figures=list(spec.get("figures", [])),
                     overrides=exp["overrides"],
                     init_from=exp.get("init_from", ""),
+                    order=order,
+                    references=references,
                 )
             )
     return _chain(jobs, spec_path)
@@ -265,6 +271,8 @@ def _job_tags(job: Job, fp: dict[str, str]) -> dict[str, str]:
         "reproduce.metrics": ",".join(job.metrics),
         "reproduce.figures": json.dumps(job.figures),
         "reproduce.note": job.note,
+        "reproduce.order": str(job.order),
+        "reproduce.references": json.dumps(job.references),
         "variant": job.experiment,
         "seed": str(job.seed),
         "study": job.study,
@@ -464,6 +472,7 @@ class _Grid:
             done = None if self.force else _finished_run(self.client, job, fp, self.commit)
             if done:
                 self.skipped += 1
+                self.tag(done, job, fp)  # the grid's own tags (paper figures, notes, references) as now
                 self.state[self.key(job)] = "done"
                 self.effective.setdefault(fp["effective_hash"], (job, done))
                 self.say(index, job, f"done already (run {done[:8]}), skipped")

@@ -214,10 +214,11 @@ def test_tiny_grid_end_to_end(bundles: Path, tmp_path: Path) -> None:
     rows = [  # the paper-beside-ours table (the statistics table below it names the same entries)
         line
         for line in report.splitlines()
-        if line.startswith(("| baseline | val dice |", "| noise_val_only | val dice |"))
+        if line.startswith(("| baseline |", "| noise_val_only |")) and "(n=" in line
     ]
-    assert len(rows) == 2 and "0.99105" in rows[0] and "0.6648" in rows[1]
-    assert all("| 2 |" in r and "synthetic" in r for r in rows)
+    assert len(rows) == 2 and "| 0.99105 |" in rows[0] and "| 0.6648 |" in rows[1]
+    assert all("(n=2)" in r for r in rows)
+    assert report.count("- dataset: xray-synthetic (synthetic, ") == 1  # once, above the table
     assert "check the pipeline and reproduce nothing" in report
     assert "- noise_val_only: poster, exp. 1" in report  # the grid's notes explain the paper column
     html = (tmp_path / "mlflow" / "reports" / "report.html").read_text()
@@ -303,7 +304,7 @@ def test_report_says_which_split_each_table_is_scored_on(
         "Scored on the test split (cases that neither trained the model nor chose its checkpoint)."
         in brats_part
     )
-    assert "| baseline | test dice | 0.8 | 0.6100 |" in brats_part  # the test figure, not the 0.9 of val
+    assert "| baseline | 0.6100 (n=1) | 0.8 | -0.1900 |" in brats_part  # the test figure, not the 0.9 of val
     assert (
         "Scored on the validation split (the cases that chose model.pt, its best epoch: a flattering "
         "figure); unet_test on the test split" in wmh_part
