@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -37,6 +38,7 @@ __all__ = [
     "cache_on_device",
     "check_checkpoint",
     "check_command_line",
+    "check_evaluation_dir",
     "check_interrupted",
     "command_line",
     "config_parser",
@@ -81,21 +83,48 @@ def _fold_suffix(fold: int | None, sep: str) -> str:
     return "" if fold is None else f"{sep}fold{fold}"
 
 
+def _named_dataset(study: str | None, dataset: str | None) -> str | None:
+    """``dataset`` when it is not the one ``study`` uses by default (``medseg_monai.data.default_dataset``),
+    else None: only a run on another dataset carries its id in its folder and run name, so the
+    default's names (grids, docs) stay as they were."""
+    if dataset is None or study is None:
+        return None
+    from medseg_monai.data import default_dataset, get_dataset
+
+    if dataset == default_dataset(study, announce=False):
+        return None
+    return get_dataset(dataset).id  # a registered id (refused in one line otherwise), never a path
+
+
 def default_output_dir(
-    study: str, experiment: str, seed: int, profile: str = "paper", fold: int | None = None
+    study: str,
+    experiment: str,
+    seed: int,
+    profile: str = "paper",
+    fold: int | None = None,
+    dataset: str | None = None,
 ) -> str:
-    """``<repo>/runs/<study>/<profile>/<experiment>/seed<seed>[_fold<k>]`` (git-ignored): a quick
-    check never lands on a full run's results, nor one fold on another's."""
-    return str(
-        project_root() / "runs" / study / profile / experiment / f"seed{seed}{_fold_suffix(fold, '_')}"
-    )
+    """``<repo>/runs/<study>/<profile>/[<dataset>/]<experiment>/seed<seed>[_fold<k>]`` (git-ignored): a
+    quick check never lands on a full run's results, nor one fold on another's, nor a run on another
+    dataset than the study's default (named) on the default's."""
+    named = _named_dataset(study, dataset)
+    base = project_root() / "runs" / study / profile
+    return str((base / named if named else base) / experiment / f"seed{seed}{_fold_suffix(fold, '_')}")
 
 
-def run_name(experiment: str, seed: int, profile: str = "paper", fold: int | None = None) -> str:
-    """The MLflow run name: ``<experiment> seed<seed>[ fold<k>]``, with ``(<profile>)`` unless the
-    paper's."""
+def run_name(
+    experiment: str,
+    seed: int,
+    profile: str = "paper",
+    fold: int | None = None,
+    dataset: str | None = None,
+    study: str | None = None,
+) -> str:
+    """The MLflow run name: ``<experiment> seed<seed>[ fold<k>]``, then in brackets the profile unless
+    the paper's and the dataset unless ``study``'s default, e.g. ``baseline seed0 (quick, jsrt-scr)``."""
+    qualifiers = [q for q in (None if profile == "paper" else profile, _named_dataset(study, dataset)) if q]
     return f"{experiment} seed{seed}{_fold_suffix(fold, ' ')}" + (
-        "" if profile == "paper" else f" ({profile})"
+        f" ({', '.join(qualifiers)})" if qualifiers else ""
     )
 
 
@@ -147,10 +176,11 @@ def _cli_value(value: Any) -> str:
 
 
 # what evaluation never reads from a run's record: the wiring and the training-only sections come
-# from the bundle's own files, so nothing written there can reach the evaluation
+# from the bundle's own files, so nothing written there can reach the evaluation; output_dir is where
+# the run was, not how it trained (a copied folder's record names the original)
 _UNREAD = (
     "_meta_", "imports", "initialize", "run", "finalize", "train", "validate", "infer", "device", "amp",
-    "network", "loss", "optimizer", "lr_scheduler",
+    "network", "loss", "optimizer", "lr_scheduler", "output_dir",
 )  # fmt: skip
 _SPECIAL_KEY = re.compile(r"_[a-z]+_")  # MONAI's _target_, _requires_, _disabled_, _mode_, _desc_
 
@@ -480,7 +510,8 @@ def install_error_hook() -> None:
 
 
 _FLAGS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-_FLAG_KEYS = ("resume", "overwrite", "fast")  # the top-level flags the configs read through flag()
+# the top-level flags the configs read through flag()
+_FLAG_KEYS = ("resume", "overwrite", "fast", "allow_train_overlap")
 
 
 def flag(value: Any, name: str) -> bool:
@@ -514,13 +545,20 @@ def choose(name: str, value: Any, options: Mapping[str, Any]) -> Any:
     return options[value]
 
 
+def _positive_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
 def _check_value(key: str, value: Any) -> None:
     """Contract keys of the command line, checked before anything runs."""
     from medseg_monai.data import FOLD_POOLS, SPLITS
 
-    counts = ("max_epochs", "val_interval", "validations_per_epoch")
+    counts = ("max_epochs", "val_interval", "validations_per_epoch", "batch_size", "val_batch_size", "sw_batch_size")
     if key in counts and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise InputError(f"{key} must be a positive whole number, got {value!r}")
+    expression = isinstance(value, str) and value.startswith(("$", "@"))  # MONAI's syntax, checked when built
+    if key == "learning_rate" and not expression and not _positive_number(value):
+        raise InputError(f"learning_rate must be a positive number (e.g. 1e-3), got {value!r}")
     if key == "seed" and (isinstance(value, bool) or not isinstance(value, int)):
         raise InputError(f"seed must be a whole number, got {value!r}")
     if key in _FLAG_KEYS:
@@ -629,10 +667,32 @@ def report_outputs(output_dir: str, n_inputs: int) -> None:
 def check_interrupted(trainer: Any, output_dir: str) -> None:
     """After ``trainer.run()``: a run a signal stopped ends the process with one line, non-zero."""
     signal_name = getattr(trainer.state, "interrupted", None)
-    if signal_name:
+    if not signal_name:
+        return
+    if not (Path(output_dir) / "checkpoint.pt").is_file():  # TrainingCheckpoint's, after each epoch
         raise RunInterrupted(
-            f"training stopped by {signal_name} during epoch {trainer.state.epoch}; the last complete epoch "
-            f"is checkpointed in {output_dir}: continue with --resume true"
+            f"training stopped by {signal_name} during epoch {trainer.state.epoch}, before any epoch was "
+            f"complete: nothing in {output_dir} to resume; run the same command again to start over"
+        )
+    raise RunInterrupted(
+        f"training stopped by {signal_name} during epoch {trainer.state.epoch}; the last complete epoch "
+        f"is checkpointed in {output_dir}: continue with --resume true"
+    )
+
+
+def check_evaluation_dir(output_dir: str, ckpt_path: str) -> None:
+    """An evaluation writes beside the checkpoint it evaluates or into the ``--output_dir`` given:
+    a ``--ckpt_path`` outside the default ``output_dir`` (that of the study, experiment, profile and
+    seed, perhaps the run the checkpoint was copied from) without ``--output_dir`` is refused in one
+    line. Reads this process's command line; the launcher passes the checkpoint's folder itself."""
+    _, _, given = parse_command_line(sys.argv)
+    if "ckpt_path" not in given or "output_dir" in given:
+        return
+    folder = Path(ckpt_path).expanduser().resolve().parent
+    if folder != Path(output_dir).expanduser().resolve():
+        raise InputError(
+            f"the checkpoint {ckpt_path} is not in output_dir {output_dir}, where this evaluation would "
+            f"write: pass --output_dir {folder} (beside it) or another folder"
         )
 
 
@@ -1009,6 +1069,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{', '.join(files)}; recorded settings {shown})",
                 file=sys.stderr,
             )
+        if args.mode in ("evaluate", "inference") and "ckpt_path" in overrides:
+            # results beside the checkpoint, unless told otherwise (never the folder a record names)
+            folder = Path(str(overrides["ckpt_path"])).expanduser().resolve().parent
+            overrides.setdefault("output_dir", str(folder))
         with at_repo_root():
             check_command_line(command_line(files, meta_dir, **overrides)[2:])
     except InputError as e:

@@ -71,6 +71,48 @@ def test_profile_is_part_of_the_default_output_dir_and_run_name() -> None:
     assert full.get_parsed_content("train#handlers#0").run_name == "baseline seed0"
 
 
+def test_a_run_on_another_dataset_than_the_default_is_named_after_it(
+    shared_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A JSRT quick run and a synthetic one get different folders and MLflow run names: the dataset
+    joins them when it is not the study's default (the default's names stay as they were)."""
+    jsrt = parse_study("xray", profile="quick", dataset="jsrt-scr", data_root=str(shared_data / "jsrt-scr"))
+    assert jsrt.get_parsed_content("output_dir").endswith("runs/xray/quick/jsrt-scr/baseline/seed0")
+    assert jsrt.get_parsed_content("train#handlers#0").run_name == "baseline seed0 (quick, jsrt-scr)"
+    paper = parse_study(
+        "xray", dataset="jsrt-scr", data_root=str(shared_data / "jsrt-scr"), fold=2, fold_pool="all"
+    )
+    assert paper.get_parsed_content("output_dir").endswith("runs/xray/paper/jsrt-scr/baseline/seed0_fold2")
+    assert paper.get_parsed_content("train#handlers#0").run_name == "baseline seed0 fold2 (jsrt-scr)"
+    synthetic = parse_study("xray", profile="quick", dataset="xray-synthetic")
+    assert synthetic.get_parsed_content("output_dir").endswith("runs/xray/quick/baseline/seed0")
+    # with JSRT under MEDSEG_DATA_ROOT it is the default, and the synthetic run is the one named
+    monkeypatch.setenv("MEDSEG_DATA_ROOT", str(shared_data))
+    assert (
+        parse_study("xray", profile="quick")
+        .get_parsed_content("output_dir")
+        .endswith("runs/xray/quick/baseline/seed0")
+    )
+    synthetic = parse_study("xray", profile="quick", dataset="xray-synthetic")
+    assert synthetic.get_parsed_content("output_dir").endswith(
+        "runs/xray/quick/xray-synthetic/baseline/seed0"
+    )
+    assert (
+        synthetic.get_parsed_content("train#handlers#0").run_name == "baseline seed0 (quick, xray-synthetic)"
+    )
+
+
+def test_an_unknown_dataset_never_names_a_folder(tmp_path: Path) -> None:
+    result = subprocess.run(
+        command_line(config_files("xray", profile="quick"), dataset="../../elsewhere"),
+        cwd=ROOT, env=local_store_env(tmp_path / "mlflow"), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    errors = error_lines(result)
+    assert result.returncode != 0 and len(errors) == 1, result.stderr[-2000:]
+    assert "unknown dataset '../../elsewhere'" in errors[0]
+    assert not (ROOT / "runs" / "xray" / "quick" / "elsewhere").exists()
+
+
 @pytest.mark.slow
 def test_a_folder_with_results_is_not_overwritten(tmp_path: Path) -> None:
     out, store = tmp_path / "run", tmp_path / "mlflow"

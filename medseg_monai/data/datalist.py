@@ -507,9 +507,10 @@ def is_configured(dataset_id: str) -> bool:
     return not get_dataset(dataset_id).synthetic and env is not None and (env / dataset_id).is_dir()
 
 
-def default_dataset(study: str) -> str:
+def default_dataset(study: str, announce: bool = True) -> str:
     """The dataset a study's bundle uses by default: the first real dataset of the study present
-    under ``$MEDSEG_DATA_ROOT``, else the study's synthetic dataset (said in one log line)."""
+    under ``$MEDSEG_DATA_ROOT``, else the study's synthetic dataset (said in one log line unless
+    ``announce`` is false, e.g. when naming a run folder after the dataset was chosen)."""
     ids = list_datasets(study)
     if not ids:
         raise DatasetError(f"unknown study '{study}'")
@@ -518,5 +519,6 @@ def default_dataset(study: str) -> str:
         if is_configured(spec.id):
             return spec.id
     synthetic = next(s.id for s in specs if s.synthetic)
-    logger.info("no real %s data under MEDSEG_DATA_ROOT: using synthetic dataset '%s'", study, synthetic)
+    if announce:
+        logger.info("no real %s data under MEDSEG_DATA_ROOT: using synthetic dataset '%s'", study, synthetic)
     return synthetic
