@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -38,7 +37,6 @@ __all__ = [
     "cache_on_device",
     "check_checkpoint",
     "check_command_line",
-    "check_evaluation_dir",
     "check_interrupted",
     "command_line",
     "config_parser",
@@ -176,11 +174,10 @@ def _cli_value(value: Any) -> str:
 
 
 # what evaluation never reads from a run's record: the wiring and the training-only sections come
-# from the bundle's own files, so nothing written there can reach the evaluation; output_dir is where
-# the run was, not how it trained (a copied folder's record names the original)
+# from the bundle's own files, so nothing written there can reach the evaluation
 _UNREAD = (
     "_meta_", "imports", "initialize", "run", "finalize", "train", "validate", "infer", "device", "amp",
-    "network", "loss", "optimizer", "lr_scheduler", "output_dir",
+    "network", "loss", "optimizer", "lr_scheduler",
 )  # fmt: skip
 _SPECIAL_KEY = re.compile(r"_[a-z]+_")  # MONAI's _target_, _requires_, _disabled_, _mode_, _desc_
 
@@ -510,8 +507,7 @@ def install_error_hook() -> None:
 
 
 _FLAGS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-# the top-level flags the configs read through flag()
-_FLAG_KEYS = ("resume", "overwrite", "fast", "allow_train_overlap")
+_FLAG_KEYS = ("resume", "overwrite", "fast")  # the top-level flags the configs read through flag()
 
 
 def flag(value: Any, name: str) -> bool:
@@ -545,20 +541,13 @@ def choose(name: str, value: Any, options: Mapping[str, Any]) -> Any:
     return options[value]
 
 
-def _positive_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
-
-
 def _check_value(key: str, value: Any) -> None:
     """Contract keys of the command line, checked before anything runs."""
     from medseg_monai.data import FOLD_POOLS, SPLITS
 
-    counts = ("max_epochs", "val_interval", "validations_per_epoch", "batch_size", "val_batch_size", "sw_batch_size")
+    counts = ("max_epochs", "val_interval", "validations_per_epoch")
     if key in counts and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise InputError(f"{key} must be a positive whole number, got {value!r}")
-    expression = isinstance(value, str) and value.startswith(("$", "@"))  # MONAI's syntax, checked when built
-    if key == "learning_rate" and not expression and not _positive_number(value):
-        raise InputError(f"learning_rate must be a positive number (e.g. 1e-3), got {value!r}")
     if key == "seed" and (isinstance(value, bool) or not isinstance(value, int)):
         raise InputError(f"seed must be a whole number, got {value!r}")
     if key in _FLAG_KEYS:
@@ -667,32 +656,10 @@ def report_outputs(output_dir: str, n_inputs: int) -> None:
 def check_interrupted(trainer: Any, output_dir: str) -> None:
     """After ``trainer.run()``: a run a signal stopped ends the process with one line, non-zero."""
     signal_name = getattr(trainer.state, "interrupted", None)
-    if not signal_name:
-        return
-    if not (Path(output_dir) / "checkpoint.pt").is_file():  # TrainingCheckpoint's, after each epoch
+    if signal_name:
         raise RunInterrupted(
-            f"training stopped by {signal_name} during epoch {trainer.state.epoch}, before any epoch was "
-            f"complete: nothing in {output_dir} to resume; run the same command again to start over"
-        )
-    raise RunInterrupted(
-        f"training stopped by {signal_name} during epoch {trainer.state.epoch}; the last complete epoch "
-        f"is checkpointed in {output_dir}: continue with --resume true"
-    )
-
-
-def check_evaluation_dir(output_dir: str, ckpt_path: str) -> None:
-    """An evaluation writes beside the checkpoint it evaluates or into the ``--output_dir`` given:
-    a ``--ckpt_path`` outside the default ``output_dir`` (that of the study, experiment, profile and
-    seed, perhaps the run the checkpoint was copied from) without ``--output_dir`` is refused in one
-    line. Reads this process's command line; the launcher passes the checkpoint's folder itself."""
-    _, _, given = parse_command_line(sys.argv)
-    if "ckpt_path" not in given or "output_dir" in given:
-        return
-    folder = Path(ckpt_path).expanduser().resolve().parent
-    if folder != Path(output_dir).expanduser().resolve():
-        raise InputError(
-            f"the checkpoint {ckpt_path} is not in output_dir {output_dir}, where this evaluation would "
-            f"write: pass --output_dir {folder} (beside it) or another folder"
+            f"training stopped by {signal_name} during epoch {trainer.state.epoch}; the last complete epoch "
+            f"is checkpointed in {output_dir}: continue with --resume true"
         )
 
 
@@ -1069,10 +1036,6 @@ def main(argv: list[str] | None = None) -> int:
                 f"{', '.join(files)}; recorded settings {shown})",
                 file=sys.stderr,
             )
-        if args.mode in ("evaluate", "inference") and "ckpt_path" in overrides:
-            # results beside the checkpoint, unless told otherwise (never the folder a record names)
-            folder = Path(str(overrides["ckpt_path"])).expanduser().resolve().parent
-            overrides.setdefault("output_dir", str(folder))
         with at_repo_root():
             check_command_line(command_line(files, meta_dir, **overrides)[2:])
     except InputError as e:
