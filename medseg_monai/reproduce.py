@@ -9,7 +9,9 @@ thread; paper jobs one at a time on every core), a fine-tuning entry after its p
 already FINISHED for the same commit, entry, merged-config hash, split and data hash is skipped unless
 ``force``; an entry whose effective config equals another's (all but its name) is not run twice,
 its twin's run is copied; a failed run is recorded FAILED, the others go on, and the exit status
-names the failures. Each job writes ``timings.json`` (``medseg_monai.timing``); ``--profile-time``
+names the failures. Two grids started together share the work: a grid locks a job's folder (a
+``.seed<k>.grid.lock`` beside it) before it reads or deletes anything there, and waits, saying so in
+one line, for a job another grid holds (then skips it when that grid finished it). Each job writes ``timings.json`` (``medseg_monai.timing``); ``--profile-time``
 prints them. The report is rebuilt at the end (``medseg_monai.report``).
 
     python -m medseg_monai.reproduce [--profile quick|paper] [--studies wmh xray] [--seeds 0 1]
@@ -22,6 +24,7 @@ import argparse
 import hashlib
 import json
 import os
+import platform
 import queue
 import re
 import shutil
@@ -337,6 +340,36 @@ def _copy_run(client: Any, source_id: str, source: Job, job: Job) -> str:
     return run_id
 
 
+def _job_lock_path(job: Job) -> Path:
+    """The file a grid locks while it owns ``job``'s folder: beside the folder (``.seed0.grid.lock``
+    next to ``seed0/``), so that deleting the folder for a rerun never deletes the lock."""
+    out = Path(job.output_dir)
+    return out.parent / f".{out.name}.grid.lock"
+
+
+def take_job_lock(job: Job) -> tuple[Any | None, str]:
+    """This grid's exclusive lock on ``job``'s folder, taken before anything looks at or deletes it:
+    ``(handle, "")`` when taken (closing the handle, or this process ending, lets go), ``(None,
+    holder)`` while another grid holds it (``holder`` says which: pid and host)."""
+    import fcntl
+
+    path = _job_lock_path(job)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another grid"
+        handle.close()
+        return None, holder
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"grid pid {os.getpid()} on {platform.node()}")
+    handle.flush()
+    return handle, ""
+
+
 def default_workers(profile: str) -> int:
     """Jobs at once when ``--jobs`` is not given: quick jobs are small and scale badly over threads,
     so one per core (at most 4); a paper job gets every core to itself."""
@@ -380,6 +413,8 @@ class _Grid:
         self.skipped = self.copied = 0
         self.timings: dict[str, dict[str, float]] = {}
         self.fps: dict[int, dict[str, str]] = {}
+        self.locks: dict[int, Any] = {}  # job index: this grid's lock on its folder (take_job_lock)
+        self.held_elsewhere: set[int] = set()  # jobs whose folder another grid holds: waiting for it
         self.planning = Stopwatch()
         self.started = time.perf_counter()
 
@@ -422,6 +457,13 @@ class _Grid:
                 resolve_data_roots(list(dict.fromkeys(requests)), self.workers)
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            for index in list(self.locks):
+                self.release(index)
+
+    def _run(self) -> None:
         self.prepare_data()
         pending = list(enumerate(self.jobs, 1))
         running: dict[int, _Slot] = {}
@@ -441,11 +483,15 @@ class _Grid:
             if not running and self.offline:
                 self.not_started = [job.label for _, job in pending]
                 return
-            if not running:
+            if not running and not self.held_elsewhere:
                 for index, job in pending:  # nothing runs, so what they wait on can never end
                     self.fail(index, job, self.fps.get(index), "waits on a job that never ran")
                 return
-            kind, index, value = self.events.get()
+            try:  # while another grid holds a job, look again every few seconds
+                kind, index, value = self.events.get(timeout=2.0 if self.held_elsewhere else None)
+            except queue.Empty:
+                changed = True
+                continue
             if kind == "line":
                 self.progress(running[index], value)
             else:
@@ -453,7 +499,34 @@ class _Grid:
                 changed = True
 
     def start(self, index: int, job: Job) -> str | _Slot:
-        """Skip, copy, fail or launch ``job``; ``"wait"`` while a job it needs is not done."""
+        """Skip, copy, fail or launch ``job``; ``"wait"`` while a job it needs is not done or another
+        grid holds its folder. A launched job keeps its folder's lock until :meth:`finish`."""
+        outcome = self._start(index, job)
+        if not isinstance(outcome, _Slot):
+            self.release(index)
+        return outcome
+
+    def release(self, index: int) -> None:
+        handle = self.locks.pop(index, None)
+        if handle is not None:
+            handle.close()
+
+    def _lock(self, index: int, job: Job) -> bool:
+        """Whether this grid holds ``job``'s folder now (taking the lock if free); says once, in one
+        line, that it waits when another grid holds it."""
+        if index in self.locks:
+            return True
+        handle, holder = take_job_lock(job)
+        if handle is None:
+            if index not in self.held_elsewhere:
+                self.say(index, job, f"{job.output_dir} is held by another grid ({holder}): waiting for it")
+            self.held_elsewhere.add(index)
+            return False
+        self.held_elsewhere.discard(index)
+        self.locks[index] = handle
+        return True
+
+    def _start(self, index: int, job: Job) -> str | _Slot:
         if job.init_from:
             parent = self.state.get(self.key(job, job.init_from))
             if parent is None:
@@ -469,6 +542,8 @@ class _Grid:
             twin = self.effective.get(fp["effective_hash"])
             if twin is not None and twin[1] is None and self.state.get(self.key(twin[0])) != "failed":
                 return "wait"  # its twin is running: copy it when done
+            if not self._lock(index, job):  # before reading or deleting anything of its folder
+                return "wait"
             done = None if self.force else _finished_run(self.client, job, fp, self.commit)
             if done:
                 self.skipped += 1
@@ -551,6 +626,12 @@ class _Grid:
         )
 
     def finish(self, slot: _Slot, status: int) -> None:
+        try:
+            self._finish(slot, status)
+        finally:
+            self.release(slot.index)  # tagged or recorded FAILED: another grid may take the folder
+
+    def _finish(self, slot: _Slot, status: int) -> None:
         job, index = slot.job, slot.index
         self.durations.append(time.perf_counter() - slot.started)
         try:

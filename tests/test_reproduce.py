@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -319,3 +321,86 @@ def test_report_says_which_split_each_table_is_scored_on(
     assert _finished_run(client, job, fp, "abc") == on_test
     job.split = "val"
     assert _finished_run(client, job, fp, "abc") is None
+
+
+_HOLD_JOB_LOCK = """
+import json, sys
+from medseg_monai.reproduce import Job, take_job_lock
+handle, holder = take_job_lock(Job(**json.loads(sys.argv[1])))
+print("held" if handle else holder, flush=True)
+sys.stdin.read()  # hold it until the test closes stdin
+"""
+
+
+def test_a_job_another_grid_holds_is_waited_for_and_its_folder_kept(
+    bundles: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from medseg_monai.launch import LocalLauncher
+    from medseg_monai.reproduce import _Grid, take_job_lock
+
+    monkeypatch.setenv("MEDSEG_MLFLOW_DIR", str(tmp_path / "mlflow"))
+    job = plan("quick", ["xray"], [0], bundles, tmp_path / "runs")[0]
+    out = Path(job.output_dir)
+    out.mkdir(parents=True)
+    (out / ".lock").write_text("pid 1 on elsewhere")  # the other grid's job is training there
+    (out / "checkpoint.pt").write_bytes(b"the other grid's")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_JOB_LOCK, json.dumps(job.__dict__)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        launcher = LocalLauncher(print, preload=[])  # never asked to start anything here
+        grid = _Grid([job], force=False, workers=1, threads=1, profile_time=False, launcher=launcher)
+        assert grid.start(1, job) == "wait" and grid.start(1, job) == "wait"
+        said = [line for line in capsys.readouterr().out.splitlines() if "held by another grid" in line]
+        assert said == [
+            f"[1/1] xray/baseline seed 0: {out} is held by another grid "
+            f"(grid pid {holder.pid} on {platform.node()}): waiting for it"
+        ]  # once, however often it looks
+        assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint.pt"]  # nothing touched
+        assert (out / "checkpoint.pt").read_bytes() == b"the other grid's"
+        assert grid.locks == {} and grid.held_elsewhere == {1}
+    finally:
+        holder.communicate("", timeout=30)
+    handle, who = take_job_lock(job)  # the other grid ended: the folder is free again
+    assert handle is not None and who == ""
+    handle.close()
+
+
+@pytest.mark.slow
+def test_two_grids_at_once_share_the_jobs(bundles: Path, tmp_path: Path) -> None:
+    grid = dict(GRID, experiments=GRID["experiments"][:2])  # baseline and noise_val_only
+    (bundles / "xray" / "configs" / "reproduce.yaml").write_text(yaml.safe_dump(grid))
+    from medseg_monai.reproduce import fingerprint
+
+    fingerprint(plan("quick", ["xray"], [0], bundles, tmp_path / "runs")[0])  # the synthetic data, made once
+    # no git state (both grids see "unknown"): in a shared checkout a commit landing while the grids
+    # run would make the first grid's finished run stale for the second, which then retrains it
+    env = local_store_env(tmp_path / "mlflow", GIT_DIR=str(tmp_path / "no-git"))
+    cmd = [sys.executable, "-m", "medseg_monai.reproduce", "--profile", "quick", "--seeds", "0"]
+    cmd += ["--jobs", "1", "--bundles_dir", str(bundles), "--runs_dir", str(tmp_path / "runs"), "--no_report"]
+    grids = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        for _ in range(2)
+    ]
+    results = [(g.communicate(timeout=900), g.returncode) for g in grids]
+    for (stdout, stderr), code in results:
+        assert code == 0, stdout[-3000:] + stderr[-3000:]
+    outs = [stdout for (stdout, _), _ in results]
+    both = "\n".join(outs)
+    # each job trained by one grid; the other waited for it, said so, then skipped it as done
+    ran = sum(int(re.search(r"reproduce: (\d+) ran", o).group(1)) for o in outs)
+    skipped = sum(int(re.search(r"(\d+) skipped", o).group(1)) for o in outs)
+    assert (ran, skipped) == (2, 2), both
+    assert "held by another grid (grid pid" in both and "FAILED" not in both
+    client = mlflow_client(tmp_path / "mlflow")
+    runs = _grid_runs(client, "xray")
+    assert sorted(r.data.tags["variant"] for r in runs) == ["baseline", "noise_val_only"]  # no duplicate
+    assert all(r.info.status == "FINISHED" for r in runs)
+    for r in runs:  # each evaluated once, by the grid that trained it
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "eval_val_dice")] == [0], r.data.tags
+        assert (Path(r.data.tags["output_dir"]) / "model.pt").is_file()
