@@ -37,6 +37,7 @@ __all__ = [
     "cache_on_device",
     "check_checkpoint",
     "check_command_line",
+    "check_evaluation_dir",
     "check_interrupted",
     "command_line",
     "config_parser",
@@ -174,10 +175,11 @@ def _cli_value(value: Any) -> str:
 
 
 # what evaluation never reads from a run's record: the wiring and the training-only sections come
-# from the bundle's own files, so nothing written there can reach the evaluation
+# from the bundle's own files, so nothing written there can reach the evaluation; output_dir is where
+# the run was, not how it trained (a copied folder's record names the original)
 _UNREAD = (
     "_meta_", "imports", "initialize", "run", "finalize", "train", "validate", "infer", "device", "amp",
-    "network", "loss", "optimizer", "lr_scheduler",
+    "network", "loss", "optimizer", "lr_scheduler", "output_dir",
 )  # fmt: skip
 _SPECIAL_KEY = re.compile(r"_[a-z]+_")  # MONAI's _target_, _requires_, _disabled_, _mode_, _desc_
 
@@ -507,7 +509,8 @@ def install_error_hook() -> None:
 
 
 _FLAGS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-_FLAG_KEYS = ("resume", "overwrite", "fast")  # the top-level flags the configs read through flag()
+# the top-level flags the configs read through flag()
+_FLAG_KEYS = ("resume", "overwrite", "fast", "allow_train_overlap")
 
 
 def flag(value: Any, name: str) -> bool:
@@ -656,10 +659,32 @@ def report_outputs(output_dir: str, n_inputs: int) -> None:
 def check_interrupted(trainer: Any, output_dir: str) -> None:
     """After ``trainer.run()``: a run a signal stopped ends the process with one line, non-zero."""
     signal_name = getattr(trainer.state, "interrupted", None)
-    if signal_name:
+    if not signal_name:
+        return
+    if not (Path(output_dir) / "checkpoint.pt").is_file():  # TrainingCheckpoint's, after each epoch
         raise RunInterrupted(
-            f"training stopped by {signal_name} during epoch {trainer.state.epoch}; the last complete epoch "
-            f"is checkpointed in {output_dir}: continue with --resume true"
+            f"training stopped by {signal_name} during epoch {trainer.state.epoch}, before any epoch was "
+            f"complete: nothing in {output_dir} to resume; run the same command again to start over"
+        )
+    raise RunInterrupted(
+        f"training stopped by {signal_name} during epoch {trainer.state.epoch}; the last complete epoch "
+        f"is checkpointed in {output_dir}: continue with --resume true"
+    )
+
+
+def check_evaluation_dir(output_dir: str, ckpt_path: str) -> None:
+    """An evaluation writes beside the checkpoint it evaluates or into the ``--output_dir`` given:
+    a ``--ckpt_path`` outside the default ``output_dir`` (that of the study, experiment, profile and
+    seed, perhaps the run the checkpoint was copied from) without ``--output_dir`` is refused in one
+    line. Reads this process's command line; the launcher passes the checkpoint's folder itself."""
+    _, _, given = parse_command_line(sys.argv)
+    if "ckpt_path" not in given or "output_dir" in given:
+        return
+    folder = Path(ckpt_path).expanduser().resolve().parent
+    if folder != Path(output_dir).expanduser().resolve():
+        raise InputError(
+            f"the checkpoint {ckpt_path} is not in output_dir {output_dir}, where this evaluation would "
+            f"write: pass --output_dir {folder} (beside it) or another folder"
         )
 
 
@@ -1036,6 +1061,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{', '.join(files)}; recorded settings {shown})",
                 file=sys.stderr,
             )
+        if args.mode in ("evaluate", "inference") and "ckpt_path" in overrides:
+            # results beside the checkpoint, unless told otherwise (never the folder a record names)
+            folder = Path(str(overrides["ckpt_path"])).expanduser().resolve().parent
+            overrides.setdefault("output_dir", str(folder))
         with at_repo_root():
             check_command_line(command_line(files, meta_dir, **overrides)[2:])
     except InputError as e:

@@ -44,11 +44,13 @@ __all__ = [
     "git_state",
     "library_versions",
     "claim_output_dir",
+    "holds_results",
     "lock_output_dir",
     "merged_config",
     "parse_command_line",
     "prepare_run",
     "read_run_record",
+    "train_overlap",
 ]
 
 log = logging.getLogger(__name__)
@@ -440,32 +442,79 @@ def lock_output_dir(output_dir: str | Path) -> None:
     _LOCKS[out] = handle
 
 
-def claim_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool, training: bool = True) -> None:
-    """Lock ``output_dir`` and check that a training may write there: a folder holding another run's
-    record (``run.json``) is refused unless ``resume`` or ``overwrite`` (which deletes its files)."""
+# what a training leaves once an epoch is complete (TrainingCheckpoint, the final CheckpointSaver) and
+# what an evaluation leaves: a folder with none of these holds no result, only a start that failed
+_RESULTS = ("checkpoint.pt", "model_final.pt", "metrics.json", "metrics_*.json")
+
+
+def holds_results(output_dir: str | Path) -> bool:
+    """Whether ``output_dir`` holds a result worth protecting: a completed epoch's checkpoint, a
+    finished training's model or an evaluation's metrics. A run that stopped before its first epoch
+    ended (a wrong setting, Ctrl-C) leaves only its record, which the next start may replace."""
+    out = Path(output_dir)
+    return any(next(out.glob(pattern), None) is not None for pattern in _RESULTS)
+
+
+def _described(record_file: Path) -> str:
+    try:
+        old = json.loads(record_file.read_text())
+        return (
+            f"run '{old['experiment']} seed{old['seed']}' ({old.get('profile', '?')} profile, "
+            f"started {old.get('started', '?')})"
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another run"
+
+
+def _empty(out: Path) -> None:
     import shutil
 
+    for path in out.iterdir():
+        if path.name != ".lock":
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def claim_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool, training: bool = True) -> None:
+    """Lock ``output_dir`` and check that a training may write there: a folder holding another run's
+    results (:func:`holds_results`) is refused unless ``resume`` or ``overwrite`` (which deletes its
+    files); the record of a run that never completed an epoch is replaced, saying so. ``resume`` is
+    refused, before any MLflow run is touched, when there is no checkpoint to continue from."""
     from medseg_monai.tracking import mark_stale_run
 
     out = Path(output_dir).resolve()
     lock_output_dir(out)
     mark_stale_run(out)  # no process holds the folder now: a run still RUNNING there was killed
     previous = out / "run.json"
-    if not training or not previous.is_file() or resume:
+    if not training:
+        return
+    if resume:
+        if not (out / "checkpoint.pt").is_file():
+            why = (
+                f"{_described(previous)} stopped before its first epoch ended"
+                if previous.is_file()
+                else "no run was started there"
+            )
+            raise InputError(
+                f"nothing to resume in {out}: {why} (checkpoint.pt is saved when an epoch completes): "
+                "start the run without --resume true"
+            )
+        return
+    if not previous.is_file():
         return
     if overwrite:
-        for path in out.iterdir():
-            if path.name != ".lock":
-                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        _empty(out)
         return
-    try:
-        old = json.loads(previous.read_text())
-        what = f"run '{old['experiment']} seed{old['seed']}' ({old.get('profile', '?')} profile, started {old.get('started', '?')})"
-    except (ValueError, KeyError):
-        what = "another run"
+    if not holds_results(out):
+        log.warning(
+            "output_dir %s holds %s, which stopped before its first epoch ended: starting again in its place",
+            out,
+            _described(previous),
+        )
+        _empty(out)
+        return
     raise InputError(
-        f"output_dir {out} holds the results of {what}: pass --resume true to continue it, "
-        "--overwrite true to replace it, or another --output_dir"
+        f"output_dir {out} holds the results of {_described(previous)}: pass --resume true to continue "
+        "it, --overwrite true to replace it, or another --output_dir"
     )
 
 
@@ -475,3 +524,36 @@ def read_run_record(output_dir: str | Path, prefix: str = "") -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"no run record at {path}: the run's initialize step writes it (prepare_run)")
     return json.loads(path.read_text())
+
+
+def train_overlap(
+    ckpt_path: str | Path, dataset: str, split: str, cases: Sequence[dict[str, Any]], allow: bool = False
+) -> list[str]:
+    """The cases of an evaluation (``cases`` of ``split``) that the checkpoint's model trained on, by
+    the case lists of the training's record beside it (``run.json``; none: nothing to check). Scores on
+    them are not held-out scores, so any overlap is refused in one line unless ``allow`` (then it is
+    logged, and the caller tags the MLflow run); the ``train`` split is scored knowingly. Returns the
+    overlapping case ids."""
+    if split == "train":  # asked for by name: its metrics are eval_train_*, the training's cases
+        return []
+    record_file = Path(ckpt_path).expanduser().resolve().parent / "run.json"
+    try:
+        trained = json.loads(record_file.read_text())["dataset"]
+        trained_ids = set(trained["cases"]["train"]) if trained["id"] == get_dataset(dataset).id else set()
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # no training record (a checkpoint from elsewhere), or one of another dataset
+    overlap = [str(c["case_id"]) for c in cases if str(c["case_id"]) in trained_ids]
+    if not overlap:
+        return []
+    shown = ", ".join(overlap[:3]) + (", ..." if len(overlap) > 3 else "")
+    what = f"{len(overlap)} of the {len(cases)} cases of split '{split}' ({shown})"
+    if not allow:
+        raise InputError(
+            f"{what} trained the model {ckpt_path} ({record_file}): their scores would not be held out; "
+            "evaluate a split it did not train on, or pass --allow_train_overlap true to score them anyway "
+            "(the MLflow run is then tagged)"
+        )
+    log.warning(
+        "%s trained the model %s: scored anyway (allow_train_overlap), tagged so in MLflow", what, ckpt_path
+    )
+    return overlap

@@ -348,22 +348,32 @@ RUN_RECORD = "mlflow_run.json"
 
 def recorded_run(output_dir: str | Path) -> str | None:
     """The MLflow run id a tracker wrote to ``<output_dir>/mlflow_run.json``, when that run is in
-    the current tracking store (None otherwise)."""
+    the current tracking store and belongs to this folder (None otherwise: a copied run folder's
+    record names the original's run, which its evaluation or resume must not change)."""
     record = Path(output_dir) / RUN_RECORD
     if not record.is_file():
         return None
     info = json.loads(record.read_text())
     uri = tracking_uri()
+    folder = info.get("output_dir")  # absent from records written before it was kept
+    if folder is not None and Path(folder) != Path(output_dir).resolve():
+        return None
     return info["run_id"] if info.get("tracking_uri") in (uri, redact(uri)) else None
 
 
 def record_run(output_dir: str | Path, run_id: str, experiment: str) -> None:
-    """Write ``<output_dir>/mlflow_run.json``: the run a folder's results belong to, and where (without
-    the URI's credentials: the file is one of the run's artifacts)."""
+    """Write ``<output_dir>/mlflow_run.json``: the run a folder's results belong to, where (without
+    the URI's credentials: the file is one of the run's artifacts), and the folder itself (a copy of
+    the folder is not that run's)."""
     from medseg_monai.io import write_json
 
     write_json(
-        {"run_id": run_id, "experiment": experiment, "tracking_uri": redact(tracking_uri())},
+        {
+            "run_id": run_id,
+            "experiment": experiment,
+            "tracking_uri": redact(tracking_uri()),
+            "output_dir": str(Path(output_dir).resolve()),
+        },
         Path(output_dir) / RUN_RECORD,
     )
 

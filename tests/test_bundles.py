@@ -116,7 +116,7 @@ def test_every_layer_builds_its_engine(
     elif mode == "evaluate":
         evaluator = parser.get_parsed_content("validate#evaluator")
         assert isinstance(evaluator, SupervisedEvaluator)
-        assert parser.get_parsed_content("validate#metrics_file") == str(tmp_path / "metrics.json")
+        assert parser.get_parsed_content("validate#metrics_file") == str(tmp_path / "metrics_val.json")
     else:
         assert isinstance(parser.get_parsed_content("infer#evaluator"), SupervisedEvaluator)
         assert len(parser.get_parsed_content("infer#datalist")) == 1

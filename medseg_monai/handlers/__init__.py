@@ -5,6 +5,7 @@
 - :mod:`.case_metrics`: :class:`CaseMetrics`, the ``metrics.json`` contract.
 - :mod:`.tracking`: :class:`MLflowTracker`, one tagged MLflow run per training (or evaluation).
 - :mod:`.resume`: :class:`TrainingCheckpoint`, resumable and interruptible trainings.
+- :mod:`.evaluation`: :class:`EvaluationResults`, an evaluation's results all or nothing.
 - :mod:`.progress`: :class:`ProgressLog`, the run's expected length and one line per epoch.
 
 :class:`~medseg_monai.metrics.LesionTableWriter` lives with the lesion metrics it writes; it is
@@ -12,6 +13,7 @@ re-exported here so configs naming ``medseg_monai.handlers.LesionTableWriter`` k
 """
 
 from medseg_monai.handlers.case_metrics import CaseMetrics, summarise_cases
+from medseg_monai.handlers.evaluation import EvaluationResults
 from medseg_monai.handlers.progress import ProgressLog
 from medseg_monai.handlers.resume import TrainingCheckpoint
 from medseg_monai.handlers.tracking import MLflowTracker, config_params
@@ -26,6 +28,7 @@ from medseg_monai.metrics.lesions import LesionTableWriter
 __all__ = [
     "CaseMetrics",
     "EarlyStopping",
+    "EvaluationResults",
     "GradientClipping",
     "LesionTableWriter",
     "MLflowTracker",

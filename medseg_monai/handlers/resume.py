@@ -1,4 +1,4 @@
-"""Interrupted trainings: checkpoint everything after every epoch, stop cleanly on SIGTERM/SIGINT,
+"""Interrupted trainings: checkpoint everything after every epoch, stop cleanly on SIGTERM/SIGINT/SIGHUP,
 and continue from the last checkpoint (``--resume true``) as if the run had never stopped."""
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import torch
 from ignite.engine import Engine, Events
 
 from medseg_monai.errors import InputError
+from medseg_monai.handlers.evaluation import STOP_SIGNALS
 
 __all__ = ["TrainingCheckpoint", "random_states"]
 
 logger = logging.getLogger(__name__)
 
-_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_SIGNALS = STOP_SIGNALS  # SIGTERM, SIGINT and SIGHUP (a closed terminal, a dropped ssh session)
 
 
 def _randomizables(obj: Any, seen: set[int] | None = None) -> Iterator[Any]:
@@ -117,8 +118,8 @@ class TrainingCheckpoint:
     With ``resume`` it loads that file when the trainer starts, so the run continues at the next
     epoch, drawing the same random numbers as an uninterrupted run would.
 
-    SIGTERM (what SLURM sends at a time limit) and SIGINT (Ctrl-C) end the current iteration and
-    stop the run (``engine.state.interrupted`` names the signal; trackers mark their run KILLED);
+    SIGTERM (what SLURM sends at a time limit), SIGINT (Ctrl-C) and SIGHUP (a closed terminal) end
+    the current iteration and stop the run (``engine.state.interrupted`` names the signal; trackers mark their run KILLED);
     :func:`medseg_monai.bundle.check_interrupted` then ends the process with one line and a
     non-zero status. The last complete epoch's checkpoint is what ``--resume true`` continues from.
     """

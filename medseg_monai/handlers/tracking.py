@@ -115,6 +115,8 @@ class MLflowTracker:
         self._iteration_series = False
         self.seconds = 0.0  # spent in MLflow calls (``medseg_monai.timing``)
         self.offline = False  # the server went away: what is left to send goes to the journal
+        self._iterations = 0  # completed in this process
+        self._status_before: str | None = None  # of a resumed run, when this process opened it
 
     def attach(self, engine: Engine) -> None:
         self._engine = engine
@@ -149,7 +151,11 @@ class MLflowTracker:
             # evaluation of a tracked training: its metrics join that run, whose status stays as it is
             self.run_id = recorded
             logger.info("logging %s* metrics into MLflow run %s", self.metric_prefix, self.run_id)
+            for key, value in self.tags.items():  # e.g. eval_test_train_overlap
+                self._send(lambda k=key, v=value: self._client.set_tag(self.run_id, k, v), tags={key: value})
             return
+        if self.resume and recorded is not None:
+            self._status_before = self._client.get_run(recorded).info.status
         record = read_run_record(self.output_dir, self.record_prefix)
         config_file = self.output_dir / f"{self.record_prefix}config.json"
         params = config_params(json.loads(config_file.read_text())) if config_file.is_file() else {}
@@ -223,6 +229,7 @@ class MLflowTracker:
         )  # fmt: skip
 
     def _accumulate(self, engine: Engine) -> None:
+        self._iterations += 1
         loss = iteration_loss(engine.state.output)
         if loss is not None:
             self._loss_sum += loss
@@ -285,14 +292,16 @@ class MLflowTracker:
 
         if self.run_id is None:
             return
+        interrupted = getattr(engine.state, "interrupted", None)
         try:
-            self._log_artifacts()
+            if not (interrupted and self.log_only):  # an interrupted evaluation's files are not results
+                self._log_artifacts()
         except BaseException as e:
             self._fail(engine, e)
         if self._stack is None:
             return
         stack, self._stack = self._stack, None
-        status = "KILLED" if getattr(engine.state, "interrupted", None) else "FINISHED"
+        status = "KILLED" if interrupted else "FINISHED"
         if self.offline:
             self._end_offline(status)
             return
@@ -317,6 +326,13 @@ class MLflowTracker:
             self._end_offline("FAILED")
         if self._stack is not None:
             stack, self._stack = self._stack, None
+            if self._status_before is not None and not self._iterations:
+                # a resume that failed before training on (e.g. a checkpoint that does not load):
+                # the run keeps the status it had (KILLED stays KILLED), never FAILED
+                import mlflow
+
+                mlflow.end_run(status=self._status_before)
+                logger.warning("MLflow run %s left %s: the resume failed", self.run_id, self._status_before)
             try:
                 stack.__exit__(type(e), e, e.__traceback__)
             except BaseException as inner:
