@@ -7,8 +7,9 @@ mean ± sd over seeds with n beside the paper's figure and the difference, label
 with their citations, and dataset, split, commit, date, hardware and profile once above it), the
 grid's notes; where the study has an experiment named ``baseline``, every other experiment against
 it case by case (``medseg_monai.compare.versus_baseline``: mean difference, bootstrap interval,
-Holm-corrected Wilcoxon p, verdict); the figures the grid asked for (validation curves, one labelled
-curve per experiment, sweeps with their spread over seeds, lesion brackets) and the failed runs.
+Holm-corrected Wilcoxon p, verdict); each experiment's per-case values of the headline metric (box
+and points); the figures the grid asked for (validation curves, one labelled curve per experiment,
+sweeps with their spread over seeds, lesion brackets) and the failed runs.
 Then a section per hyperparameter search (``medseg_monai.search``) with its trajectory. The report
 is one document model (sections of paragraphs, tables, lists and figures) rendered twice:
 ``report.md`` and a self-contained ``report.html`` (figures inlined), in ``<mlflow dir>/reports``.
@@ -45,6 +46,7 @@ __all__ = [
     "Table",
     "bars_figure",
     "build_report",
+    "cases_figure",
     "collect",
     "curves_figure",
     "main",
@@ -296,6 +298,48 @@ def bars_figure(values: Mapping[str, Sequence[float]], metrics: Sequence[str], t
     return fig
 
 
+def cases_figure(values: Mapping[str, Sequence[float]], metric: str, title: str) -> Any:
+    """Per experiment, its per-case values: a box (quartiles, whiskers to 1.5 IQR) and every case
+    as a point, spread sideways so that ties stay visible."""
+    plt = _pyplot()
+    names = list(values)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(names) + 2.0), 4.0))
+    ax.boxplot([values[n] for n in names], showfliers=False)
+    for i, name in enumerate(names, 1):
+        count = len(values[name])
+        xs = [i + (0.3 * (k / (count - 1) - 0.5) if count > 1 else 0.0) for k in range(count)]
+        ax.scatter(xs, values[name], s=9, alpha=0.5, color="tab:blue", zorder=3)
+    ax.set_xticks(range(1, len(names) + 1), names, rotation=30, ha="right", fontsize=7)
+    ax.set(xlabel="experiment", ylabel=f"{metric} per case", title=title)
+    ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def _case_values(
+    client: Any, study: str, variants: Mapping[str, Sequence[Any]]
+) -> tuple[str, dict[str, list[float]]]:
+    """The headline metric's per-case values of each experiment (seeds averaged per case) from the
+    runs' metrics.json; an experiment without them, or without that metric, is left out."""
+    from medseg_monai.compare import headline_metric, mlflow_cases
+    from medseg_monai.stats import seed_average
+
+    metric, out = headline_metric(study) or "dice", {}
+    base_split = next(iter(variants.values()))[0].data.tags.get("reproduce.split", "val")
+    for name, runs in variants.items():
+        try:
+            seeds = {}
+            for run in runs:
+                cases = mlflow_cases(client, run, False)[0]
+                seeds[run.data.tags.get("seed", run.info.run_id)] = {c: v[metric] for c, v in cases.items()}
+            scores = [v for v in seed_average(seeds).values() if not math.isnan(v)]
+        except (InputError, OSError, KeyError, TypeError, ValueError):
+            continue
+        split = runs[0].data.tags.get("reproduce.split", "val")
+        if scores:
+            out[name if split == base_split else f"{name} ({split})"] = scores
+    return metric, out
+
+
 def _figure(client: Any, spec: dict[str, Any], variants: dict[str, list[Any]], names: list[str]) -> Any:
     """The figure a grid asked for (``figures`` of its reproduce.yaml), drawn from the runs in
     ``names``' order; None when there is nothing to draw."""
@@ -477,6 +521,17 @@ def build_report(output_dir: str | Path | None = None) -> Path:
             summary.append(f"{study} ({profile} profile): {table.verdict()}")
             section.blocks += paper_blocks(table)
             section.blocks += _baseline_statistics(client, study, variants)
+            metric, cases = _case_values(client, study, variants)
+            if cases:
+                split = variants[names[0]][0].data.tags.get("reproduce.split", "val")
+                title = f"{study}: {metric} per case, {split} split (seeds averaged per case)"
+                png, path = (
+                    _png(cases_figure(cases, metric, title)),
+                    out / "figures" / f"{study}-{profile}-cases.png",
+                )
+                path.write_bytes(png)
+                figures.setdefault((study, profile), []).append(path)
+                section.blocks.append(Image(title, f"figures/{path.name}", png))
             specs = json.loads(variants[names[0]][0].data.tags.get("reproduce.figures", "[]"))
             for i, spec in enumerate(specs):
                 fig = _figure(client, spec, variants, names)

@@ -238,6 +238,25 @@ def test_sweep_has_a_band_over_seeds() -> None:
     plt.close(fig)
 
 
+def test_per_case_boxes_name_each_experiment() -> None:
+    import matplotlib.pyplot as plt
+
+    from medseg_monai.report import cases_figure
+
+    fig = cases_figure({"baseline": [0.1, 0.2, 0.6], "t1": [0.5]}, "dice", "xray: dice per case")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["baseline", "t1"]
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == (
+        "experiment",
+        "dice per case",
+        "xray: dice per case",
+    )
+    # every case a point, spread sideways within its box: baseline at 0.85, 1.0, 1.15; t1 at 2
+    points = [float(v) for c in ax.collections for xy in c.get_offsets() for v in xy]
+    assert points == pytest.approx([0.85, 0.1, 1.0, 0.2, 1.15, 0.6, 2.0, 0.5])
+    plt.close(fig)
+
+
 # --- the report from an MLflow store -------------------------------------------------------------
 
 
