@@ -135,6 +135,8 @@ def test_the_training_checkpoint_finds_random_transforms_inside_a_wrapped_data_s
     wrapped = AddedCopiesDataset(Dataset(_items(2), transform=flip), noise, fixed=False)
     flip.R.seed(11)
     saved = random_states([wrapped])["transforms"]
-    assert len(saved) == 3  # the copies' noise, then the inner Dataset's Compose and flip
-    assert np.array_equal(saved[0][1], noise.R.get_state()[1])
-    assert np.array_equal(saved[2][1], np.random.RandomState(11).get_state()[1])
+    # the inner Dataset's Compose and flip, then the copies' noise and the array transform it draws from
+    assert len(saved) == 4
+    assert np.array_equal(saved[1][1], np.random.RandomState(11).get_state()[1])
+    assert np.array_equal(saved[2][1], noise.R.get_state()[1])
+    assert np.array_equal(saved[3][1], noise.rand_gaussian_noise.R.get_state()[1])

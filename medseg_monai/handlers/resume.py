@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.transforms import Randomizable, Transform
 
 from medseg_monai.errors import InputError
 from medseg_monai.handlers.evaluation import STOP_SIGNALS
@@ -27,34 +28,48 @@ logger = logging.getLogger(__name__)
 _SIGNALS = STOP_SIGNALS  # SIGTERM, SIGINT and SIGHUP (a closed terminal, a dropped ssh session)
 
 
+def _walked(value: Any) -> bool:
+    """Whether the walk of :func:`_randomizables` goes into ``value``: a MONAI transform (random or
+    not: ``Compose``, ``OneOf``, a dictionary transform around an array one, ...) or a data set."""
+    return isinstance(value, (Transform, Randomizable, torch.utils.data.Dataset))
+
+
 def _randomizables(obj: Any, seen: set[int] | None = None) -> Iterator[Any]:
-    """MONAI transforms with their own random state (``R``) inside ``obj``'s transform chain, in a
-    fixed order: the dataset's ``transform``, a ``Compose``'s ``transforms``, and so on down, then
-    the data set a wrapper draws its items from (its ``data``, when that is a data set, e.g. a
-    ``medseg_monai.data.AddedCopiesDataset`` over a ``Dataset`` with random transforms)."""
+    """Every object with its own random state (``R``) that ``obj`` holds, in a fixed order: ``obj``
+    itself, then, depth first in attribute order, every transform and data set among its attributes
+    and in the lists, tuples and dicts they hold. That reaches the inner transforms a random transform
+    draws from (``RandRotated``'s ``RandRotate``, ``RandAffined``'s ``RandAffine`` and its
+    ``RandAffineGrid``, ``RandCropByPosNegLabeld``'s cropper), those of ``OneOf``/``RandomOrder`` and of
+    a ``Compose`` inside a ``Compose``, a data set's ``transform``, and the data set a wrapper draws its
+    items from (e.g. a ``medseg_monai.data.AddedCopiesDataset`` over a ``Dataset``)."""
     seen = set() if seen is None else seen
     if id(obj) in seen:
         return
     seen.add(id(obj))
     if isinstance(getattr(obj, "R", None), np.random.RandomState):
         yield obj
-    children = [getattr(obj, "transform", None), *(getattr(obj, "transforms", None) or ())]
-    data = getattr(obj, "data", None)
-    if isinstance(data, torch.utils.data.Dataset):
-        children.append(data)
-    for child in children:
-        if child is not None and not isinstance(child, (str, bytes)):
+    for value in vars(obj).values() if hasattr(obj, "__dict__") else ():
+        if isinstance(value, (list, tuple)):
+            children = [v for v in value if _walked(v)]  # a cache's items are not walked into
+        elif isinstance(value, dict):
+            children = [v for v in value.values() if _walked(v)]
+        else:
+            children = [value] if _walked(value) else []
+        for child in children:
             yield from _randomizables(child, seen)
 
 
 def random_states(datasets: list[Any]) -> dict[str, Any]:
     """Every random number generator a training draws from: Python's, NumPy's, torch's (and CUDA's)
-    global ones, and the random state of each random transform of ``datasets``."""
+    global ones, and the random state of each random transform of ``datasets`` (with its class name,
+    so that a checkpoint of another transform chain is recognised)."""
+    transforms = [t for ds in datasets for t in _randomizables(ds)]
     states: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "transforms": [t.R.get_state() for ds in datasets for t in _randomizables(ds)],
+        "transforms": [t.R.get_state() for t in transforms],
+        "transform_names": [type(t).__name__ for t in transforms],
     }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
@@ -90,10 +105,20 @@ def _set_random_states(states: Mapping[str, Any], datasets: list[Any]) -> None:
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
     transforms = [t for ds in datasets for t in _randomizables(ds)]
-    if len(transforms) != len(states["transforms"]):
+    names = [type(t).__name__ for t in transforms]
+    if "transform_names" not in states:
         raise InputError(
-            f"the checkpoint has {len(states['transforms'])} random transforms, this training {len(transforms)}: "
-            "resume with the configuration the run started with"
+            "the checkpoint holds the random states of the outer transforms only (written before inner "
+            "ones such as RandRotated's RandRotate were saved too), so it cannot be resumed exactly: "
+            "start the run again (--overwrite true)"
+        )
+    if names != list(states["transform_names"]):
+        pairs = zip(states["transform_names"], names, strict=False)
+        counts = f"{len(states['transform_names'])} there, {len(names)} here"
+        first = next((f"{a} there, {b} here" for a, b in pairs if a != b), counts)
+        raise InputError(
+            f"the checkpoint's random transforms differ from this training's ({first}): resume with the "
+            "configuration the run started with"
         )
     for t, state in zip(transforms, states["transforms"], strict=True):
         t.R.set_state(_numpy_state(state))
