@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from bundle_utils import gradient_check
+from medseg_monai.losses import RegionDiceLoss
 from medseg_monai.networks import MultiScaleMapUNet
 
 
@@ -93,3 +94,46 @@ def test_bad_settings_are_refused() -> None:
         MultiScaleMapUNet(n_maps=4)
     with pytest.raises(ValueError, match="divisible by 8"):
         MultiScaleMapUNet(in_channels=1)(torch.randn(1, 1, 20, 16, 16))
+
+
+def test_region_dice_loss_against_its_formula_by_hand() -> None:
+    """Two voxels, classes (background, a, b); regions {a, b} and {b}. Voxel 1 is class a with
+    p = (0.7, 0.2, 0.1), voxel 2 class b with p = (0.1, 0.6, 0.3):
+    region {a, b}: P = (0.3, 0.9), Y = (1, 1): Dice 2 * 1.2 / (1.2 + 2) = 0.75;
+    region {b}: P = (0.1, 0.3), Y = (0, 1): Dice 2 * 0.3 / (0.4 + 1) = 3 / 7."""
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3]]).T.reshape(1, 3, 2, 1)
+    target = torch.tensor([1, 2]).reshape(1, 1, 2, 1)
+    loss = RegionDiceLoss([[1, 2], [2]], smooth_nr=0.0, smooth_dr=0.0)(probs.log(), target)
+    assert loss.item() == pytest.approx(1 - (0.75 + 3 / 7) / 2, abs=1e-6)
+    # a voxel of one tumour class predicted as the other costs nothing in the union region
+    swapped = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]]).T.reshape(1, 3, 2, 1)
+    union_only = RegionDiceLoss([[1, 2]], smooth_nr=0.0, smooth_dr=0.0)
+    assert union_only((swapped + 1e-12).log(), target).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_region_dice_loss_per_image_and_batch_pooling_differ() -> None:
+    """batch=True pools every image's voxels into one Dice; batch=False averages per-image Dice."""
+    logits = torch.randn(2, 4, 6, 5, 4, requires_grad=True)
+    target = torch.randint(0, 4, (2, 1, 6, 5, 4))
+    regions = [[1, 2, 3], [1, 3], [3]]
+    p = logits.softmax(1)
+    y = F.one_hot(target[:, 0], 4).movedim(-1, 1).float()
+    expected_batch, expected_image = [], []
+    for r in regions:
+        pr, yr = p[:, r].sum(1), y[:, r].sum(1)
+        expected_batch.append(1 - (2 * (pr * yr).sum() + 1e-5) / (pr.sum() + yr.sum() + 1e-5))
+        for b in range(2):
+            expected_image.append(1 - (2 * (pr[b] * yr[b]).sum() + 1e-5) / (pr[b].sum() + yr[b].sum() + 1e-5))
+    batch = RegionDiceLoss(regions)(logits, target)
+    assert batch.item() == pytest.approx(torch.stack(expected_batch).mean().item(), abs=1e-6)
+    per_image = RegionDiceLoss(regions, batch=False)(logits, target)
+    assert per_image.item() == pytest.approx(torch.stack(expected_image).mean().item(), abs=1e-6)
+    batch.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_region_dice_loss_refuses_a_region_beyond_the_classes() -> None:
+    with pytest.raises(ValueError, match=r"regions \[\[1, 4\]\] name a class beyond the input's 4 channels"):
+        RegionDiceLoss([[1, 4]])(torch.randn(1, 4, 2, 2, 2), torch.zeros(1, 1, 2, 2, 2))
+    with pytest.raises(ValueError, match="non-empty regions"):
+        RegionDiceLoss([[1], []])

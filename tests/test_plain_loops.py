@@ -43,7 +43,9 @@ def test_wmh_plain_loop_scores_the_volume_it_left_out(
     assert 0.0 <= result["dice"] <= 1.0 and 0.0 <= result["recall"] <= 1.0
 
 
-@pytest.mark.parametrize(("study", "dataset", "n_folds"), [("xray", "jsrt-scr", 5), ("lv", "acdc", 4)])
+@pytest.mark.parametrize(
+    ("study", "dataset", "n_folds"), [("xray", "jsrt-scr", 5), ("lv", "acdc", 4), ("brats", "brats2018", 3)]
+)
 def test_plain_loop_refuses_a_fold_out_of_range(
     shared_data: Path, monkeypatch: pytest.MonkeyPatch, study: str, dataset: str, n_folds: int
 ) -> None:
