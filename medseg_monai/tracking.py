@@ -276,12 +276,16 @@ def flatten_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def ensure_experiment(name: str, client: MlflowClient | None = None) -> str:
-    """Id of experiment ``name``, created (or restored when deleted) if needed.
+    """Id of experiment ``name``, created (or restored when deleted) if needed, of MLflow 3's kind for
+    model training (``medseg_monai.mlflow_assets.EXPERIMENT_KIND``: the UI opens it on its runs
+    table; an experiment whose kind someone already chose keeps it).
 
     New experiments on a local sqlite store put their artifacts under
     ``<db folder>/artifacts/<name>`` (a ``file://`` URI); a remote server chooses its own location.
     """
     from mlflow.exceptions import MlflowException
+
+    from medseg_monai.mlflow_assets import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 
     client = client if client is not None else open_client()
     exp = client.get_experiment_by_name(name)
@@ -293,13 +297,17 @@ def ensure_experiment(name: str, client: MlflowClient | None = None) -> str:
             folder.mkdir(parents=True, exist_ok=True)
             location = folder.as_uri()
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(
+                name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
         except MlflowException:
             exp = client.get_experiment_by_name(name)  # created concurrently by another process
             if exp is None:
                 raise
     if exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp.experiment_id)
+    if EXPERIMENT_KIND_TAG not in exp.tags:  # made before MLflow 3 or by hand
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id
 
 
@@ -316,12 +324,15 @@ def start_run(
     tags: Mapping[str, Any],
     params: Mapping[str, Any] | None = None,
     run_id: str | None = None,
+    log_system_metrics: bool = False,
 ) -> Iterator[mlflow.ActiveRun]:
     """Open an MLflow run in experiment ``experiment`` with ``tags`` (e.g. :func:`record_tags`) and
     yield the ``mlflow.ActiveRun``; MLflow's own context manager ends it FINISHED, or FAILED when an
     exception escapes (including one while logging the params, which are flattened by
     :func:`flatten_params` and logged in batches). With ``run_id`` an existing run is continued
-    (e.g. evaluation after training): params it already has are not logged again."""
+    (e.g. evaluation after training): params it already has are not logged again.
+    ``log_system_metrics``: MLflow samples CPU, memory (GPU with ``nvidia-ml-py``) into the run's
+    ``system/*`` metrics while it is open (needs ``psutil``)."""
     import mlflow
     from mlflow.entities import Param
 
@@ -332,9 +343,16 @@ def start_run(
     experiment_id = ensure_experiment(experiment, client)
     if run_id is not None:
         flat = {k: v for k, v in flat.items() if k not in client.get_run(run_id).data.params}
-        active = mlflow.start_run(run_id=run_id, tags=_truncate_tags(tags))
+        active = mlflow.start_run(
+            run_id=run_id, tags=_truncate_tags(tags), log_system_metrics=log_system_metrics or None
+        )
     else:
-        active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=_truncate_tags(tags))
+        active = mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=run_name,
+            tags=_truncate_tags(tags),
+            log_system_metrics=log_system_metrics or None,
+        )
     with active:
         batch = _limits()[3]
         items = [Param(k, v) for k, v in flat.items()]

@@ -6,15 +6,25 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from contextlib import ExitStack
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ignite.engine import Engine, Events
 
+if TYPE_CHECKING:
+    import torch
+
 from medseg_monai.errors import redact
 from medseg_monai.handlers.progress import evaluation_values, iteration_loss
+from medseg_monai.mlflow_assets import (
+    log_best_model,
+    log_training_data,
+    resolved_params,
+    system_metrics_wanted,
+)
 from medseg_monai.tracking import (
     OFFLINE_RECORD,
     journal,
@@ -96,7 +106,16 @@ class MLflowTracker:
         resume: bool = False,
         record_prefix: str = "",
         log_only: bool = False,
+        resolved: Mapping[str, Any] | None = None,
+        network: torch.nn.Module | None = None,
+        register: str | None = None,
     ) -> None:
+        self.resolved = resolved
+        self.network = network
+        self.register = register
+        self._input_example: torch.Tensor | None = None
+        self._example_hook: Any = None
+        self.model_uri: str | None = None
         self.record_prefix = record_prefix
         self.log_only = log_only
         self.experiment = experiment
@@ -129,6 +148,16 @@ class MLflowTracker:
         if self.evaluator is not None and self.evaluator is not engine:
             # untimed: it runs inside the validation, which is timed as a whole
             self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._log_evaluation)
+        if self.network is not None and not self.log_only:
+            self._example_hook = self.network.register_forward_pre_hook(self._keep_input_example)
+
+    def _keep_input_example(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        """The first input the network gets in eval mode (validation: a whole image, or a sliding
+        window's patch), one sample on the CPU: the logged model's input example."""
+        if module.training or not args or not hasattr(args[0], "detach"):
+            return
+        self._input_example = args[0][:1].detach().to("cpu").clone()
+        self._example_hook.remove()
 
     def _timed(self, handler: Any) -> Any:
         """``handler`` adding its seconds to ``self.seconds`` (the job's ``mlflow`` phase)."""
@@ -158,7 +187,11 @@ class MLflowTracker:
             self._status_before = self._client.get_run(recorded).info.status
         record = read_run_record(self.output_dir, self.record_prefix)
         config_file = self.output_dir / f"{self.record_prefix}config.json"
-        params = config_params(json.loads(config_file.read_text())) if config_file.is_file() else {}
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        # with the running bundle's resolved values, settings as resolved; else as written
+        params = (
+            resolved_params(config, self.resolved) if self.resolved is not None else config_params(config)
+        )
         tags = {
             **record_tags(record),
             "output_dir": str(self.output_dir),
@@ -178,9 +211,12 @@ class MLflowTracker:
                 tags=tags,
                 params={**params, **self.params},
                 run_id=recorded if self.resume else None,
+                log_system_metrics=system_metrics_wanted(),
             )
         )
         self.run_id = run.info.run_id
+        if not self.log_only and not (self.resume and recorded):  # a resumed run has its input already
+            log_training_data(record)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if not self.log_only:
             record_run(self.output_dir, self.run_id, self.experiment)
@@ -302,12 +338,34 @@ class MLflowTracker:
             return
         stack, self._stack = self._stack, None
         status = "KILLED" if interrupted else "FINISHED"
+        if status == "FINISHED" and not self.offline and not self.log_only:
+            self._log_model()
         if self.offline:
             self._end_offline(status)
             return
         if status == "KILLED":
             mlflow.end_run(status="KILLED")
         stack.close()
+
+    def _log_model(self) -> None:
+        """The best checkpoint (``model.pt``) as the run's MLflow model, registered as ``register``
+        when given (``medseg_monai.mlflow_assets.log_best_model``). A run without one (no
+        validation, no network given) says so in the log; a model that MLflow cannot take ends
+        the run FAILED like any other error of the tracker."""
+        checkpoint = self.output_dir / "model.pt"
+        if self.network is None:
+            return
+        if not checkpoint.is_file() or self._input_example is None:
+            logger.warning(
+                "no MLflow model for run %s: no validated best checkpoint %s", self.run_id, checkpoint
+            )
+            return
+        info = log_best_model(self.network, checkpoint, self._input_example, self.register)
+        self.model_uri = info.model_uri
+        registered = f", registered as '{self.register}' version {info.registered_model_version}"
+        logger.info(
+            "MLflow model %s (%s)%s", info.model_uri, checkpoint.name, registered if self.register else ""
+        )
 
     def _end_offline(self, status: str) -> None:
         """End the run with its server gone: ``status`` waits in the journal (the run ends when it is
