@@ -84,8 +84,9 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def trained_on_all(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """One epoch of the tiny X-ray training on every case (``--train_split all``): its folder and store."""
-    return train_quick("xray", tmp_path_factory, max_epochs=1, train_split="all", **TINY)
+    """One epoch of the tiny X-ray training on every case (``--train_split all``, all 120 images, not
+    the quick profile's 20): its folder and store."""
+    return train_quick("xray", tmp_path_factory, max_epochs=1, train_split="all", train_size=120, **TINY)
 
 
 # ----------------------------------------------------------------------------- 4. results in the right place
@@ -109,8 +110,13 @@ def test_a_copied_run_is_evaluated_beside_the_copy_one_metrics_file_per_split(
     assert on_val.returncode == 0, on_val.stderr[-3000:]
     assert _files(out) == original  # nothing of either evaluation in the folder the copy came from
     by_split = {s: json.loads((copy / f"metrics_{s}.json").read_text()) for s in ("train", "val")}
-    assert sorted(by_split["train"]["cases"]) == sorted(trained["train"])  # 108 images
-    assert sorted(by_split["val"]["cases"]) == sorted(trained["val"])  # 12, all trained on too
+    scored = {
+        s: json.loads((copy / f"eval_{s}_run.json").read_text())["dataset"]["cases"][s] for s in by_split
+    }
+    assert [len(scored["train"]), len(scored["val"]), len(trained["train"])] == [108, 12, 120]
+    for split, metrics in by_split.items():
+        assert sorted(metrics["cases"]) == sorted(scored[split])
+    assert set(scored["val"]) <= set(trained["train"])  # every validation image trained the model
     assert (copy / "metrics.json").read_bytes() == (copy / "metrics_val.json").read_bytes()  # the latest
     assert not list(copy.glob(".eval_*"))
     # MLflow: the original run untouched; each evaluation of the copy has a run of its own
