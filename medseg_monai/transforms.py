@@ -25,6 +25,7 @@ from monai.transforms import (
     LoadImaged,
     MapTransform,
     Orientationd,
+    RandomizableTransform,
     Resize,
     Spacingd,
     SpatialPadd,
@@ -43,6 +44,7 @@ __all__ = [
     "LabelToRegionsd",
     "LoadMasksd",
     "MasksToLabeld",
+    "RandStoredRanged",
     "RemapLabelsd",
     "ResizeToMatchd",
     "ScaleByBitDepthd",
@@ -512,6 +514,60 @@ class CaseGaussianNoised(MapTransform):
             img = torch.as_tensor(d[key])
             noise = torch.randn(img.shape, generator=generator, dtype=torch.float32) * self.std
             d[key] = _like((img.float() + noise).clamp(0, 1), d[key])
+        return d
+
+
+class RandStoredRanged(RandomizableTransform, MapTransform):
+    """Simulate an image stored with a narrow grey range: ``image`` in [0, 1] is mapped into a random
+    part [o, o + w] of ``levels`` stored grey levels and rounded to them (posterised)::
+
+        x' = round((o + w x) (levels - 1)) / (levels - 1),   w ~ U[min_width, 1],  o ~ U[0, 1 - w]
+
+    Real archives hold radiographs whose stored values span a small part of their bit depth (JSRT
+    images at 239-254 of 255, nearly white: issue #37); a network fed fixed bit-depth scaling sees
+    them almost blank. Drawn before a per-image normalisation (e.g. MONAI's
+    ``ScaleIntensityRangePercentilesd``), it teaches the network the posterised look such files
+    have once their range is stretched back.
+
+    Args:
+        keys: (C, *spatial) images in [0, 1].
+        prob: the probability of changing an image.
+        min_width: the narrowest range drawn, as a fraction of the full scale (15 / 255 covers JSRT's).
+        levels: stored grey levels (256 for 8 bits).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        prob: float = 0.1,
+        min_width: float = 15 / 255,
+        levels: int = 256,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        if not 0 < min_width <= 1 or levels < 2:
+            raise ValueError(
+                f"RandStoredRanged: min_width must be in (0, 1] and levels >= 2, got {min_width}, {levels}"
+            )
+        self.min_width = float(min_width)
+        self.levels = int(levels)
+        self.width, self.offset = 1.0, 0.0
+
+    def randomize(self, data: Any = None) -> None:
+        super().randomize(None)
+        self.width = float(self.R.uniform(self.min_width, 1.0))
+        self.offset = float(self.R.uniform(0.0, 1.0 - self.width))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return d
+        top = self.levels - 1
+        for key in self.key_iterator(d):
+            img = torch.as_tensor(d[key]).float()
+            d[key] = _like(torch.round((self.offset + self.width * img.clamp(0, 1)) * top) / top, d[key])
         return d
 
 

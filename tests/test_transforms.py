@@ -25,6 +25,7 @@ from medseg_monai.transforms import (
     LabelToRegionsd,
     LoadMasksd,
     MasksToLabeld,
+    RandStoredRanged,
     RemapLabelsd,
     ResizeToMatchd,
 )
@@ -229,3 +230,59 @@ def test_in_plane_grid_pads_with_slice_minimum_crops_and_inverts() -> None:
 
     sagittal = InPlaneGridd("image", size=8, slice_axis=0)({"image": MetaTensor(img)})["image"]
     assert sagittal.shape == (2, 6, 8, 8)  # the slice axis keeps its length
+
+
+def test_rand_stored_range_maps_into_a_drawn_part_of_the_grey_levels() -> None:
+    image = torch.linspace(0, 1, 256).reshape(1, 16, 16)
+    t = RandStoredRanged(keys="image", prob=1.0, min_width=15 / 255, levels=256)
+    t.set_random_state(seed=3)
+    out = t({"image": image})["image"]
+    o, w = t.offset, t.width
+    assert 15 / 255 <= w <= 1 and 0 <= o <= 1 - w
+    assert torch.allclose(out, torch.round((o + w * image) * 255) / 255)
+    # posterised: at most one stored level per 1/255 of the drawn range
+    assert len(torch.unique(out)) <= round(w * 255) + 1
+    assert out.min() >= o - 0.5 / 255 and out.max() <= o + w + 0.5 / 255
+    unchanged = RandStoredRanged(keys="image", prob=0.0)({"image": image})["image"]
+    assert torch.equal(unchanged, image)
+    with pytest.raises(ValueError, match="min_width must be in"):
+        RandStoredRanged(keys="image", min_width=0.0)
+
+
+def test_cpu_real_xray_input_is_the_same_picture_whatever_grey_range_the_file_used(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """A shared JSRT image stored at 239-254 of 255 (as unseen JSRT files are, issue #37) reaches
+    the strong recipe's network as nearly the picture its original gives; the poster's fixed
+    bit-depth scaling hands the network a nearly white image instead."""
+    import runpy
+    import sys
+
+    from monai.bundle import ConfigParser
+
+    root = Path(__file__).resolve().parents[1]
+    argv = sys.argv
+    try:
+        sys.argv = ["x", "--data_root", str(shared_data / "jsrt-scr"), "--output", str(tmp_path / "narrow")]
+        runpy.run_path(str(root / "bundles/xray/docs/narrow_range.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+    name = "JPCLN001.IMG.png"
+    configs = root / "bundles/xray/configs"
+
+    def network_input(experiment: list[Path], image: Path) -> torch.Tensor:
+        parser = ConfigParser()
+        parser.read_config([configs / "train.yaml", *experiment])
+        parser.update({"dataset": "jsrt-scr", "image_size": 320})
+        return parser.get_parsed_content("infer_preprocessing")({"image": str(image)})["image"].as_tensor()
+
+    for experiment, close in (([configs / "experiments/strong.yaml"], True), ([], False)):
+        original = network_input(experiment, shared_data / "jsrt-scr/images" / name)
+        narrowed = network_input(experiment, tmp_path / "narrow/images" / name)
+        correlation = torch.corrcoef(torch.stack([original.flatten(), narrowed.flatten()]))[0, 1].item()
+        difference = (original - narrowed).abs().mean().item()
+        if close:
+            assert correlation > 0.99 and difference < 0.03, (correlation, difference)
+        else:  # the poster's scaling: the same structures within 6 % of the scale, near white
+            assert narrowed.min() > 0.9 and narrowed.max() - narrowed.min() < 0.07
+            assert original.max() - original.min() > 0.5
