@@ -70,6 +70,11 @@ class _Up(nn.Module):
         return self.conv(u)
 
 
+def _check_divisible(x: torch.Tensor, divisor: int) -> None:
+    if any(s % divisor for s in x.shape[2:]):
+        raise ValueError(f"spatial sizes must be divisible by {divisor}, got {tuple(x.shape[2:])}")
+
+
 class MultiScaleMapUNet(nn.Module):
     """U-Net of Kayalibay et al., "CNN-based segmentation of medical imaging data" (arXiv:1701.03056,
     2017), as their BraTS network ``fcn_rffc4`` builds it.
@@ -126,12 +131,12 @@ class MultiScaleMapUNet(nn.Module):
         self.maps = nn.ModuleList(
             Conv[Conv.CONV, spatial_dims](2 * fea[j], out_channels, 1) for j in reversed(range(n_maps))
         )
+        self.n_maps = n_maps
         self.mode = "trilinear" if spatial_dims == 3 else "bilinear"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bad = [s for s in x.shape[2:] if s % self.divisor]
-        if bad:
-            raise ValueError(f"spatial sizes must be divisible by {self.divisor}, got {tuple(x.shape[2:])}")
+        if not torch.jit.is_scripting():  # TorchScript compiles neither the f-string nor the check
+            _check_divisible(x, self.divisor)
         skips = [self.stem(x)]
         for down in self.downs:
             skips.append(down(skips[-1]))
@@ -140,14 +145,10 @@ class MultiScaleMapUNet(nn.Module):
         for up in self.ups:
             y = up(y, skips.pop())
             decoded.append(y)
-        # the n_maps finest scales, coarsest first
-        out: torch.Tensor | None = None
-        for conv, feat in zip(self.maps, decoded[-len(self.maps) :], strict=True):
-            m = conv(feat)
-            out = (
-                m
-                if out is None
-                else m + F.interpolate(out, size=m.shape[2:], mode=self.mode, align_corners=False)
-            )
-        assert out is not None
+        # the n_maps finest scales, coarsest first (indexed, as TorchScript slices no module list)
+        first = len(decoded) - self.n_maps
+        out = decoded[first]
+        for i, conv in enumerate(self.maps):
+            m = conv(decoded[first + i])
+            out = m if i == 0 else m + F.interpolate(out, size=m.shape[2:], mode=self.mode, align_corners=False)
         return out
