@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -303,6 +304,8 @@ def recorded_settings(
     macro or ``_target_`` where the bundle's files differ, and a key they do not define, are
     refused in one line naming the id; the wiring and training-only sections are never read."""
     recorded_file = Path(ckpt_path).expanduser().resolve().parent / "config.json"
+    if mode in ("evaluate", "inference"):
+        check_study(ckpt_path, study)
     if mode not in ("evaluate", "inference") or not recorded_file.is_file():
         return None
     try:
@@ -544,13 +547,21 @@ def choose(name: str, value: Any, options: Mapping[str, Any]) -> Any:
     return options[value]
 
 
+def _positive_number(value: Any) -> bool:
+    number = not isinstance(value, bool) and isinstance(value, (int, float))
+    return number and math.isfinite(value) and value > 0
+
+
 def _check_value(key: str, value: Any) -> None:
     """Contract keys of the command line, checked before anything runs."""
     from medseg_monai.data import FOLD_POOLS, SPLITS
 
-    counts = ("max_epochs", "val_interval", "validations_per_epoch")
+    counts = ("max_epochs", "val_interval", "validations_per_epoch", "batch_size", "val_batch_size")
     if key in counts and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise InputError(f"{key} must be a positive whole number, got {value!r}")
+    expression = isinstance(value, str) and value.startswith(("$", "@"))  # MONAI's syntax, checked when built
+    if key == "learning_rate" and not expression and not _positive_number(value):
+        raise InputError(f"learning_rate must be a positive number (e.g. 1e-3), got {value!r}")
     if key == "seed" and (isinstance(value, bool) or not isinstance(value, int)):
         raise InputError(f"seed must be a whole number, got {value!r}")
     if key in _FLAG_KEYS:
@@ -688,14 +699,44 @@ def check_evaluation_dir(output_dir: str, ckpt_path: str) -> None:
         )
 
 
+def check_study(ckpt_path: str | Path, study: str) -> None:
+    """Refuse, in one line, a checkpoint whose run record (``run.json`` beside it) says it was trained
+    by another study's bundle: its network, classes and preprocessing are that bundle's, and another
+    bundle's evaluation would score it as its own. A checkpoint without a record is not refused here
+    (:func:`check_checkpoint` still checks its tensors against the network)."""
+    record = Path(ckpt_path).expanduser().resolve().parent / "run.json"
+    try:
+        trained = json.loads(record.read_text()).get("study")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(trained, str) and study != "<study>" and trained != study:
+        raise InputError(
+            f"checkpoint {ckpt_path} was trained by the {trained} bundle ({record}), not {study}: "
+            f"python -m medseg_monai.bundle {trained} --mode evaluate|inference --ckpt_path {ckpt_path}"
+        )
+
+
 def check_checkpoint(ckpt_path: str, network: Any, study: str = "<study>") -> str:
     """``ckpt_path`` if its weights fit ``network``; otherwise one line saying which tensor differs
     and how to use the settings the checkpoint was trained with (its ``config.json``)."""
     import torch
 
     require_file(ckpt_path, "checkpoint")
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    check_study(ckpt_path, study)
+    try:  # tensors and plain values only (weights_only): nothing in the file runs
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated download, a text file, a pickle of objects: torch says which
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise InputError(
+            f"checkpoint {ckpt_path} is not a readable PyTorch checkpoint ({reason}): truncated, damaged "
+            "or another kind of file; give the model.pt a training wrote"
+        ) from None
     state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(
+            f"checkpoint {ckpt_path} holds no network weights (a {type(state).__name__} of something else): "
+            "give the model.pt a training wrote"
+        )
     own = network.state_dict()
     own = {k.removeprefix("module."): v for k, v in own.items()}
     state = {k.removeprefix("module."): v for k, v in state.items()}
@@ -761,25 +802,21 @@ def require_file(path: str, what: str) -> str:
 
 
 def image_files(
-    path: str, suffixes: Sequence[str] = (".png",), spatial_dims: int | None = None
+    path: str, suffixes: Sequence[str] = (".png",), spatial_dims: int | None = None, grey: bool = False
 ) -> list[dict[str, str]]:
     """Inference inputs: one file, or every file with one of ``suffixes`` in a folder, as
-    ``{"image": path, "case_id": name}`` dicts (the name without its suffixes); for a volume
-    (``spatial_dims`` 3), a folder of one DICOM series is one case (``medseg_monai.dicom``).
-    Each file is checked
+    ``{"image": path, "case_id": name}`` dicts (the name without its suffixes). Each file is checked
     before the engine starts (readable; a NIfTI of ``spatial_dims`` dimensions), so a bad one is
-    refused in one line naming it rather than failing inside the evaluator's run."""
-    from medseg_monai.dicom import is_dicom_series_folder, series_case
+    refused in one line naming it rather than failing inside the evaluator's run; with ``grey``, a
+    colour picture (RGB, RGBA, ...) too."""
     from medseg_monai.transforms import CheckFilesd  # torch and MONAI: not at the launcher's import
 
     p = Path(path).expanduser().resolve()
-    if spatial_dims == 3 and is_dicom_series_folder(p):  # a DICOM series' folder: one volume, read by ITK
-        return [series_case(p, spatial_dims)]
     files = sorted(f for f in p.iterdir() if f.name.lower().endswith(tuple(suffixes))) if p.is_dir() else [p]
     if not files or not files[0].is_file():
         raise DatasetError(f"no input image at {p} (expected a file or a folder of {', '.join(suffixes)})")
     items = [{"image": str(f), "case_id": f.name.split(".")[0]} for f in files]
-    check = CheckFilesd("image", spatial_dims=spatial_dims)
+    check = CheckFilesd("image", spatial_dims=spatial_dims, grey_keys="image" if grey else ())
     for item in items:
         check(item)
     return items

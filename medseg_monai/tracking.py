@@ -143,8 +143,12 @@ def server_answers(uri: str | None = None, timeout: float = 3.0) -> bool:
 def check_tracking_uri(timeout: float = 5.0) -> str:
     """The tracking URI, after checking that a server named by ``MLFLOW_TRACKING_URI`` answers its
     ``/health`` within ``timeout`` seconds (MLflow's own client would retry for minutes, then fail
-    after training had started). A server that does not answer is refused in one line."""
+    after training had started). A server that does not answer is refused in one line, and so is a
+    local store file that is not a whole MLflow store (:func:`check_sqlite_store`)."""
     uri = tracking_uri()
+    db = _sqlite_file(uri)
+    if db is not None:  # a local store: whole, before anything of the run is written
+        check_sqlite_store(db)
     reason = _unreachable(uri, timeout)
     if reason is None:
         return uri
@@ -192,7 +196,55 @@ def open_client(uri: str | None = None) -> MlflowClient:
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        check_sqlite_store(db)
         return MlflowClient(tracking_uri=uri)  # creates and migrates the store on first use
+
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _truncated(db: Path) -> str | None:
+    """``"is truncated (n of m bytes)"`` when the SQLite file is shorter than its header's page count
+    says (a valid count: SQLite 3.7 and later write it), else None."""
+    with db.open("rb") as f:
+        header = f.read(100)
+    pages, page_size = int.from_bytes(header[28:32], "big"), int.from_bytes(header[16:18], "big")
+    expected, size = pages * (65536 if page_size == 1 else page_size), db.stat().st_size
+    valid = header[24:28] == header[92:96]
+    return f"is truncated ({size} of {expected} bytes)" if valid and expected > size else None
+
+
+def check_sqlite_store(db: Path) -> None:
+    """Refuse, in one line, a store file that exists but is not a whole MLflow store: empty (MLflow
+    would silently start a new store in it), not an SQLite file, shorter than its header says (a
+    truncated copy), damaged, or another program's database. A missing file is a new store."""
+    import sqlite3
+
+    from medseg_monai.errors import InputError
+
+    if not db.exists():
+        return
+    how = f"restore it from a copy, or move it away to start a new store at {db}"
+    if db.stat().st_size == 0:
+        raise InputError(f"the MLflow store {db} is an empty file (a truncated copy?): {how}")
+    with db.open("rb") as f:
+        if f.read(16) != _SQLITE_MAGIC:
+            raise InputError(f"the MLflow store {db} is not an SQLite database: {how}")
+    try:
+        connection = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=30)
+        try:  # a read transaction: no writer changes the file while its size is compared
+            connection.execute("BEGIN")
+            listed = connection.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            tables = {row[0] for row in listed}
+            short = _truncated(db)
+        finally:
+            connection.close()
+    except sqlite3.DatabaseError as e:
+        raise InputError(f"the MLflow store {db} {_truncated(db) or f'is damaged ({e})'}: {how}") from None
+    if short:
+        raise InputError(f"the MLflow store {db} {short}: {how}")
+    if tables and "alembic_version" not in tables:
+        raise InputError(f"{db} holds another program's database (no MLflow tables): {how}")
 
 
 # ----------------------------------------------------------------------------- git

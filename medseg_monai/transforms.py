@@ -155,26 +155,39 @@ class CheckFilesd(MapTransform):
     checked to be all there (a ``.nii.gz`` is decompressed to its end, so a truncated or corrupt
     download is caught; a ``.nii`` must be as long as its header says); other formats are only
     checked to exist and be non-empty. With ``spatial_dims`` (3 for the volume bundles) a NIfTI
-    holding more dimensions (a 4D cine series, several channels in one file) is refused too.
+    holding more dimensions (a 4D cine series, several channels in one file) is refused too. A
+    NIfTI whose voxel spacing is zero or not finite, or whose affine is singular (no position for
+    its voxels), is refused: nibabel would take a zero spacing for 1 mm, and MONAI would resample a
+    singular or NaN affine to nothing or to NaN, silently.
+    The files under ``grey_keys`` must be grey images: an RGB, RGBA, grey + alpha or colour-palette
+    picture is refused (convert it yourself, e.g. ``PIL.Image.open(f).convert("L")``: which channel
+    mix is right is the user's call, not the loader's).
     """
 
     _PIL = (".png", ".gif", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
+    _GREY_MODES = ("1", "L", "I", "F", "I;16", "I;16B", "I;16L", "I;16N")
+
     def __init__(
-        self, keys: KeysCollection, spatial_dims: int | None = None, allow_missing_keys: bool = False
+        self,
+        keys: KeysCollection,
+        spatial_dims: int | None = None,
+        allow_missing_keys: bool = False,
+        grey_keys: KeysCollection = (),
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.spatial_dims = spatial_dims
+        self.grey_keys = {grey_keys} if isinstance(grey_keys, str) else set(grey_keys)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         case = f"case '{d['case_id']}': " if "case_id" in d else ""
         for key in self.key_iterator(d):
             for path in [d[key]] if isinstance(d[key], (str, Path)) else d[key]:
-                self._check(str(path), case)
+                self._check(str(path), case, grey=key in self.grey_keys)
         return d
 
-    def _check(self, path: str, case: str = "") -> None:
+    def _check(self, path: str, case: str = "", grey: bool = False) -> None:
         import gzip
 
         import nibabel
@@ -187,6 +200,13 @@ class CheckFilesd(MapTransform):
             if path.lower().endswith(self._PIL):
                 with Image.open(path) as img:
                     img.verify()
+                    mode, palette = img.mode, img.palette
+                colour = mode not in self._GREY_MODES and not (mode == "P" and _grey_palette(palette))
+                if grey and colour:
+                    raise DatasetError(
+                        f"{case}{path}: a colour image ({mode}) where a grey radiograph is expected: "
+                        "save it as grey (e.g. PIL.Image.open(f).convert('L'))"
+                    )
             elif path.lower().endswith((".nii", ".nii.gz")):
                 image = nibabel.load(path)
                 shape = tuple(image.shape)
@@ -197,6 +217,7 @@ class CheckFilesd(MapTransform):
                         f"{case}{path}: a {len(shape)}D image ({' x '.join(map(str, shape))}) where one "
                         f"{self.spatial_dims}D volume is expected (a cine or time series: one file per frame)"
                     )
+                _check_geometry(image, f"{case}{path}")
                 if path.lower().endswith(".gz"):
                     with gzip.open(path, "rb") as f:
                         while f.read(1 << 24):  # to the end: a truncated stream raises here
@@ -215,6 +236,42 @@ class CheckFilesd(MapTransform):
             raise
         except Exception as e:
             raise DatasetError(f"{case}{path}: cannot read this file ({type(e).__name__}: {e})") from e
+
+
+def _grey_palette(palette: Any) -> bool:
+    """Whether a PIL palette maps every index to a grey (R = G = B)."""
+    if palette is None:
+        return False
+    colours = np.frombuffer(bytes(palette.palette), dtype=np.uint8)
+    rgb = colours[: len(colours) // 3 * 3].reshape(-1, 3) if palette.mode == "RGB" else None
+    return rgb is not None and bool((rgb[:, 0] == rgb[:, 1]).all() and (rgb[:, 1] == rgb[:, 2]).all())
+
+
+def _check_geometry(image: Any, where: str) -> None:
+    """A NIfTI's voxel spacing (its header's pixdim, as written) must be non-zero and finite, and its
+    affine (the one MONAI reads) finite and invertible: else one line naming the file."""
+    from nibabel.openers import ImageOpener
+
+    spatial = min(3, len(image.shape))
+    with ImageOpener(image.get_filename()) as f:  # as written: nibabel's loader sets a zero pixdim to 1
+        raw = type(image.header).from_fileobj(f, check=False)
+    zooms = [float(z) for z in raw["pixdim"][1 : spatial + 1]]
+    if not all(np.isfinite(z) and z != 0 for z in zooms):
+        raise DatasetError(
+            f"{where}: voxel spacing {' x '.join(f'{z:g}' for z in zooms)} mm (header pixdim): a spacing "
+            "of zero or not a number; fix the file's header"
+        )
+    affine = np.asarray(image.affine, dtype=float)
+    singular = not np.isfinite(affine).all()
+    if not singular:
+        values = np.linalg.svd(affine[:3, :3], compute_uv=False)
+        singular = values.min() <= 1e-6 * values.max()
+    if singular:
+        rows = "; ".join(" ".join(f"{v:g}" for v in row) for row in affine[:3])
+        raise DatasetError(
+            f"{where}: its affine ({rows}) is singular or not finite: no position for its voxels; fix "
+            "the file's header (sform/qform)"
+        )
 
 
 class CheckGeometryd(MapTransform):

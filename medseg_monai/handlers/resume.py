@@ -3,10 +3,12 @@ and continue from the last checkpoint (``--resume true``) as if the run had neve
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
 import random
+import shutil
 import signal
 import threading
 from collections.abc import Iterator, Mapping
@@ -133,6 +135,22 @@ def _unsafe_globals(path: Path) -> str:
     return ", ".join(names[:3]) + (f" (and {len(names) - 3} more)" if len(names) > 3 else "") or "objects"
 
 
+def _write_error(path: Path, error: BaseException, epoch: int) -> InputError | None:
+    """One line for a checkpoint that could not be written: a full disk says "no space left" and how
+    much is free; the last complete checkpoint, if any, stays what ``--resume true`` continues from."""
+    free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
+    full = getattr(error, "errno", None) == errno.ENOSPC or free < (1 << 20)
+    if not full and not isinstance(error, OSError):
+        return None
+    what = "no space left on the device" if full else f"cannot write it ({error})"
+    last = (
+        f"epoch {epoch - 1}'s checkpoint is kept: free space, then --resume true"
+        if path.is_file()
+        else "no epoch was checkpointed: free space, then run the same command again"
+    )
+    return InputError(f"{path} after epoch {epoch}: {what} ({free // (1 << 20)} MB free); {last}")
+
+
 class TrainingCheckpoint:
     """Make a training resumable and interruptible (attach to the trainer, after every other handler).
 
@@ -238,8 +256,15 @@ class TrainingCheckpoint:
         state = _plain(state)  # what resuming reads with weights_only=True
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, self.path)
+        except (OSError, RuntimeError) as e:  # torch reports a failed write as RuntimeError
+            tmp.unlink(missing_ok=True)  # never a half-written checkpoint beside the last good one
+            problem = _write_error(self.path, e, engine.state.epoch)
+            if problem is None:
+                raise  # not a write problem: torch's own error and traceback
+            raise problem from e
 
     def _restore_signals(self, engine: Engine) -> None:
         for s, handler in self._previous.items():
