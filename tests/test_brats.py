@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from monai.losses import DiceCELoss
 
 from bundle_utils import (
     error_lines,
@@ -24,6 +25,7 @@ from bundle_utils import (
 from medseg_monai.bundle import channel_cases
 from medseg_monai.data import DatasetError, load_splits
 from medseg_monai.errors import is_input_error
+from medseg_monai.losses import RegionDiceLoss
 
 
 def _probabilities_as_logits(p: list[list[float]]) -> torch.Tensor:
@@ -78,6 +80,33 @@ def test_experiments_set_what_they_name() -> None:
     flair_t1c = parse_study("brats", "flair_t1c")
     assert flair_t1c.get_parsed_content("channels") == ["flair", "t1c"]
     assert flair_t1c.get_parsed_content("network_def").stem[0].in_channels == 2
+
+
+def test_cpu_real_loss_and_cleanup_act_on_the_tumour_as_a_whole() -> None:
+    """The recipe's loss is class Dice-CE plus the regions' Dice; its cleanup keeps the largest
+    component of all tumour classes together (a core inside its edema stays, a far blob goes)."""
+    parser = parse_study("brats", "cpu_real")
+    parser.update({"dataset": "brats-synthetic"})
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 4, 6, 5, 4), torch.randint(0, 4, (2, 1, 6, 5, 4))
+    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+    regions = RegionDiceLoss([[1, 2, 3], [1, 3], [3]])
+    expected = float(dice_ce(logits, target) + regions(logits, target))
+    assert float(parser.get_parsed_content("loss")(logits, target)) == pytest.approx(expected, abs=1e-6)
+
+    label = torch.zeros(1, 12, 12, 12)
+    label[0, 1:7, 1:7, 1:7] = 2  # edema
+    label[0, 3:5, 3:5, 3:5] = 3  # an enhancing core inside it: a different class, the same lesion
+    label[0, 9:11, 9:11, 9:11] = 3  # a separate small blob
+    cleaned = parser.get_parsed_content("label_cleanup")({"pred": label.clone()})["pred"]
+    expected_label = label.clone()
+    expected_label[0, 9:11, 9:11, 9:11] = 0
+    assert torch.equal(torch.as_tensor(cleaned), expected_label)
+    # the paper's default keeps every prediction
+    assert torch.equal(
+        torch.as_tensor(parse_study("brats").get_parsed_content("label_cleanup")({"pred": label})["pred"]),
+        label,
+    )
 
 
 @pytest.mark.parametrize(
