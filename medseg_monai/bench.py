@@ -34,7 +34,10 @@ from medseg_monai.paths import project_root
 from medseg_monai.record import cpu_description, device_description
 
 __all__ = [
+    "agreement_dice",
     "bench_study",
+    "engine_comparison",
+    "engine_table",
     "inference_throughput",
     "main",
     "table",
@@ -286,6 +289,124 @@ def bench_study(
     }
 
 
+# a real sample per study for the CPU engines (the knee study's data is not public: its synthetic set)
+ENGINE_SAMPLES = {
+    "brats": "brats2018",
+    "knee": "knee-synthetic",
+    "lv": "acdc",
+    "wmh": "wmh-clinical-flair",
+    "xray": "jsrt-scr",
+}
+ENGINE_DICE_TOLERANCE = 0.002  # an engine keeps the result when its Dice against eager is >= 1 - this
+
+
+def _classes(logits: torch.Tensor) -> torch.Tensor:
+    """Class indices of a prediction: argmax, or logit > 0 for one sigmoid channel."""
+    return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+
+
+def agreement_dice(pred: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean Dice over the foreground classes of two class maps (a class in neither is skipped; 1.0
+    when neither has foreground)."""
+    scores = []
+    for c in range(1, int(max(pred.max(), ref.max())) + 1):
+        a, b = pred == c, ref == c
+        total = int(a.sum() + b.sum())
+        if total:
+            scores.append(2 * int((a & b).sum()) / total)
+    return sum(scores) / len(scores) if scores else 1.0
+
+
+def engine_comparison(
+    study: str, data_root: str | Path, steps: int = 3, warmup: int = 1, ckpt: str | Path | None = None
+) -> dict[str, Any]:
+    """Seconds per input of the bundle's inference (quick profile's network, its ``val_inferer``, the
+    first validation case of the study's real sample after the bundle's preprocessing) through each
+    CPU engine of :class:`medseg_monai.export.EngineNetwork`, the engines called in turn (medians),
+    and each one's Dice against eager's classes. ``ckpt``: trained weights (else seeded, untrained)."""
+    from medseg_monai.export import ENGINES, EngineNetwork, network_input
+
+    dataset = ENGINE_SAMPLES[study]
+    parser = config_parser(
+        config_files(study, profile="quick"), {"dataset": dataset, "data_root": str(data_root), "seed": 0}
+    )
+    net = parser.get_parsed_content("network").eval()
+    if ckpt is not None:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        getattr(net, "module", net).load_state_dict(state.get("model", state))
+    cases = parser.get_parsed_content("cases")
+    case = (cases.get("val") or cases.get("test") or cases["train"])[0]
+    image, _ = network_input(parser, case)
+    inferer = parser.get_parsed_content("val_inferer")
+    available = [e for e in ENGINES if e != "onnxruntime" or _has_onnxruntime()]
+    engines = {name: EngineNetwork(net, name) for name in available}
+    seconds: dict[str, list[float]] = {name: [] for name in engines}
+    preds: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for i in range(warmup + steps):  # in turn, so a shared host's drift falls on all alike
+            for name, engine in engines.items():
+                start = time.perf_counter()
+                out = inferer(image, engine)
+                if i >= warmup:
+                    seconds[name].append(time.perf_counter() - start)
+                preds[name] = _classes(torch.as_tensor(out).float())
+    eager = statistics.median(seconds["torch"])
+    results = {
+        name: {
+            "s_per_input": statistics.median(seconds[name]),
+            "speedup": eager / statistics.median(seconds[name]),
+            "dice_vs_eager": agreement_dice(preds[name], preds["torch"]),
+        }
+        for name in engines
+    }
+    kept = [n for n, r in results.items() if r["dice_vs_eager"] >= 1 - ENGINE_DICE_TOLERANCE]
+    return {
+        "dataset": dataset,
+        "case": str(case.get("case_id", "?")),
+        "input_shape": list(image.shape),
+        "weights": str(ckpt) if ckpt is not None else "untrained (seed 0)",
+        "threads": torch.get_num_threads(),
+        "engines": results,
+        "fastest_keeping_result": min(kept, key=lambda n: results[n]["s_per_input"]),
+    }
+
+
+def _has_onnxruntime() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _engines_in_process(
+    study: str, data_root: str, steps: int, warmup: int, ckpt: str | None
+) -> dict[str, Any]:
+    torch.manual_seed(0)
+    return engine_comparison(study, data_root, steps=steps, warmup=warmup, ckpt=ckpt)
+
+
+def engine_table(engines: dict[str, Any]) -> str:
+    """docs/performance.md's table of ``bench.json``'s ``cpu_engines``."""
+    names = ("torch", "bf16", "onnxruntime")
+    rows = [
+        "| study | sample | torch s/input | bf16 s/input (x, Dice) | onnxruntime s/input (x, Dice) | fastest keeping Dice |",
+        "|---|---|---|---|---|---|",
+    ]
+    for study, r in engines.items():
+        e = r["engines"]
+        cells = [f"{e['torch']['s_per_input']:.3f}"] + [
+            f"{e[n]['s_per_input']:.3f} ({e[n]['speedup']:.2f}x, {e[n]['dice_vs_eager']:.4f})"
+            if n in e
+            else "-"
+            for n in names[1:]
+        ]
+        rows.append(
+            f"| {study} | {r['dataset']} {r['case']} | {' | '.join(cells)} | {r['fastest_keeping_result']} |"
+        )
+    return "\n".join(rows)
+
+
 def _bench_in_process(study: str, steps: int, warmup: int, cfg: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(0)
     return bench_study(study, steps=steps, warmup=warmup, cfg=cfg)
@@ -326,6 +447,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--output", default="bench.json")
+    parser.add_argument(
+        "--parts", nargs="+", default=["throughput", "engines"], choices=["throughput", "engines"],
+        help="throughput: training and inference vs plain PyTorch; engines: CPU inference engines on a real sample",
+    )  # fmt: skip
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="folder of the real samples (default $MEDSEG_DATA_ROOT or ../shared/data)",
+    )
+    parser.add_argument(
+        "--ckpt", nargs="*", default=[], metavar="STUDY=PATH", help="trained weights for the engines' Dice"
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
@@ -340,16 +473,39 @@ def main(argv: list[str] | None = None) -> int:
     }
     # a fresh process per study: its peak memory is that study's alone
     context = multiprocessing.get_context("spawn")
-    for study in args.studies:
+    for study in args.studies if "throughput" in args.parts else []:
         print(f"bench {study} ...", flush=True)
         with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
             results["studies"][study] = pool.submit(
                 _bench_in_process, study, args.steps, args.warmup, settings(study)
             ).result()
         print(json.dumps(results["studies"][study], indent=1), flush=True)
+    if "engines" in args.parts:
+        import os
+
+        data = Path(
+            args.data or os.environ.get("MEDSEG_DATA_ROOT") or project_root().parent / "shared" / "data"
+        )
+        ckpts = dict(c.split("=", 1) for c in args.ckpt)
+        results["cpu_engines"] = {}
+        for study in args.studies:
+            root = data / ENGINE_SAMPLES[study]
+            if not root.is_dir() and not ENGINE_SAMPLES[study].endswith("synthetic"):
+                print(f"engines {study}: skipped, no {root}", flush=True)
+                continue
+            print(f"engines {study} ...", flush=True)
+            with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+                results["cpu_engines"][study] = pool.submit(
+                    _engines_in_process, study, str(root) if root.is_dir() else None, args.steps, args.warmup,
+                    ckpts.get(study),
+                ).result()  # fmt: skip
+            print(json.dumps(results["cpu_engines"][study], indent=1), flush=True)
     validate(results)
     Path(args.output).write_text(json.dumps(results, indent=1))
-    print(table(results))
+    if results["studies"]:
+        print(table(results))
+    if results.get("cpu_engines"):
+        print(engine_table(results["cpu_engines"]))
     host = f"{results['device']} ({results['cpu']}), torch {results['torch']}, {results['threads']} threads"
     print(f"measured on {host}")
     print(f"wrote {args.output}")

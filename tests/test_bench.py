@@ -155,3 +155,53 @@ def test_make_bench_writes_json_and_table(tmp_path, monkeypatch, capsys) -> None
     # CPU timings compare only between alike hosts: the processor and its vector ISA are recorded
     capability = torch.backends.cpu.get_cpu_capability()
     assert results["cpu"].endswith(f" cores, {capability}") and f"({results['cpu']})" in printed
+
+
+def test_agreement_dice_by_hand() -> None:
+    """Foreground classes only, a class in neither map skipped: class 1 (2 and 1 pixels, 1 shared)
+    2/3, class 2 (1 and 1, shared) 1, class 3 absent: mean 5/6."""
+    from medseg_monai.bench import agreement_dice
+
+    pred = torch.tensor([[0, 1, 1, 2]])
+    ref = torch.tensor([[0, 1, 0, 2]])
+    assert agreement_dice(pred, ref) == pytest.approx((2 / 3 + 1) / 2)
+    assert agreement_dice(torch.zeros(4), torch.zeros(4)) == 1.0
+
+
+def test_engine_networks_give_eagers_output() -> None:
+    """bf16 autocast within bfloat16's precision, ONNX Runtime (exported on first call, then any
+    batch and size) within the export tolerance; an unknown engine is refused in one line."""
+    pytest.importorskip("onnxruntime", reason="ONNX Runtime not installed: pip install -e .[deploy]")
+    from medseg_monai.errors import InputError
+    from medseg_monai.export import ATOL, RTOL, EngineNetwork
+    from medseg_monai.networks import ClassicUNet
+
+    torch.manual_seed(0)
+    net = ClassicUNet(spatial_dims=2, in_channels=1, out_channels=3, features=(4, 8, 16, 32, 64)).eval()
+    x = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        eager = net(x)
+        torch.testing.assert_close(EngineNetwork(net, "bf16")(x), eager, rtol=0.05, atol=0.05)
+        onnx = EngineNetwork(net, "onnxruntime")
+        torch.testing.assert_close(onnx(x), eager, rtol=RTOL, atol=ATOL)
+        other = torch.rand(2, 1, 48, 64)
+        torch.testing.assert_close(onnx(other), net(other), rtol=RTOL, atol=ATOL)
+    with pytest.raises(InputError, match="^engine 'tensorrt' is not one of torch, bf16, onnxruntime$"):
+        EngineNetwork(net, "tensorrt")
+
+
+@pytest.mark.slow
+def test_engine_comparison_on_a_real_radiograph(shared_data, tmp_path) -> None:
+    """make bench's engines part: each engine timed on a real JSRT image through the X-ray bundle's
+    inference, with its Dice against eager; bench.json valid, the table printed."""
+    pytest.importorskip("onnxruntime", reason="ONNX Runtime not installed: pip install -e .[deploy]")
+    out = tmp_path / "bench.json"
+    argv = ["--studies", "xray", "--parts", "engines", "--steps", "1", "--warmup", "0", "--output", str(out)]
+    assert main([*argv, "--data", str(shared_data)]) == 0
+    results = json.loads(out.read_text())
+    validate(results)
+    entry = results["cpu_engines"]["xray"]
+    assert entry["dataset"] == "jsrt-scr" and set(entry["engines"]) == {"torch", "bf16", "onnxruntime"}
+    assert entry["engines"]["torch"]["dice_vs_eager"] == 1.0 and entry["engines"]["torch"]["speedup"] == 1.0
+    assert entry["engines"]["onnxruntime"]["dice_vs_eager"] > 0.998
+    assert entry["fastest_keeping_result"] in entry["engines"]

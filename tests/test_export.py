@@ -212,3 +212,35 @@ def test_export_refuses_what_is_not_a_run(tmp_path: Path) -> None:
         f"error: {tmp_path}: no model.pt in it (a run folder holds its best checkpoint there)"
     ]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_inference_engines_of_the_repository(xray_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """--engine bf16 and onnxruntime segment as eager does (Dice >= 0.998 against eager's classes);
+    an unknown engine stops with one line and writes nothing."""
+    from medseg_monai.bench import agreement_dice
+
+    out, store = xray_run
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    case = json.loads((out / "datalist.json").read_text())["validation"][0]
+    (inputs / "case.png").write_bytes(Path(case["image"][0]).read_bytes())
+    labels = {}
+    for engine in ("torch", "bf16", "onnxruntime"):
+        result = run_bundle(
+            "xray", store, mode="inference", input_path=inputs, ckpt_path=out / "model.pt",
+            output_dir=tmp_path / engine, engine=engine,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        labels[engine] = torch.as_tensor(
+            np.array(Image.open(tmp_path / engine / "case_label.png")).astype(np.int64)
+        )
+    for engine in ("bf16", "onnxruntime"):
+        assert agreement_dice(labels[engine], labels["torch"]) >= 0.998, engine
+    bad = run_bundle(
+        "xray", store, mode="inference", input_path=inputs, ckpt_path=out / "model.pt",
+        output_dir=tmp_path / "bad", engine="tensorrt",
+    )  # fmt: skip
+    assert bad.returncode != 0
+    assert error_lines(bad) == ["error: engine 'tensorrt' is not one of torch, bf16, onnxruntime"]
+    assert not (tmp_path / "bad" / "case_label.png").exists()
