@@ -16,6 +16,7 @@ from monai.data import load_decathlon_datalist
 from bundle_utils import write_toy_registry
 from medseg_monai.data import (
     DatasetError,
+    evaluation_cases,
     fold_cases,
     get_dataset,
     list_datasets,
@@ -454,3 +455,14 @@ def test_fold_of_a_real_dataset(shared_data: Path) -> None:
     train = load_datalist("jsrt-scr", data_root=root, split="train", fold=1, n_folds=4)
     assert len(fold) == 10 and len(train) == 30 and fold != plain  # the registry's split has no test part
     assert not {it["case_id"] for it in fold} & {it["case_id"] for it in train}
+
+
+def test_an_empty_evaluation_split_is_refused_naming_every_part() -> None:
+    parts = {"train": [{"case_id": "a"}, {"case_id": "b"}], "val": [{"case_id": "c"}], "test": []}
+    assert evaluation_cases(parts, "val", "toy") == [{"case_id": "c"}]
+    assert [it["case_id"] for it in evaluation_cases(parts, "all", "toy")] == ["a", "b", "c"]
+    with pytest.raises(
+        DatasetError,
+        match=r"^split 'test' of dataset 'toy' holds no cases \(train 2, val 1, test 0\): choose another --split$",
+    ):
+        evaluation_cases(parts, "test", "toy")

@@ -433,6 +433,20 @@ def select_split(parts: dict[str, list[dict[str, Any]]], split: str) -> list[dic
     return parts[split]
 
 
+def evaluation_cases(
+    parts: dict[str, list[dict[str, Any]]], split: str, dataset_id: str
+) -> list[dict[str, Any]]:
+    """The cases an evaluation scores: :func:`select_split`, refused when the split is empty (e.g. the
+    test part after ``fold_pool: all``), so an evaluation never ends with no figure and exit 0."""
+    cases = select_split(parts, split)
+    if not cases:
+        held = ", ".join(f"{name} {len(part)}" for name, part in parts.items())
+        raise DatasetError(
+            f"split '{split}' of dataset '{dataset_id}' holds no cases ({held}): choose another --split"
+        )
+    return cases
+
+
 TRAIN_SPLITS = ("train", "all")
 
 
