@@ -6,7 +6,9 @@ Each case checks the exit status, the single ``error:`` line and what is left on
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import shutil
 import sqlite3
@@ -20,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bundle_utils import ROOT, local_store_env, run_python_module
+from bundle_utils import ROOT, error_lines, local_store_env, run_python_module
 from medseg_monai import tracking
 from medseg_monai.bundle import command_line, config_files, main
 from medseg_monai.data import DatasetError, load_splits, resolve_data_root
@@ -316,6 +318,39 @@ def test_training_with_an_empty_mlflow_db_stops_before_writing(tmp_path: Path) -
 
 # ----------------------------------------------------------------------------- a full disk
 
+
+def test_a_full_disk_at_a_checkpoint_keeps_the_last_one_and_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ignite.engine import Engine
+
+    from medseg_monai.handlers.resume import TrainingCheckpoint
+
+    net = torch.nn.Linear(2, 1)
+    engine = Engine(lambda e, b: None)
+    saver = TrainingCheckpoint(str(tmp_path), {"network": net})
+    engine.state.epoch, engine.state.iteration = 1, 4
+    saver._save(engine)  # epoch 1 written
+    kept = (tmp_path / "checkpoint.pt").read_bytes()
+    save = torch.save
+
+    def full(obj, f, *args, **kwargs):  # the disk fills up halfway through epoch 2's checkpoint
+        Path(f).write_bytes(b"PK half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+
+    monkeypatch.setattr(torch, "save", full)
+    engine.state.epoch = 2
+    with pytest.raises(InputError) as refused:
+        saver._save(engine)
+    assert re.fullmatch(
+        rf"{re.escape(str(tmp_path / 'checkpoint.pt'))} after epoch 2: no space left on the device "
+        r"\(\d+ MB free\); epoch 1's checkpoint is kept: free space, then --resume true",
+        str(refused.value),
+    )
+    assert not (tmp_path / "checkpoint.tmp").exists() and (tmp_path / "checkpoint.pt").read_bytes() == kept
+    monkeypatch.setattr(torch, "save", save)
+
+
 _FULL_DISK = """
 import errno, json, os, sys
 import torch
@@ -342,10 +377,32 @@ def test_a_full_disk_says_no_space_left_and_leaves_no_temporary_checkpoint(tmp_p
         env=local_store_env(tmp_path / "mlflow"),
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1800,
     )
     assert result.returncode == 1
     line = _one_error(result.stderr)
     assert line.startswith(f"error: {out / 'checkpoint.pt'} after epoch 1: no space left on the device (")
     assert line.endswith("MB free); no epoch was checkpointed: free space, then run the same command again")
     assert not (out / "checkpoint.tmp").exists() and not (out / "checkpoint.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_path_with_a_quote_is_trained_and_evaluated(tmp_path: Path) -> None:
+    out, env = tmp_path / "it's" / "run", local_store_env(tmp_path / "mlflow")
+    trained = run_python_module(
+        command_line(config_files("xray", profile="quick"), output_dir=str(out), **TINY), env, 600
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    args = [
+        sys.executable,
+        "-m",
+        "medseg_monai.bundle",
+        "xray",
+        "--mode",
+        "evaluate",
+        "--ckpt_path",
+        str(out / "model.pt"),
+    ]
+    evaluated = run_python_module(args, env, 600)
+    assert evaluated.returncode == 0 and not error_lines(evaluated), evaluated.stderr[-3000:]
+    assert "dice" in json.loads((out / "metrics_val.json").read_text())["mean"]  # beside the checkpoint
