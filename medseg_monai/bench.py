@@ -334,8 +334,7 @@ def engine_comparison(
     if ckpt is not None:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         getattr(net, "module", net).load_state_dict(state.get("model", state))
-    cases = parser.get_parsed_content("cases")
-    case = (cases.get("val") or cases.get("test") or cases["train"])[0]
+    case = (parser.get_parsed_content("val_datalist") or parser.get_parsed_content("train_datalist"))[0]
     image, _ = network_input(parser, case)
     inferer = parser.get_parsed_content("val_inferer")
     available = [e for e in ENGINES if e != "onnxruntime" or _has_onnxruntime()]

@@ -79,10 +79,7 @@ def _grid_networks(study: str) -> list[tuple[str, object]]:
     seen, out = set(), []
     for job in plan("quick", studies=[study], seeds=[0]):
         parser = config_parser(job.configs, {**job.overrides, "seed": 0})
-        key = json.dumps(
-            parser.get_parsed_content("network_def", instantiate=False).get_config(), default=str
-        )
-        key += str(parser.get_parsed_content("network_def").state_dict().keys())
+        key = repr(parser.get_parsed_content("network_def"))  # layers, widths, dropout rates
         if key not in seen:
             seen.add(key)
             out.append((job.experiment, parser))
