@@ -150,5 +150,7 @@ class MultiScaleMapUNet(nn.Module):
         out = decoded[first]
         for i, conv in enumerate(self.maps):
             m = conv(decoded[first + i])
-            out = m if i == 0 else m + F.interpolate(out, size=m.shape[2:], mode=self.mode, align_corners=False)
+            out = (
+                m if i == 0 else m + F.interpolate(out, size=m.shape[2:], mode=self.mode, align_corners=False)
+            )
         return out
