@@ -24,7 +24,7 @@ from monai.transforms import (
     RandScaleIntensityd,
 )
 
-from bundle_utils import ROOT, local_store_env, mlflow_client
+from bundle_utils import ROOT, local_store_env, mlflow_client, parse
 from medseg_monai.bundle import command_line, config_files, studies
 from medseg_monai.errors import InputError
 from medseg_monai.handlers.resume import _plain, _randomizables, _set_random_states, random_states
@@ -148,6 +148,35 @@ def _checkpoint_epoch(out: Path) -> int:
 def _train_losses(store: Path, out: Path) -> dict[int, float]:
     run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]
     return {m.step: m.value for m in mlflow_client(store).get_metric_history(run_id, "train_loss")}
+
+
+def _images(item: object) -> list[torch.Tensor]:
+    """The image tensors of a data set item (a dict, or a list of dicts: random crops)."""
+    items = item if isinstance(item, list) else [item]
+    return [torch.as_tensor(d["image"]) for d in items]
+
+
+@pytest.mark.parametrize("study", studies())
+def test_each_bundles_augmentation_continues_exactly_from_saved_states(study: str, tmp_path: Path) -> None:
+    """Each bundle's own training data set (quick profile, two cases): two passes drawn, states
+    saved as the checkpoint saves them; a data set built afresh (other seeds) and given those states
+    draws the third pass exactly as the first one does."""
+    files = config_files(study, profile="quick")
+    if study == "knee":
+        (tmp_path / "augment.yaml").write_text(_KNEE_AUGMENTATION)
+        files.append(str(tmp_path / "augment.yaml"))
+    overrides = {**_TINY[study], "output_dir": str(tmp_path / "run")}
+    first = parse(files, overrides).get_parsed_content("train_dataset")
+    for _ in range(2):
+        [first[i] for i in range(len(first))]
+    torch.save(_plain(random_states([first])), tmp_path / "checkpoint.pt")
+    expected = [t for i in range(len(first)) for t in _images(first[i])]
+    fresh = parse(files, overrides).get_parsed_content("train_dataset")
+    for i, t in enumerate(_randomizables(fresh)):  # another process: other states, whatever the seed
+        t.R = np.random.RandomState(1000 + i)
+    _set_random_states(torch.load(tmp_path / "checkpoint.pt", weights_only=True), [fresh])
+    got = [t for i in range(len(fresh)) for t in _images(fresh[i])]
+    assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
 
 
 @pytest.mark.slow
