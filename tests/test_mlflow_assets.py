@@ -106,9 +106,12 @@ def test_experiments_open_on_their_runs_table(store: Path) -> None:
     assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == "genai_development"
 
 
-def _toy_run(out: Path, network: torch.nn.Module, **tracker_args: object) -> tuple[MLflowTracker, str]:
+def _toy_run(
+    out: Path, network: torch.nn.Module, saved: torch.nn.Module | None = None, **tracker_args: object
+) -> tuple[MLflowTracker, str]:
     """A two-epoch toy training validated each epoch (the network called in eval mode on 1 x 2 x 6 x 6
-    inputs), whose best checkpoint is ``out/model.pt``; returns the tracker and its run id."""
+    inputs), whose best checkpoint ``out/model.pt`` holds the weights of ``saved`` (default: the
+    network's); returns the tracker and its run id."""
     record = {
         "study": "toy",
         "experiment": "baseline",
@@ -127,7 +130,7 @@ def _toy_run(out: Path, network: torch.nn.Module, **tracker_args: object) -> tup
     }
     write_json(record, out / "run.json")
     write_json({"lr": 0.5, "out_channels": "@classes", "classes": "$len([1, 2])"}, out / "config.json")
-    torch.save(network.state_dict(), out / "model.pt")
+    torch.save((saved or network).state_dict(), out / "model.pt")
 
     def validate(engine: Engine, batch: torch.Tensor) -> None:
         network.eval()
@@ -180,6 +183,15 @@ def test_a_training_logs_its_data_and_its_best_model(tmp_path: Path) -> None:
     # registered under --register's name, version 1, from this run
     (version,) = client.search_model_versions("name = 'toy-unet'")
     assert (int(version.version), version.run_id) == (1, run_id)
+
+
+def test_a_checkpoint_that_does_not_fit_the_network_fails_the_run(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="size mismatch for weight"):
+        _toy_run(out, torch.nn.Conv2d(2, 3, 3, padding=1), saved=torch.nn.Conv2d(2, 4, 3, padding=1))
+    run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]
+    run = MlflowClient(tracking_uri=tracking.tracking_uri()).get_run(run_id)
+    assert run.info.status == "FAILED" and not run.outputs.model_outputs
 
 
 def test_a_training_without_a_best_checkpoint_logs_no_model(tmp_path: Path) -> None:

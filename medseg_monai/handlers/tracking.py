@@ -332,14 +332,14 @@ class MLflowTracker:
         try:
             if not (interrupted and self.log_only):  # an interrupted evaluation's files are not results
                 self._log_artifacts()
+            if not (interrupted or self.offline or self.log_only or self._stack is None):
+                self._log_model()  # a training that ended: its best checkpoint, while the run is open
         except BaseException as e:
             self._fail(engine, e)
         if self._stack is None:
             return
         stack, self._stack = self._stack, None
         status = "KILLED" if interrupted else "FINISHED"
-        if status == "FINISHED" and not self.offline and not self.log_only:
-            self._log_model()
         if self.offline:
             self._end_offline(status)
             return
