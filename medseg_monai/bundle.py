@@ -805,13 +805,18 @@ def image_files(
     path: str, suffixes: Sequence[str] = (".png",), spatial_dims: int | None = None, grey: bool = False
 ) -> list[dict[str, str]]:
     """Inference inputs: one file, or every file with one of ``suffixes`` in a folder, as
-    ``{"image": path, "case_id": name}`` dicts (the name without its suffixes). Each file is checked
+    ``{"image": path, "case_id": name}`` dicts (the name without its suffixes); for a volume
+    (``spatial_dims`` 3), a folder of one DICOM series is one case (``medseg_monai.dicom``).
+    Each file is checked
     before the engine starts (readable; a NIfTI of ``spatial_dims`` dimensions), so a bad one is
     refused in one line naming it rather than failing inside the evaluator's run; with ``grey``, a
     colour picture (RGB, RGBA, ...) too."""
+    from medseg_monai.dicom import is_dicom_series_folder, series_case
     from medseg_monai.transforms import CheckFilesd  # torch and MONAI: not at the launcher's import
 
     p = Path(path).expanduser().resolve()
+    if spatial_dims == 3 and is_dicom_series_folder(p):  # a DICOM series' folder: one volume, read by ITK
+        return [series_case(p, spatial_dims)]
     files = sorted(f for f in p.iterdir() if f.name.lower().endswith(tuple(suffixes))) if p.is_dir() else [p]
     if not files or not files[0].is_file():
         raise DatasetError(f"no input image at {p} (expected a file or a folder of {', '.join(suffixes)})")
