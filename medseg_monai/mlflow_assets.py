@@ -192,6 +192,9 @@ def log_best_model(network: Any, checkpoint: Path, input_example: Any, register:
         code_paths=[str(package)],
         pip_requirements=_requirements(),
         registered_model_name=register or None,
+        # MLflow 3's default "pt2" runs torch.export, which fails on some of the studies' networks
+        # (the knee's EncoderDropoutUNet); the pickled module loads with medseg_monai as its code
+        serialization_format="pickle",
     )
 
 

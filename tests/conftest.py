@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import locale
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,16 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real samples not found at {SHARED_DATA} (set MEDSEG_SHARED_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _keep_locale() -> Iterator[None]:
+    """Put the process locale back after each test: ITK's DICOM (GDCM) I/O switches the whole process
+    to the C locale, after which open() in a later test of the same worker decodes UTF-8 YAML
+    (e.g. WMH's "Røvang") as ASCII."""
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    locale.setlocale(locale.LC_ALL, saved)
 
 
 @pytest.fixture(autouse=True)
