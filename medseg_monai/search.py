@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import datetime
 import fcntl
 import json
 import math
@@ -437,6 +438,22 @@ def _tag_abandoned(
         print(f"warning: could not tag the MLflow run of trial {number}: {e}", file=sys.stderr)
 
 
+_LOCK_GRACE_S = 120  # a trial younger than this may not have recorded its worker yet
+
+
+def _alive(pid: object) -> bool:
+    """Whether ``pid`` (a trial's recorded worker, on this host) is a running process."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 def _recover_stale(study: optuna.Study, folder: Path, say: Callable[[str], None]) -> None:
     """Under the search lock: a RUNNING trial of this host whose worker and training hold no lock
     any more was left by a process that died (killed, machine crash). It is marked FAIL and its
@@ -445,6 +462,15 @@ def _recover_stale(study: optuna.Study, folder: Path, say: Callable[[str], None]
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.user_attrs.get("host", _HOST) != _HOST:
             continue
+        if _alive(t.user_attrs.get("pid")):
+            continue  # its worker lives: it may not hold its lock yet (asked, not yet locked; seen under load)
+        started = t.datetime_start
+        if (
+            "pid" not in t.user_attrs
+            and started
+            and (datetime.datetime.now() - started).total_seconds() < _LOCK_GRACE_S
+        ):
+            continue  # asked so recently that its worker has not recorded itself yet
         trial_dir = Path(t.user_attrs.get("output_dir", folder / f"trial{t.number}"))
         if _held(trial_dir / ".worker.lock") or _held(trial_dir / ".lock"):
             continue  # a live worker, or its training still stopping
