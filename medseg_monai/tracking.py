@@ -239,6 +239,10 @@ def check_sqlite_store(db: Path) -> None:
             short = _truncated(db)
         finally:
             connection.close()
+    except sqlite3.OperationalError as e:
+        if "readonly" in str(e):  # a hot journal of a killed writer: MLflow's read-write open rolls it back
+            return
+        raise InputError(f"the MLflow store {db} {_truncated(db) or f'is damaged ({e})'}: {how}") from None
     except sqlite3.DatabaseError as e:
         raise InputError(f"the MLflow store {db} {_truncated(db) or f'is damaged ({e})'}: {how}") from None
     if short:
