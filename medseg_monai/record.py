@@ -416,29 +416,38 @@ def prepare_run(
 _LOCKS: dict[Path, Any] = {}  # folders this process holds: the OS releases them when it exits
 
 
-def lock_output_dir(output_dir: str | Path) -> None:
-    """Hold an exclusive lock on ``<output_dir>/.lock`` for the rest of this process (re-entrant:
-    training then evaluating in one process is fine); another process is refused in one line."""
+def try_lock(path: Path, holder: str = "pid", unknown: str = "another process") -> tuple[Any | None, str]:
+    """An exclusive lock on the file ``path``, without waiting: ``(handle, "")`` when taken, the file
+    then saying who holds it (``"<holder> <pid> on <host>"``; closing the handle, or this process
+    ending, lets go), or ``(None, who)`` while another process holds it (``unknown`` if it wrote
+    nothing)."""
     import fcntl
 
-    out = Path(output_dir).resolve()
-    if out in _LOCKS:
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    handle = (out / ".lock").open("a+")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.seek(0)
-        holder = handle.read().strip() or "another process"
+        who = handle.read().strip() or unknown
         handle.close()
-        raise InputError(
-            f"output_dir {out} is in use by {holder}: wait for it, or pass another --output_dir"
-        ) from None
+        return None, who
     handle.seek(0)
     handle.truncate()
-    handle.write(f"pid {os.getpid()} on {platform.node()}")
+    handle.write(f"{holder} {os.getpid()} on {platform.node()}")
     handle.flush()
+    return handle, ""
+
+
+def lock_output_dir(output_dir: str | Path) -> None:
+    """Hold an exclusive lock on ``<output_dir>/.lock`` for the rest of this process (re-entrant:
+    training then evaluating in one process is fine); another process is refused in one line."""
+    out = Path(output_dir).resolve()
+    if out in _LOCKS:
+        return
+    handle, holder = try_lock(out / ".lock")
+    if handle is None:
+        raise InputError(f"output_dir {out} is in use by {holder}: wait for it, or pass another --output_dir")
     _LOCKS[out] = handle
 
 

@@ -24,7 +24,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import queue
 import re
 import shutil
@@ -44,7 +43,7 @@ from medseg_monai.errors import InputError
 from medseg_monai.handlers.progress import format_duration
 from medseg_monai.launch import LAUNCHERS, SlurmSettings, make_launcher, redirect_output
 from medseg_monai.paths import project_root
-from medseg_monai.record import content_hash, cpu_description, git_state, torch_threads
+from medseg_monai.record import content_hash, cpu_description, git_state, torch_threads, try_lock
 from medseg_monai.tables import load_references
 from medseg_monai.timing import PHASES, Stopwatch
 from medseg_monai.tracking import (
@@ -351,23 +350,7 @@ def take_job_lock(job: Job) -> tuple[Any | None, str]:
     """This grid's exclusive lock on ``job``'s folder, taken before anything looks at or deletes it:
     ``(handle, "")`` when taken (closing the handle, or this process ending, lets go), ``(None,
     holder)`` while another grid holds it (``holder`` says which: pid and host)."""
-    import fcntl
-
-    path = _job_lock_path(job)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = path.open("a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another grid"
-        handle.close()
-        return None, holder
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"grid pid {os.getpid()} on {platform.node()}")
-    handle.flush()
-    return handle, ""
+    return try_lock(_job_lock_path(job), holder="grid pid", unknown="another grid")
 
 
 def default_workers(profile: str) -> int:
