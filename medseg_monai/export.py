@@ -704,6 +704,21 @@ def _imports(medseg: Sequence[str]) -> list[str]:
     return ["$import os", "$import torch", "$import monai"] + (["$import medseg_monai"] if medseg else [])
 
 
+def _evaluator(**settings: str) -> dict[str, str]:
+    """The SupervisedEvaluator both exported configs run; ``settings`` add to or replace its entries."""
+    return {
+        "_target_": "SupervisedEvaluator",
+        "device": "@device",
+        "val_data_loader": "@dataloader",
+        "network": "@engine_network",
+        "inferer": "@inferer",
+        "postprocessing": "@postprocessing",
+        "val_handlers": "@handlers",
+        "amp": "@amp",
+        **settings,
+    }
+
+
 def _inference_config(parts: dict[str, Any], medseg: Sequence[str]) -> dict[str, Any]:
     """The zoo's inference.json around the written-back parts."""
     return {
@@ -737,16 +752,7 @@ def _inference_config(parts: dict[str, Any], medseg: Sequence[str]) -> dict[str,
             },
             {"_target_": "StatsHandler", "iteration_log": False},
         ],
-        "evaluator": {
-            "_target_": "SupervisedEvaluator",
-            "device": "@device",
-            "val_data_loader": "@dataloader",
-            "network": "@engine_network",
-            "inferer": "@inferer",
-            "postprocessing": "@postprocessing",
-            "val_handlers": "@handlers",
-            "amp": "@amp",
-        },
+        "evaluator": _evaluator(),
         "initialize": ["$monai.utils.set_determinism(seed=0)"],
         "run": ["$@evaluator.run()"],
     }
@@ -771,18 +777,11 @@ def _evaluate_config(parts: dict[str, Any], medseg: Sequence[str]) -> dict[str, 
             "batch_transform": "$lambda x: [xx['image'].meta for xx in x]",
             "summary_ops": "*",
         },
-        "evaluator": {
-            "_target_": "SupervisedEvaluator",
-            "device": "@device",
-            "val_data_loader": "@dataloader",
-            "network": "@engine_network",
-            "inferer": "@inferer",
-            "postprocessing": "@postprocessing",
-            "key_val_metric": "@key_metric",
-            "additional_metrics": "@additional_metrics",
-            "val_handlers": "$@handlers + [@metric_saver]",
-            "amp": "@amp",
-        },
+        "evaluator": _evaluator(
+            key_val_metric="@key_metric",
+            additional_metrics="@additional_metrics",
+            val_handlers="$@handlers + [@metric_saver]",
+        ),
     }
 
 
