@@ -674,7 +674,7 @@ def check_interrupted(trainer: Any, output_dir: str) -> None:
         return
     if not (Path(output_dir) / "checkpoint.pt").is_file():  # TrainingCheckpoint's, after each epoch
         raise RunInterrupted(
-            f"training stopped by {signal_name} during epoch {trainer.state.epoch}, before any epoch was "
+            f"training stopped by {signal_name} during epoch {max(trainer.state.epoch, 1)}, before any epoch was "
             f"complete: nothing in {output_dir} to resume; run the same command again to start over"
         )
     raise RunInterrupted(

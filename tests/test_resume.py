@@ -224,3 +224,25 @@ def test_killed_and_resumed_equals_uninterrupted(study: str, tmp_path: Path) -> 
     assert len(expected) == _EPOCHS and {e: got[e] for e in expected} == expected
     a, b = (torch.load(d / "model_final.pt", weights_only=True) for d in (tmp_path / "whole", out))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_signal_while_earlier_started_handlers_run_stops_the_run_cleanly(tmp_path: Path) -> None:
+    """Ctrl-C while the tracker opens its MLflow run (a STARTED handler attached before the
+    checkpoint's) was a KeyboardInterrupt with a traceback (CI, stop 44): the signal is caught from
+    the moment TrainingCheckpoint is attached, and no epoch runs."""
+    import os
+    import signal
+
+    from ignite.engine import Engine, Events
+
+    from medseg_monai.handlers.resume import TrainingCheckpoint
+
+    iterations: list[int] = []
+    engine = Engine(lambda e, batch: iterations.append(batch))
+    engine.add_event_handler(Events.STARTED, lambda e: os.kill(os.getpid(), signal.SIGINT))
+    before = signal.getsignal(signal.SIGINT)
+    TrainingCheckpoint(str(tmp_path), objects={}).attach(engine)
+    engine.run([1, 2, 3], max_epochs=2)
+    assert engine.state.interrupted == "SIGINT" and iterations == []
+    assert signal.getsignal(signal.SIGINT) is before  # restored when the run ended
+    assert not (tmp_path / "checkpoint.pt").exists()

@@ -161,8 +161,9 @@ class TrainingCheckpoint:
     With ``resume`` it loads that file when the trainer starts, so the run continues at the next
     epoch, drawing the same random numbers as an uninterrupted run would.
 
-    SIGTERM (what SLURM sends at a time limit), SIGINT (Ctrl-C) and SIGHUP (a closed terminal) end
-    the current iteration and stop the run (``engine.state.interrupted`` names the signal; trackers mark their run KILLED);
+    From the moment it is attached, SIGTERM (what SLURM sends at a time limit), SIGINT (Ctrl-C) and
+    SIGHUP (a closed terminal) end the current iteration and stop the run
+    (``engine.state.interrupted`` names the signal; trackers mark their run KILLED);
     :func:`medseg_monai.bundle.check_interrupted` then ends the process with one line and a
     non-zero status. The last complete epoch's checkpoint is what ``--resume true`` continues from.
     """
@@ -182,8 +183,13 @@ class TrainingCheckpoint:
         self.evaluator = evaluator
         self.resume = resume
         self._previous: dict[int, Any] = {}
+        self._received: str | None = None
 
     def attach(self, engine: Engine) -> None:
+        # the signals are caught from here on, not from STARTED: the handlers attached before this
+        # one (the tracker opening its MLflow run) run first at STARTED, and a Ctrl-C there was a
+        # KeyboardInterrupt with a traceback and a run left RUNNING
+        self._catch_signals(engine)
         engine.add_event_handler(Events.STARTED, self._start)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._save)
         engine.add_event_handler(Events.TERMINATE, self._restore_signals)
@@ -198,18 +204,26 @@ class TrainingCheckpoint:
             objects["scaler"] = scaler
         return objects
 
+    def _catch_signals(self, engine: Engine) -> None:
+        self._received = None
+        if threading.current_thread() is not threading.main_thread() or self._previous:
+            return
+
+        def stop(signum: int, frame: Any) -> None:
+            self._received = engine.state.interrupted = signal.Signals(signum).name
+            logger.warning("%s received: stopping after this iteration", self._received)
+            engine.terminate(skip_completed=True)  # Ignite clears it when run() starts: _start repeats it
+
+        self._previous = {s: signal.signal(s, stop) for s in _SIGNALS}
+
     def _start(self, engine: Engine) -> None:
-        engine.state.interrupted = None
-        if threading.current_thread() is threading.main_thread():
-
-            def stop(signum: int, frame: Any) -> None:
-                engine.state.interrupted = signal.Signals(signum).name
-                logger.warning("%s received: stopping after this iteration", engine.state.interrupted)
-                engine.terminate(skip_completed=True)
-
-            self._previous = {s: signal.signal(s, stop) for s in _SIGNALS}
+        if not self._previous:  # a second run() of this trainer: the first one's end restored them
+            self._catch_signals(engine)
         if self.resume:
             self._load(engine)
+        engine.state.interrupted = self._received
+        if self._received:  # received before the trainer ran or while earlier STARTED handlers ran
+            engine.terminate(skip_completed=True)
 
     def _load(self, engine: Engine) -> None:
         if not self.path.is_file():
