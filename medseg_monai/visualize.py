@@ -1,5 +1,6 @@
 """Overlay figures (PNG): image, reference, prediction and errors side by side; predictions over a
-few slices of a segmented volume."""
+few slices of a segmented volume. The transforms that save them for predictions are in
+:mod:`medseg_monai.transforms.io`."""
 
 from __future__ import annotations
 
@@ -9,15 +10,13 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.transforms import MapTransform
 from PIL import Image, ImageDraw
 
-from medseg_monai.transforms import class_indices
+from medseg_monai.deprecation import moved_names
 
 __all__ = [
     "CLASS_COLOURS",
     "OverlaySaver",
-    "SaveVolumeOverlayd",
     "blend_labels",
     "colour_labels",
     "overlay_panels",
@@ -83,6 +82,9 @@ def overlay_panels(image: np.ndarray, label: np.ndarray, pred: np.ndarray, title
 def _class_map(t: Any) -> np.ndarray:
     """(C, *spatial) one-hot/probabilities or (1, *spatial) indices/probabilities -> class indices
     (one channel: >= 0.5 is foreground; negative values, e.g. ignored voxels, count as background)."""
+    # imported here: medseg_monai.transforms imports this module's drawing for its saving transforms
+    from medseg_monai.transforms.labels import class_indices
+
     t = torch.as_tensor(t).detach().cpu().float()
     return (class_indices(t)[0].long() if t.shape[0] > 1 else (t[0] >= 0.5).long()).numpy()
 
@@ -148,25 +150,5 @@ def volume_overlay(image: np.ndarray, label: np.ndarray, n_slices: int = 4, axis
     return Image.fromarray(np.concatenate(panels, axis=1))
 
 
-class SaveVolumeOverlayd(MapTransform):
-    """Write ``<output_dir>/<name>_overlay.png``: :func:`volume_overlay` of ``image_key`` (C, X, Y, Z)
-    with ``keys`` (a (1, X, Y, Z) mask or class indices on the same grid), named after the image's
-    file (its MONAI metadata), so a segmented volume can be checked at a glance."""
-
-    def __init__(self, keys: Any, image_key: str, output_dir: str, n_slices: int = 4, axis: int = -1) -> None:
-        super().__init__(keys)
-        self.image_key = image_key
-        self.output_dir = Path(output_dir)
-        self.n_slices = n_slices
-        self.axis = axis
-
-    def __call__(self, data: Any) -> Any:
-        d = dict(data)
-        image = d[self.image_key]
-        name = Path(str(getattr(image, "meta", {}).get("filename_or_obj", "volume"))).name.split(".")[0]
-        for key in self.key_iterator(d):
-            label = torch.as_tensor(d[key]).detach().cpu()[0].numpy()
-            vol = torch.as_tensor(image).detach().cpu()[0].float().numpy()
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            volume_overlay(vol, label, self.n_slices, self.axis).save(self.output_dir / f"{name}_overlay.png")
-        return d
+# moved to medseg_monai.transforms (#38); the old path works one more release
+__getattr__ = moved_names(__name__, {"SaveVolumeOverlayd": "medseg_monai.transforms"})

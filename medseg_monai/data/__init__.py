@@ -49,6 +49,10 @@ __all__ = [
     "write_datalist",
     "write_json",
 ]
-from medseg_monai.data.copies import AddedCopiesDataset, OnCopiesd, added_copies  # noqa: E402
+from medseg_monai.data.copies import AddedCopiesDataset, added_copies  # noqa: E402
+from medseg_monai.deprecation import moved_names  # noqa: E402
 
-__all__ += ["AddedCopiesDataset", "OnCopiesd", "added_copies"]
+__all__ += ["AddedCopiesDataset", "added_copies"]
+
+# moved to medseg_monai.transforms (#38); the old path works one more release
+__getattr__ = moved_names(__name__, {"OnCopiesd": "medseg_monai.transforms"})

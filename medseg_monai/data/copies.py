@@ -12,7 +12,8 @@ Both generated their copies once, so a copy is the same in every epoch here too 
 
 :class:`AddedCopiesDataset` wraps a data set (a list of data dicts or any indexable data set,
 e.g. a MONAI ``CacheDataset``); :func:`added_copies` is the same on a datalist, for copies that
-a cached pipeline then transforms (:class:`OnCopiesd` applies a transform to the copies only).
+a cached pipeline then transforms (:class:`medseg_monai.transforms.OnCopiesd` applies a transform
+to the copies only).
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import Randomizable, Transform
+from monai.transforms import Randomizable
 
-__all__ = ["AddedCopiesDataset", "OnCopiesd", "added_copies"]
+from medseg_monai.deprecation import moved_names
+
+__all__ = ["AddedCopiesDataset", "added_copies"]
 
 
 def _copy_seed(seed: int, index: int) -> int:
@@ -156,8 +159,8 @@ def added_copies(
     """A datalist with copies added: ``items`` (each with ``mark_key: 0``) followed by copies of the
     originals :class:`AddedCopiesDataset` chooses (``mark_key: 1``, ids suffixed). Nothing is
     transformed here: a pipeline does that once per item (e.g. a ``CacheDataset`` whose transforms
-    include :class:`OnCopiesd`), so cached copies stay fixed and the copies show in the run's
-    datalist."""
+    include :class:`medseg_monai.transforms.OnCopiesd`), so cached copies stay fixed and the copies
+    show in the run's datalist."""
     return list(
         AddedCopiesDataset(
             [dict(it) for it in items],
@@ -172,13 +175,5 @@ def added_copies(
     )
 
 
-class OnCopiesd(Transform):
-    """Apply ``transform`` to the items marked as copies (``data[mark_key]`` true, see
-    :func:`added_copies`) and pass the others through unchanged."""
-
-    def __init__(self, transform: Callable[[Any], Any], mark_key: str = "copy") -> None:
-        self.transform = transform
-        self.mark_key = mark_key
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> Any:
-        return self.transform(data) if data.get(self.mark_key) else data
+# moved to medseg_monai.transforms (#38); the old path works one more release
+__getattr__ = moved_names(__name__, {"OnCopiesd": "medseg_monai.transforms"})
