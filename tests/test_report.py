@@ -5,6 +5,7 @@ MLflow store written here."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -196,6 +197,45 @@ def test_every_grid_reference_is_cited() -> None:
     }
     assert {"dice_lv_cavity", "dice_myocardium", "dice_rv_cavity"} <= set(lv.metrics)  # beside ours
     assert all(r["citation"] and r["differs"] for j in jobs for r in j.references)
+
+
+# a citation says where in its source the figure is
+_LOCATED = re.compile(r"\b(abstract|table|tab\.|sec\.|section|fig\.|figure|page|pp?\.)", re.IGNORECASE)
+# metrics that are fractions (overlaps, recalls, F-scores); the others (hd95, avd, mae, corr) are not
+_FRACTIONS = ("dice", "iou", "window_", "f3", "recall", "challenge_dice", "challenge_lesion")
+
+
+@pytest.mark.parametrize(
+    "grid", sorted((ROOT / "bundles").glob("*/configs/reproduce.yaml")), ids=lambda p: p.parts[-3]
+)
+def test_every_reproduce_yaml_reference_lines_up_with_the_studys_table(grid: Path) -> None:
+    """Every study's reference rows: a name, a citation that says where the figure is, what differs,
+    and figures keyed by metrics the study's table shows (its grid's ``metrics``), each rendered in
+    its metric's column of the paper-shaped table, '-' in the others."""
+    spec = yaml.safe_load(grid.read_text())
+    refs = load_references(spec, grid)  # refuses a row without name, citation, differs or figures
+    metrics = list(spec["metrics"])
+    for ref in refs:
+        assert set(ref.figures) <= set(metrics), (
+            f"{ref.name}: {set(ref.figures) - set(metrics)} not in {metrics}"
+        )
+        assert _LOCATED.search(ref.citation), f"{ref.name}: the citation does not say where the figure is"
+        for metric, value in ref.figures.items():
+            if metric.startswith(_FRACTIONS):
+                assert 0 < value <= 1, f"{ref.name}: {metric} = {value} is not a fraction"
+    ours = Row("baseline", {m: Cell((0.5,)) for m in metrics}, HEADER["dataset"], runs=("aaaa1111",))
+    table = PaperTable(spec["study"], "quick", metrics, [ours], refs, HEADER)
+    columns, body = table.columns(), table.body()
+    assert [line[0] for line in body] == ["baseline"] + [f"reference: {r.name}" for r in refs]
+    for ref, line in zip(refs, body[1:], strict=True):
+        assert len(line) == len(columns)
+        for m in metrics:
+            assert line[columns.index(m)] == (f"{ref.figures[m]:g}" if m in ref.figures else "-"), (
+                ref.name,
+                m,
+            )
+    markdown = render_markdown(paper_blocks(table))
+    assert all(f"reference: {r.name}" in markdown and r.citation in markdown for r in refs)
 
 
 # --- figures -------------------------------------------------------------------------------------
