@@ -147,7 +147,7 @@ def test_mlflow_runs_by_id_and_name(
     monkeypatch.setenv("MEDSEG_MLFLOW_DIR", str(tmp_path / "mlflow"))
     client = open_client()
     xray = ensure_experiment("xray", client)
-    id_a = _mlflow_run(client, xray, "strong seed0 (quick)", _run_folder(tmp_path / "a", A))
+    id_a = _mlflow_run(client, xray, "cpu_real seed0 (quick)", _run_folder(tmp_path / "a", A))
     _mlflow_run(client, xray, "baseline seed0 (quick)", _run_folder(tmp_path / "b", B))
     capsys.readouterr()  # MLflow's lines about creating the store
     code, out, err = _compare(
@@ -215,7 +215,7 @@ def test_report_table_against_the_baseline(tmp_path: Path, monkeypatch: pytest.M
     # baseline: seeds 0 and 1 at B -/+ 0.01 (per-case mean B, seed means 0.7067 and 0.7267: sd 0.0141)
     grid_run("baseline", 0, {c: v - 0.01 for c, v in B.items()})
     grid_run("baseline", 1, {c: v + 0.01 for c, v in B.items()})
-    grid_run("strong", 0, A)  # + d: p = 2/64 alone
+    grid_run("cpu_real", 0, A)  # + d: p = 2/64 alone
     grid_run("worse", 0, {c: B[c] - D[c] for c in B})  # - d: p = 2/64 alone
     grid_run("on_test", 0, A, split="test")
     knee = ensure_experiment("knee", client)
@@ -224,7 +224,7 @@ def test_report_table_against_the_baseline(tmp_path: Path, monkeypatch: pytest.M
     report = build_report(tmp_path / "reports").read_text()
     # Holm over the two comparisons: both p = 0.03125 -> 2 x 0.03125 = 0.0625 >= 0.05: no verdict
     assert "Against the baseline, case by case: dice, experiment - baseline (higher is better)" in report
-    assert "| strong | 6 | 1 / 2 | +0.0500 [+0.0" in report
+    assert "| cpu_real | 6 | 1 / 2 | +0.0500 [+0.0" in report
     assert "| 0.0312 | 0.0625 | no detectable difference | - / 0.0141 |" in report
     assert "| worse | 6 | 1 / 2 | -0.0500 [-0.0" in report
     assert (

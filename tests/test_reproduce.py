@@ -80,7 +80,7 @@ def test_every_bundle_grid_plans(tmp_path: Path) -> None:
         "baseline",
         "noise_val_only",
         "train_size_105",
-        "strong",
+        "cpu_real",
     }
     assert all(Path(c).is_file() for j in jobs for c in j.configs)
     assert len(plan("paper", studies=["xray"], runs_dir=tmp_path)) == 39

@@ -253,7 +253,7 @@ def test_cpu_real_xray_input_is_the_same_picture_whatever_grey_range_the_file_us
     shared_data: Path, tmp_path: Path
 ) -> None:
     """A shared JSRT image stored at 239-254 of 255 (as unseen JSRT files are, issue #37) reaches
-    the strong recipe's network as nearly the picture its original gives; the poster's fixed
+    the cpu_real recipe's network as nearly the picture its original gives; the poster's fixed
     bit-depth scaling hands the network a nearly white image instead."""
     import runpy
     import sys
@@ -276,7 +276,7 @@ def test_cpu_real_xray_input_is_the_same_picture_whatever_grey_range_the_file_us
         parser.update({"dataset": "jsrt-scr", "image_size": 320})
         return parser.get_parsed_content("infer_preprocessing")({"image": str(image)})["image"].as_tensor()
 
-    for experiment, close in (([configs / "experiments/strong.yaml"], True), ([], False)):
+    for experiment, close in (([configs / "experiments/cpu_real.yaml"], True), ([], False)):
         original = network_input(experiment, shared_data / "jsrt-scr/images" / name)
         narrowed = network_input(experiment, tmp_path / "narrow/images" / name)
         correlation = torch.corrcoef(torch.stack([original.flatten(), narrowed.flatten()]))[0, 1].item()

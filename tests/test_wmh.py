@@ -59,7 +59,7 @@ def test_every_experiment_network_takes_its_slices(experiment: Path) -> None:
     kinds = {
         "attention_unet": AttentionUNet,
         "attention_unet_pyramid": AttentionUNet,
-        "real_samples": BasicUNet,
+        "cpu_real": BasicUNet,
     }
     assert type(net) is kinds.get(experiment.stem, ClassicUNet)
     in_channels = len(p["channels"]) * p["neighbours"]
@@ -95,7 +95,7 @@ def test_experiment_grid_matches_chapter_8() -> None:
         "mish_groupnorm32",
         "sagittal",
         "mish_no_flips",
-        "real_samples",
+        "cpu_real",
     }
     pyramid = _parser("attention_unet_pyramid").get_parsed_content("network_def")
     assert pyramid.pyramid_input
@@ -239,7 +239,7 @@ def test_inference_keeps_the_input_grid(
     assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1}
 
 
-def test_real_samples_recipe_trains_every_slice(shared_data: Path) -> None:
+def test_cpu_real_recipe_trains_every_slice(shared_data: Path) -> None:
     """The recipe predicts every slice of a volume, so every slice trains: the thesis's 2-bit entropy
     filter (sec. 7.2) kept 7-9 of a clinical volume's 16 (it dropped the top and bottom ones), which
     were then predicted unseen (held out, docs/README.md: 0.643 -> 0.721 mean volume Dice)."""
@@ -248,7 +248,7 @@ def test_real_samples_recipe_trains_every_slice(shared_data: Path) -> None:
 
     def train_slices(**overrides: object) -> int:
         p = parse_study(
-            "wmh", "real_samples", None, dataset="wmh-clinical-flair", data_root=str(root), **overrides
+            "wmh", "cpu_real", None, dataset="wmh-clinical-flair", data_root=str(root), **overrides
         )
         return len(p.get_parsed_content("train_slices"))
 

@@ -135,8 +135,8 @@ def test_noise_subset_is_fixed_per_case_and_seed() -> None:
 def test_experiment_grid_is_complete() -> None:
     jobs = {j.experiment: j for j in plan("quick", studies=["xray"])}
     sizes = {f"train_size_{n:03d}": n for n in (5, 10, 15, 20, 25, 45, 65, 85, 105)}
-    assert {"baseline", "noise_train_val", "noise_val_only", "strong", *sizes} == set(jobs)
-    assert not jobs["strong"].paper and "beyond the poster" in jobs["strong"].note  # not a poster number
+    assert {"baseline", "noise_train_val", "noise_val_only", "cpu_real", *sizes} == set(jobs)
+    assert not jobs["cpu_real"].paper and "beyond the poster" in jobs["cpu_real"].note  # not a poster number
     for name, n in sizes.items():  # the sweep: the baseline with one training-set size each
         assert jobs[name].overrides == {"train_size": n, "experiment": name}
         assert jobs[name].configs[1].endswith("experiments/baseline.yaml")
@@ -224,15 +224,15 @@ def test_default_is_the_posters_baseline() -> None:
 
 
 def test_image_size_must_suit_the_network() -> None:
-    """The classic U-Net pads any size; strong's five-stride U-Net needs multiples of 32, which the
+    """The classic U-Net pads any size; cpu_real's five-stride U-Net needs multiples of 32, which the
     quick profile rounds its 48 px up to, and a size that does not divide is refused in one line."""
     from medseg_monai.errors import is_input_error
 
     assert parse_study("xray", profile="quick", image_size=50).get_parsed_content("image_shape") == [50, 50]
     assert parse_study("xray", profile="quick").get_parsed_content("image_shape") == [48, 48]
-    assert parse_study("xray", "strong", "quick").get_parsed_content("image_shape") == [64, 64]
+    assert parse_study("xray", "cpu_real", "quick").get_parsed_content("image_shape") == [64, 64]
     with pytest.raises(Exception) as caught:
-        parse_study("xray", "strong", image_size=300).get_parsed_content("image_shape")
+        parse_study("xray", "cpu_real", image_size=300).get_parsed_content("image_shape")
     assert (
         str(is_input_error(caught.value))
         == "image_size 300 is not a multiple of 32 (this network's): use 288 or 320"

@@ -1,4 +1,4 @@
-"""The peer of the `real_samples` recipe (issue #9): the plain PyTorch loop a user would write
+"""The peer of the `cpu_real` recipe (issue #9): the plain PyTorch loop a user would write
 instead, MONAI's BasicUNet on single clinical FLAIR slices (512 px averaged to 256, z-score over
 the brain), Dice + focal loss, Adam 1e-3, random flips and intensity jitter, 79 steps of 8 slices.
 It trains on every case of ``--data_root`` except ``--held_out`` and prints that volume's Dice,

@@ -1,4 +1,4 @@
-"""The peer of the `strong` recipe (issue #9): the plain PyTorch loop a user would write instead,
+"""The peer of the `cpu_real` recipe (issue #9): the plain PyTorch loop a user would write instead,
 MONAI's BasicUNet on the JSRT radiographs at 256 px (background, lungs, heart), Dice + cross-entropy,
 Adam 1e-3, batch 4, 40 epochs, no augmentation. It trains on the registry's ``train`` split of
 ``--data_root`` and prints the lungs and heart Dice of its ``val`` split (8 images no recipe was
