@@ -11,8 +11,9 @@ import torch
 from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor
 from monai.transforms import Compose, RandFlipd, RandGaussianNoised
 
-from medseg_monai.data import AddedCopiesDataset, OnCopiesd, added_copies
+from medseg_monai.data import AddedCopiesDataset, added_copies
 from medseg_monai.handlers.resume import random_states
+from medseg_monai.transforms import OnCopiesd
 
 
 def _items(n: int = 10) -> list[dict]:
