@@ -338,7 +338,7 @@ def test_report_from_a_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("MEDSEG_MLFLOW_DIR", str(tmp_path / "mlflow"))
     client = open_client()
     xray = ensure_experiment("xray", client)
-    _grid_run(client, xray, "strong", 0, 2, 0.70)  # first in time, last in the grid
+    _grid_run(client, xray, "cpu_real", 0, 2, 0.70)  # first in time, last in the grid
     _grid_run(client, xray, "noise_val_only", 0, 0, 0.60, **{"paper.dice": "0.6648"})
     _grid_run(client, xray, "baseline", 0, 1, 0.80, **{"paper.dice": "0.99"})
     _grid_run(client, xray, "baseline", 1, 1, 0.90, **{"paper.dice": "0.99"})
@@ -352,7 +352,7 @@ def test_report_from_a_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert "- dataset: xray-synthetic (synthetic, 01234567)\n" in part
     rows = [line.split(" | ")[0] for line in part.splitlines() if "(n=" in line or "reference:" in line]
     # the baseline first, then the grid's order; the reference row last
-    assert rows == ["| baseline", "| noise_val_only", "| strong", "| reference: second observer"]
+    assert rows == ["| baseline", "| noise_val_only", "| cpu_real", "| reference: second observer"]
     # baseline: 0.80 and 0.90, mean 0.85, sd sqrt(0.005) = 0.0707, 0.85 - 0.99 = -0.14
     assert "| baseline | 0.8500 ± 0.0707 (n=2) | 0.99 | -0.1400 | - |" in part
     assert "| reference: second observer | - | - | - | 0.878 | - |" in part
