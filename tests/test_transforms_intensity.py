@@ -1,4 +1,4 @@
-"""Intensity transforms: a simulated narrow stored grey range, the X-ray poster's noise (sigma 5000
+"""Intensity transforms: background to zero, a simulated narrow stored grey range, the X-ray poster's noise (sigma 5000
 on the 16-bit scale whatever the stored depth, a fixed subset of cases per seed) and N4 bias-field
 correction through SimpleITK."""
 
@@ -14,12 +14,31 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from PIL import Image
 
 from medseg_monai.transforms import (
+    BackgroundToZerod,
     CaseGaussianNoised,
     N4BiasFieldCorrectiond,
     RandStoredRanged,
     ScaleByBitDepthd,
     n4_bias_field,
 )
+
+
+def test_background_to_zero_shifts_each_channel_by_its_own_minimum() -> None:
+    """A volume z-scored before release (background about -3.6, the BRATS 2015 four-class files)
+    gets its background back to 0; a raw one (background 0) is unchanged; metadata stays."""
+    scored = torch.full((1, 2, 2, 2), -3.6)
+    scored[0, 0, 0, 0] = 1.4
+    raw = torch.zeros(1, 2, 2, 2)
+    raw[0, 1, 1, 1] = 250.0
+    image = MetaTensor(torch.cat([scored, raw]), meta={"filename_or_obj": "brats_flair.nii.gz"})
+    out = BackgroundToZerod("image")({"image": image})["image"]
+    assert (
+        torch.allclose(out[0].sum(), torch.tensor(5.0))
+        and out[0].min() == 0
+        and out[0, 0, 0, 0] == pytest.approx(5.0)
+    )
+    assert torch.equal(out[1].as_tensor(), raw[0])
+    assert out.meta["filename_or_obj"] == "brats_flair.nii.gz"
 
 
 def test_rand_stored_range_maps_into_a_drawn_part_of_the_grey_levels() -> None:
