@@ -16,13 +16,14 @@ from typing import Any
 
 from optuna.trial import TrialState
 
-from medseg_monai.errors import InputError
+from medseg_monai.errors import InputError, redact
 from medseg_monai.paths import project_root
 from medseg_monai.search.spec import load_spec
 from medseg_monai.search.storage import count_trials
 from medseg_monai.search.tracking import ParentMetrics, finish_parent_run, parent_run
 from medseg_monai.search.trial import BundleTrial, SearchSetup, die_with_parent
 from medseg_monai.search.worker import format_value, run_worker
+from medseg_monai.tracking import tracking_uri
 
 __all__ = ["main", "prepare", "search"]
 
@@ -54,7 +55,7 @@ def prepare(
 ) -> SearchSetup:
     import difflib
 
-    from medseg_monai.bundle import config_files, config_parser
+    from medseg_monai.bundle import config_files, config_parser  # lazy: the bundle layer imports MONAI
 
     files = config_files(study, "train", experiment, profile, bundles_dir=bundles_dir)
     configs = Path(files[0]) if Path(files[0]).is_absolute() else project_root() / files[0]
@@ -157,9 +158,6 @@ def search(args: argparse.Namespace, overrides: Mapping[str, Any]) -> int:
             )
         except KeyboardInterrupt:
             return 130
-    from medseg_monai.errors import redact
-    from medseg_monai.tracking import tracking_uri
-
     parent = parent_run(setup, study)
     complete = count_trials(study, TrialState.COMPLETE)
     print(
@@ -213,7 +211,7 @@ def search(args: argparse.Namespace, overrides: Mapping[str, Any]) -> int:
         best = study.best_trial
         shown = " ".join(f"{k}={format_value(v)}" for k, v in best.params.items())
         summary += f"; best {setup.metric} {best.value:.4f} in trial {best.number} ({shown})"
-    from medseg_monai.handlers.progress import format_duration
+    from medseg_monai.handlers.progress import format_duration  # lazy: handlers import torch and Ignite
 
     print(
         f"{summary}; {format_duration(time.perf_counter() - started)}; figure {setup.folder / 'trajectory.png'}",

@@ -15,6 +15,14 @@ from optuna.trial import FrozenTrial, TrialState
 
 from medseg_monai.search.figure import plot_trajectory, trial_points
 from medseg_monai.search.storage import count_trials, locked
+from medseg_monai.tracking import (
+    RUN_RECORD,
+    ensure_experiment,
+    flatten_params,
+    open_client,
+    recorded_run,
+    tracking_uri,
+)
 
 if TYPE_CHECKING:
     from medseg_monai.search.trial import SearchSetup
@@ -27,10 +35,8 @@ def tag_abandoned(
 ) -> None:
     """Best effort: name and tag the MLflow run of a trial that did not finish (when its training
     opened one) as the search's trial, with why it ended; its parameters are queued again."""
-    if not (trial_dir / "mlflow_run.json").is_file():  # medseg_monai.tracking.RUN_RECORD (slow import)
+    if not (trial_dir / RUN_RECORD).is_file():
         return
-    from medseg_monai.tracking import open_client, recorded_run
-
     try:
         run_id = recorded_run(trial_dir)
         if run_id is None:
@@ -62,9 +68,7 @@ def tag_trial_run(
 ) -> None:
     """Name and tag the trial's run as the parent's child (one is created, FAILED, when the
     training failed before it opened its run), with the score as metric ``search.score``."""
-    from mlflow.entities import Param
-
-    from medseg_monai.tracking import ensure_experiment
+    from mlflow.entities import Param  # lazy: MLflow's import takes seconds
 
     tags = {
         "mlflow.runName": f"search {setup.name} trial {trial.number}",
@@ -97,8 +101,6 @@ class ParentMetrics:
     trials finish out of order)."""
 
     def __init__(self, run_id: str) -> None:
-        from medseg_monai.tracking import open_client
-
         self.run_id = run_id
         self.client = open_client()
 
@@ -110,11 +112,10 @@ class ParentMetrics:
 
 def parent_run(setup: SearchSetup, study: optuna.Study) -> str:
     """The search's MLflow parent run (recorded in the study), created on first use; set RUNNING."""
-    from mlflow.entities import Param
+    from mlflow.entities import Param  # lazy: MLflow's import takes seconds
     from mlflow.exceptions import MlflowException
 
-    from medseg_monai.record import git_state
-    from medseg_monai.tracking import ensure_experiment, flatten_params, open_client, tracking_uri
+    from medseg_monai.record import git_state  # lazy: record imports MONAI and MLflow
 
     client = open_client()
     with locked(setup.folder / "search.lock"):
@@ -169,8 +170,6 @@ def parent_run(setup: SearchSetup, study: optuna.Study) -> str:
 def finish_parent_run(setup: SearchSetup, study: optuna.Study, parent: str, status: int) -> None:
     """Write ``trials.csv`` and ``trajectory.png`` to the search folder, log them and the best trial
     into the parent run, and end it: FINISHED with ``n_trials`` complete and none running."""
-    from medseg_monai.tracking import open_client
-
     client = open_client()
     study.trials_dataframe().to_csv(setup.folder / "trials.csv", index=False)
     title = f"{setup.study} search '{setup.name}' ({setup.profile}): {setup.steps} steps a trial"

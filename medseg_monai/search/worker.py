@@ -21,6 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 from medseg_monai.search.spec import Parameter
 from medseg_monai.search.storage import HOST, count_trials, lock_held, locked, signals_held
 from medseg_monai.search.tracking import tag_abandoned
+from medseg_monai.tracking import RUN_RECORD, mark_stale_run
 
 __all__ = ["TrialFailed", "TrialInterrupted", "format_value", "run_worker"]
 
@@ -70,9 +71,7 @@ def _recover_stale(study: optuna.Study, folder: Path, say: Callable[[str], None]
         trial_dir = Path(t.user_attrs.get("output_dir", folder / f"trial{t.number}"))
         if lock_held(trial_dir / ".worker.lock") or lock_held(trial_dir / ".lock"):
             continue  # a live worker, or its training still stopping
-        if (trial_dir / "mlflow_run.json").is_file():  # best effort: the old training's MLflow run
-            from medseg_monai.tracking import mark_stale_run
-
+        if (trial_dir / RUN_RECORD).is_file():  # best effort: the old training's MLflow run
             with contextlib.suppress(Exception):
                 mark_stale_run(trial_dir)
         tag_abandoned(study, t.number, trial_dir, t.params, "its worker was gone (killed?)")
