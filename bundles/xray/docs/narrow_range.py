@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from medseg_monai.io import apply_palette
+from medseg_monai.transforms import apply_palette
 
 
 def narrow(image: Image.Image, low: int, high: int) -> Image.Image:
