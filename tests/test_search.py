@@ -1,11 +1,13 @@
 """Hyperparameter search (medseg_monai.search): the paper's sampling rule, resumption after a killed
-worker, parallel workers, and one tiny search of the X-ray bundle end to end (MLflow nesting, figure)."""
+worker, parallel workers, the command's one-line refusals, and one tiny search of the X-ray bundle
+end to end (MLflow nesting, figure)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,6 +30,7 @@ from medseg_monai.search import (
     TrialFailed,
     TrialInterrupted,
     load_spec,
+    main,
     open_study,
     run_worker,
 )
@@ -268,6 +271,29 @@ def test_a_training_stopped_by_a_signal_is_queued_again_not_counted_as_failed(tm
     assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.COMPLETE]
     assert study.get_trials()[1].user_attrs["retry_of"] == 0
     assert said[0] == "trial 0 interrupted: marked FAIL, its parameters queued again"
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def test_the_command_refuses_a_wrong_setting_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    command = [sys.executable, "-m", "medseg_monai.search", "--study", "xray", "--workers", "0"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)  # __main__
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == "error: --workers must be >= 1, got 0\n"
+    for argv, message in [
+        (["--study", "nope"], r"error: no config \S*nope/configs/train\.yaml \(studies: brats, "),
+        (
+            ["--study", "xray", "--spec", str(tmp_path / "none.yaml")],
+            r"error: no search spec \S*none\.yaml: ",
+        ),
+    ]:
+        assert main([*argv, "--runs_dir", str(tmp_path / "runs")]) == 2
+        err = capsys.readouterr().err
+        assert re.match(message, err) and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
 
 
 # ----------------------------------------------------------------------------- a bundle end to end
