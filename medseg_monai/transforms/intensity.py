@@ -32,9 +32,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# an axis is shrunk only while this many voxels remain (the 36 thick coronal slices of a knee are not)
-_MIN_SHRUNK_SIZE = 32
-
 
 class BackgroundToZerod(MapTransform):
     """Shift each channel of ``keys`` (C, *spatial) by its minimum, so that the background of a
@@ -187,6 +184,10 @@ class RandStoredRanged(RandomizableTransform, MapTransform):
                 torch.round((self.offset + self.width * img.clamp(0, 1)) * top) / top, d[key]
             )
         return d
+
+
+# an axis is shrunk only while this many voxels remain (the 36 thick coronal slices of a knee are not)
+_MIN_SHRUNK_SIZE = 32
 
 
 def n4_bias_field(
