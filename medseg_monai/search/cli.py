@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import optuna
 from optuna.trial import TrialState
 
 from medseg_monai.errors import InputError, redact
@@ -125,6 +126,21 @@ def _sigterm_as_interrupt() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
+def _work_here(setup: SearchSetup, study: optuna.Study, parent: str | None) -> int:
+    """One worker in this process: bundle trials until enough are complete, each score logged into
+    the search's parent run when there is one."""
+    return run_worker(
+        study,
+        setup.parameters,
+        setup.n_trials,
+        setup.folder,
+        BundleTrial(setup, parent),
+        callbacks=[ParentMetrics(parent)] if parent else [],
+        max_failures=setup.max_failures,
+        metric=setup.metric,
+    )
+
+
 def search(args: argparse.Namespace, overrides: Mapping[str, Any]) -> int:
     """Run (or resume, or join) the search the command line describes; returns the exit status."""
     setup = prepare(
@@ -146,16 +162,7 @@ def search(args: argparse.Namespace, overrides: Mapping[str, Any]) -> int:
     if args.worker:
         parent = study.user_attrs.get("mlflow_parent_run_id")
         try:
-            return run_worker(
-                study,
-                setup.parameters,
-                setup.n_trials,
-                setup.folder,
-                BundleTrial(setup, parent),
-                callbacks=[ParentMetrics(parent)] if parent else [],
-                max_failures=setup.max_failures,
-                metric=setup.metric,
-            )
+            return _work_here(setup, study, parent)
         except KeyboardInterrupt:
             return 130
     parent = parent_run(setup, study)
@@ -170,16 +177,7 @@ def search(args: argparse.Namespace, overrides: Mapping[str, Any]) -> int:
     status = 0
     try:
         if args.workers <= 1:
-            status = run_worker(
-                study,
-                setup.parameters,
-                setup.n_trials,
-                setup.folder,
-                BundleTrial(setup, parent),
-                callbacks=[ParentMetrics(parent)],
-                max_failures=setup.max_failures,
-                metric=setup.metric,
-            )
+            status = _work_here(setup, study, parent)
         else:
             cmd = _worker_command(setup, args)
             procs = [
