@@ -29,7 +29,9 @@ from typing import Any
 import torch
 import yaml
 
-from medseg_monai.bundle import config_files, config_parser, studies
+from medseg_monai.config import config_files, config_parser, studies
+from medseg_monai.export import ENGINES, EngineNetwork, network_input
+from medseg_monai.handlers import GradientClipping
 from medseg_monai.paths import project_root
 from medseg_monai.record import cpu_description, device_description
 
@@ -118,8 +120,6 @@ def train_throughput(
     cuDNN's settings are the caller's (``medseg_monai.gpu_proof.cudnn_as_bundle``)."""
     from ignite.engine import Events
     from monai.engines import SupervisedTrainer
-
-    from medseg_monai.handlers import GradientClipping
 
     net, loss_fn, opt, device, amp = (parts[k] for k in ("network", "loss", "optimizer", "device", "amp"))
     handlers = [h for h in parts["train_handlers"] if h is not None]
@@ -324,8 +324,6 @@ def engine_comparison(
     first validation case of the study's real sample after the bundle's preprocessing) through each
     CPU engine of :class:`medseg_monai.export.EngineNetwork`, the engines called in turn (medians),
     and each one's Dice against eager's classes. ``ckpt``: trained weights (else seeded, untrained)."""
-    from medseg_monai.export import ENGINES, EngineNetwork, network_input
-
     dataset = ENGINE_SAMPLES[study]
     parser = config_parser(
         config_files(study, profile="quick"), {"dataset": dataset, "data_root": str(data_root), "seed": 0}

@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from medseg_monai.errors import InputError, redact
+from medseg_monai.io import write_json
 from medseg_monai.paths import project_root
 from medseg_monai.stats import NO_DIFFERENCE, Paired, holm_adjust, paired
+from medseg_monai.tracking import check_tracking_uri, open_client
 
 __all__ = [
     "RunScores",
@@ -260,8 +262,6 @@ def load_run(ref: str, client: Any = None) -> RunScores:
         return _from_folder(path, ref)
     if "/" in ref or ref.startswith("."):
         raise InputError(f"{ref}: no such run folder")
-    from medseg_monai.tracking import check_tracking_uri, open_client
-
     uri = check_tracking_uri()
     client = client if client is not None else open_client(uri)
     run = _find_run(client, ref, uri)
@@ -446,8 +446,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(table(result, a, b))
     if args.output:
-        from medseg_monai.io import write_json
-
         doc = result.as_dict()
         doc["a"] = {**a.describe(), **doc["a"]}
         doc["b"] = {**b.describe(), **doc["b"]}

@@ -44,7 +44,7 @@ def is_input_error(exc: BaseException | None) -> BaseException | None:
 class OneLineInputErrorFormatter(logging.Formatter):
     """A log formatter that shows an input error as its one-line message instead of the traceback
     MONAI's handlers log with it, so the log says what stderr's ``error:`` line says; any other
-    exception keeps its traceback. ``medseg_monai.bundle.install_error_hook`` puts it on the root
+    exception keeps its traceback. ``medseg_monai.runtime.tidy_logs`` puts it on the root
     logger's handlers (MONAI refuses formatter classes from outside ``logging`` in logging.conf)."""
 
     def formatException(self, ei: Any) -> str:  # noqa: N802 (logging's name)

@@ -42,8 +42,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from medseg_monai.config import at_repo_root, config_parser, meta_files, recorded_settings
 from medseg_monai.errors import InputError
+from medseg_monai.networks import BatchOneConv3d
 from medseg_monai.paths import project_root
+from medseg_monai.record import library_versions
+from medseg_monai.tracking import check_tracking_uri, open_client
 
 __all__ = [
     "ATOL",
@@ -341,8 +345,6 @@ def plain_network(net: torch.nn.Module) -> torch.nn.Module:
     (:func:`medseg_monai.networks.fast_cpu_conv3d`) back to ``nn.Conv3d``, which export as such."""
     import copy
 
-    from medseg_monai.networks import BatchOneConv3d
-
     plain = copy.deepcopy(getattr(net, "module", net))
     for module in plain.modules():
         if type(module) is BatchOneConv3d:
@@ -452,8 +454,6 @@ def run_folder(ref: str) -> Path:
         raise InputError(f"{ref}: neither a run folder nor an MLflow run id")
     from mlflow.exceptions import MlflowException
 
-    from medseg_monai.tracking import check_tracking_uri, open_client
-
     uri = check_tracking_uri()
     try:
         run = open_client(uri).get_run(ref)
@@ -504,8 +504,6 @@ def _example_input(parser: Any, run_dir: Path) -> torch.Tensor:
 
 
 def _study_and_files(run_dir: Path) -> tuple[str, list[str], dict[str, Any]]:
-    from medseg_monai.bundle import recorded_settings
-
     record = _read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
     study = record.get("study") if isinstance(record, dict) else None
     if not study:
@@ -522,9 +520,6 @@ def _metadata(
     medseg: list[str], out_channels: int,
 ) -> dict[str, Any]:  # fmt: skip
     from monai.bundle import ConfigParser
-
-    from medseg_monai.bundle import at_repo_root, meta_files
-    from medseg_monai.record import library_versions
 
     with at_repo_root():
         meta = ConfigParser()
@@ -639,8 +634,6 @@ def _readme(study: str, meta: dict[str, Any], run_dir: Path, docs: Path) -> str:
 
 def export_run(ref: str, output: str | Path) -> Path:
     """Write the zoo bundle of run ``ref`` (a run folder or an MLflow run id) to ``output``."""
-    from medseg_monai.bundle import config_parser
-
     run_dir = run_folder(ref)
     study, files, overrides = _study_and_files(run_dir)
     out = Path(output).expanduser().resolve()

@@ -42,7 +42,16 @@ from typing import Any
 
 import torch
 
-from medseg_monai.bench import _now, _peak_memory_mb, inference_throughput, settings, train_throughput
+from medseg_monai.bench import (
+    _bundle_parts,
+    _now,
+    _peak_memory_mb,
+    inference_throughput,
+    settings,
+    train_throughput,
+)
+from medseg_monai.config import at_repo_root, config_files, config_parser
+from medseg_monai.record import cpu_description, device_description
 
 __all__ = [
     "STUDIES",
@@ -213,7 +222,7 @@ def exact_fp32() -> Iterator[None]:
 @contextlib.contextmanager
 def cudnn_as_bundle(fast: bool) -> Iterator[None]:
     """cuDNN as a bundle's run leaves it: MONAI's ``set_determinism`` (deterministic, no benchmark),
-    then with ``fast`` ``medseg_monai.bundle.fast_path`` (benchmark, not deterministic)."""
+    then with ``fast`` ``medseg_monai.runtime.fast_path`` (benchmark, not deterministic)."""
     saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = fast, not fast
     try:
@@ -425,9 +434,6 @@ def bundle_parts(study: str, cfg: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """The bundle's parts as ``make bench`` builds them (its ``bench.yaml`` overrides: the paper's
     settings) with an evaluator that never runs, and its activation (``sigmoid`` or ``softmax``, from
     the first step of its ``val_postprocessing``)."""
-    from medseg_monai.bench import _bundle_parts
-    from medseg_monai.bundle import at_repo_root, config_files, config_parser
-
     with at_repo_root():
         parts = _bundle_parts(study, cfg.get("overrides", {}), {"validate#evaluator": IDLE_EVALUATOR})
         first = config_parser(config_files(study), cfg.get("overrides", {})).get(
@@ -684,8 +690,6 @@ def write_results(path: str | Path, results: dict[str, Any]) -> None:
 def _header(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
     """What the figures were measured on and with: the JSON's first keys."""
     import monai
-
-    from medseg_monai.record import cpu_description, device_description
 
     return {
         "device": device_description(device),

@@ -13,7 +13,6 @@ keyed by absolute path and validated by size and ``mtime_ns``; a second call onl
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import hashlib
 import json
@@ -29,10 +28,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medseg_monai import __version__
+from medseg_monai.config import config_parser, parse_command_line
 from medseg_monai.data import decathlon_doc, get_dataset, resolve_data_root
 from medseg_monai.errors import InputError
 from medseg_monai.io import write_json
 from medseg_monai.paths import cache_dir, project_root
+from medseg_monai.tracking import DATASET_KINDS, mark_stale_run, record_tags
 
 if TYPE_CHECKING:
     import torch
@@ -46,10 +48,12 @@ __all__ = [
     "claim_output_dir",
     "holds_results",
     "lock_output_dir",
+    "is_distributed",
     "merged_config",
-    "parse_command_line",
     "prepare_run",
+    "rank",
     "read_run_record",
+    "run_tags",
     "train_overlap",
 ]
 
@@ -63,10 +67,21 @@ _RACY_WINDOW_NS = 2_000_000_000
 _GIT_TIMEOUT_S = 10.0
 
 
-def _rank() -> int:
+# ----------------------------------------------------------------------------- the process under DDP
+
+
+def is_distributed() -> bool:
+    """Whether this process is one of a DDP run's (torchrun, after ``init_process_group``)."""
     import torch.distributed as dist
 
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's rank in a DDP run, 0 outside one: rank 0 writes the record and the results."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if is_distributed() else 0
 
 
 # ----------------------------------------------------------------------------- git
@@ -287,8 +302,6 @@ def _version(module: str, distribution: str) -> str:
 
 def library_versions() -> dict[str, str]:
     """Python's and the main libraries' versions, by package name."""
-    from medseg_monai import __version__
-
     return {
         "python": platform.python_version(),
         "torch": _version("torch", "torch"),
@@ -300,48 +313,34 @@ def library_versions() -> dict[str, str]:
     }
 
 
+def run_tags(
+    dataset_id: str,
+    dataset_kind: str,
+    data_paths: Iterable[str | Path],
+    profile: str,
+    device: str | torch.device | None = None,
+) -> dict[str, str]:
+    """The standard tags computed afresh, for a run that has no record (e.g. a job that failed before
+    its bundle started): ``medseg_monai.tracking.record_tags`` of the record it would have written."""
+    if dataset_kind not in DATASET_KINDS:
+        raise ValueError(f"dataset_kind must be one of {DATASET_KINDS}, got {dataset_kind!r}")
+    record = {
+        "git": git_state(),
+        "dataset": {"id": dataset_id, "kind": dataset_kind, "hash": content_hash(data_paths)},
+        "profile": profile,
+        "device": device_description(device),
+        "versions": library_versions(),
+    }
+    return record_tags(record)
+
+
 # ----------------------------------------------------------------------------- the run record
-
-
-def parse_command_line(argv: Sequence[str]) -> tuple[list[str], list[str], dict[str, Any]]:
-    """Config files, meta files and overrides of a ``monai.bundle run`` command line (``--k v`` pairs,
-    values read as Python literals where they are one, as MONAI's CLI does)."""
-    files: list[str] = []
-    metas: list[str] = []
-    overrides: dict[str, Any] = {}
-    args = list(argv)
-    i = args.index("run") + 1 if "run" in args else 1
-    while i < len(args):
-        key = args[i]
-        if not key.startswith("--"):
-            i += 1
-            continue
-        key, eq, value = key[2:].partition("=")
-        if not eq:
-            value = args[i + 1] if i + 1 < len(args) else "True"
-            i += 1
-        i += 1
-        try:
-            parsed: Any = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            parsed = value
-        if key == "config_file":
-            files = [
-                str(f) for f in (parsed if isinstance(parsed, (list, tuple)) else str(parsed).split(","))
-            ]
-        elif key == "meta_file":
-            metas = [str(f) for f in (parsed if isinstance(parsed, (list, tuple)) else [parsed])]
-        elif key not in ("logging_file", "args_file", "tracking", "run_id", "init_id", "final_id"):
-            overrides[key] = parsed
-    return files, metas, overrides
 
 
 def merged_config(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     """The merged raw config (files, metadata under ``_meta_``, then overrides; expressions unevaluated,
     macros expanded) of the ``monai.bundle run`` command ``argv`` (default: this process's), as MONAI
     builds it; None when ``argv`` is no such command (e.g. a bundle built from Python)."""
-    from medseg_monai.bundle import config_parser
-
     files, metas, overrides = parse_command_line(sys.argv if argv is None else argv)
     if not files:
         return None
@@ -372,7 +371,7 @@ def prepare_run(
     The folder is locked for this process (:func:`lock_output_dir`). A training (no ``prefix``) into
     a folder that holds another run's record is refused unless ``resume`` (continue that run) or
     ``overwrite`` (its files are deleted first)."""
-    if _rank() == 0:
+    if rank() == 0:
         claim_output_dir(output_dir, resume=resume, overwrite=overwrite, training=not prefix)
     spec = get_dataset(dataset)
     root = resolve_data_root(dataset, data_root)
@@ -401,7 +400,7 @@ def prepare_run(
         "host": platform.node(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    if _rank() > 0:  # under DDP rank 0 writes the record
+    if rank() > 0:  # under DDP rank 0 writes the record
         return record
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -488,8 +487,6 @@ def claim_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool, t
     results (:func:`holds_results`) is refused unless ``resume`` or ``overwrite`` (which deletes its
     files); the record of a run that never completed an epoch is replaced, saying so. ``resume`` is
     refused, before any MLflow run is touched, when there is no checkpoint to continue from."""
-    from medseg_monai.tracking import mark_stale_run
-
     out = Path(output_dir).resolve()
     lock_output_dir(out)
     mark_stale_run(out)  # no process holds the folder now: a run still RUNNING there was killed

@@ -34,7 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medseg_monai.compare import headline_metric, mlflow_cases, versus_baseline
 from medseg_monai.errors import InputError, redact
+from medseg_monai.stats import Paired, lower_is_better, seed_average
 from medseg_monai.tables import PaperTable, paper_table, split_sentence
 from medseg_monai.tracking import mlflow_dir, open_client, tracking_uri
 
@@ -320,9 +322,6 @@ def _case_values(
 ) -> tuple[str, dict[str, list[float]]]:
     """The headline metric's per-case values of each experiment (seeds averaged per case) from the
     runs' metrics.json; an experiment without them, or without that metric, is left out."""
-    from medseg_monai.compare import headline_metric, mlflow_cases
-    from medseg_monai.stats import seed_average
-
     metric, out = headline_metric(study) or "dice", {}
     base_split = next(iter(variants.values()))[0].data.tags.get("reproduce.split", "val")
     for name, runs in variants.items():
@@ -418,9 +417,6 @@ def _baseline_statistics(client: Any, study: str, variants: dict[str, list[Any]]
     """A study's experiments against its ``baseline``, paired per case on the headline metric
     (``medseg_monai.compare.versus_baseline``; ``docs/statistics.md``); nothing when the study has
     no experiment named ``baseline``."""
-    from medseg_monai.compare import versus_baseline
-    from medseg_monai.stats import Paired, lower_is_better
-
     metric, rows = versus_baseline(client, variants, study)
     if metric is None:
         return [Paragraph(f"No paired statistics: {name}: {why}") for name, why in rows]
@@ -459,7 +455,7 @@ def _search_sections(client: Any, out: Path) -> list[Section]:
     """One section per hyperparameter search (a parent run tagged ``search.role``, its trials the
     child runs): what was searched, the best trial, and the trajectory drawn from the children's
     ``search.score``; the figure goes to ``out/figures``."""
-    from medseg_monai.search import plot_trajectory
+    from medseg_monai.search import plot_trajectory  # lazy: it imports optuna, which only searches need
 
     sections = []
     for exp in client.search_experiments():

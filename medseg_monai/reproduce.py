@@ -37,13 +37,16 @@ from typing import Any
 
 import yaml
 
-from medseg_monai.bundle import config_files, config_parser
+from medseg_monai.bundle import run
+from medseg_monai.config import config_files, config_parser, run_name
 from medseg_monai.data import DatasetError, get_dataset, resolve_data_root, resolve_data_roots
 from medseg_monai.errors import InputError
 from medseg_monai.handlers.progress import format_duration
 from medseg_monai.launch import LAUNCHERS, SlurmSettings, make_launcher, redirect_output
 from medseg_monai.paths import project_root
-from medseg_monai.record import content_hash, cpu_description, git_state, torch_threads, try_lock
+from medseg_monai.record import content_hash, cpu_description, git_state, run_tags, torch_threads, try_lock
+from medseg_monai.report import build_report
+from medseg_monai.runtime import install_error_hook
 from medseg_monai.tables import load_references
 from medseg_monai.timing import PHASES, Stopwatch
 from medseg_monai.tracking import (
@@ -54,7 +57,6 @@ from medseg_monai.tracking import (
     record_run,
     recorded_run,
     redact,
-    run_tags,
     server_answers,
     tracking_uri,
 )
@@ -127,7 +129,7 @@ def load_grid(
     bundle: Path, profile: str, seeds: list[int] | None = None, runs_dir: Path | None = None
 ) -> list[Job]:
     """The jobs of one bundle's ``configs/reproduce.yaml`` for ``profile``; config files come from the
-    launcher (``medseg_monai.bundle.config_files``): train.yaml, the experiment, the profile."""
+    launcher (``medseg_monai.config.config_files``): train.yaml, the experiment, the profile."""
     spec_path = bundle / "configs" / "reproduce.yaml"
     spec = yaml.safe_load(spec_path.read_text())
     if profile not in spec.get("seeds", {}):
@@ -306,8 +308,6 @@ def _copy_run(client: Any, source_id: str, source: Job, job: Job) -> str:
     its output folder copied, a new MLflow run with the source's params, tags and metric histories,
     tagged ``reproduce.same_as``."""
     from mlflow.entities import Metric, Param
-
-    from medseg_monai.bundle import run_name
 
     out = Path(job.output_dir)
     if out.exists():
@@ -770,8 +770,6 @@ def reproduce(
         )
         return 1
     if report:
-        from medseg_monai.report import build_report
-
         start = time.perf_counter()
         print(f"report: {build_report()}", flush=True)
         report_s = time.perf_counter() - start
@@ -849,8 +847,6 @@ def _run_job(spec: str, spawned: float | None = None, evaluate_only: bool = Fals
     """Train, then evaluate, the job given as JSON (one interpreter, two bundle runs; only the second
     when ``evaluate_only``), timing the phases into ``<output_dir>/timings.json`` (``start``: since
     ``spawned``, the launcher's wall-clock time)."""
-    from medseg_monai.bundle import install_error_hook, run
-
     watch = Stopwatch()
     if spawned is not None:
         watch.add("start", time.time() - spawned)

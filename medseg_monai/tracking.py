@@ -36,13 +36,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 
-from medseg_monai.errors import redact
+from medseg_monai.errors import InputError, redact
+from medseg_monai.io import write_json
+from medseg_monai.mlflow_assets import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 from medseg_monai.paths import project_root
-from medseg_monai.record import content_hash, device_description, git_state, library_versions
 
 if TYPE_CHECKING:
     import mlflow
-    import torch
     from mlflow.tracking import MlflowClient
 
 __all__ = [
@@ -57,7 +57,6 @@ __all__ = [
     "recorded_run",
     "mlflow_dir",
     "record_tags",
-    "run_tags",
     "server_answers",
     "start_run",
     "tracking_uri",
@@ -67,12 +66,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DATASET_KINDS = ("synthetic", "real")
-_CHUNK = 1 << 20  # 1 MiB reads when hashing
-_HASH_CHARS = 16
-# Files modified this recently are hashed but not memoised: on file systems with coarse
-# timestamps a same-size rewrite within one tick would otherwise go unnoticed ("racy" entries).
-_RACY_WINDOW_NS = 2_000_000_000
-_GIT_TIMEOUT_S = 10.0
 # MLflow's limits (mlflow.utils.validation); fallbacks are the values of MLflow 2.16-3.x.
 _MAX_PARAM_VAL_LENGTH = 6000
 _MAX_TAG_VAL_LENGTH = 8000
@@ -152,8 +145,6 @@ def check_tracking_uri(timeout: float = 5.0) -> str:
     reason = _unreachable(uri, timeout)
     if reason is None:
         return uri
-    from medseg_monai.errors import InputError
-
     raise InputError(
         f"the MLflow server MLFLOW_TRACKING_URI={redact(uri)} does not answer ({reason}): start it, or "
         f"unset MLFLOW_TRACKING_URI to track in the local store {default_tracking_uri()}"
@@ -220,8 +211,6 @@ def check_sqlite_store(db: Path) -> None:
     truncated copy), damaged, or another program's database. A missing file is a new store."""
     import sqlite3
 
-    from medseg_monai.errors import InputError
-
     if not db.exists():
         return
     how = f"restore it from a copy, or move it away to start a new store at {db}"
@@ -272,27 +261,6 @@ def record_tags(record: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
-def run_tags(
-    dataset_id: str,
-    dataset_kind: str,
-    data_paths: Iterable[str | Path],
-    profile: str,
-    device: str | torch.device | None = None,
-) -> dict[str, str]:
-    """The standard tags computed afresh, for a run that has no record (e.g. a job that failed before
-    its bundle started): as :func:`record_tags` of the record such a run would have written."""
-    if dataset_kind not in DATASET_KINDS:
-        raise ValueError(f"dataset_kind must be one of {DATASET_KINDS}, got {dataset_kind!r}")
-    record = {
-        "git": git_state(),
-        "dataset": {"id": dataset_id, "kind": dataset_kind, "hash": content_hash(data_paths)},
-        "profile": profile,
-        "device": device_description(device),
-        "versions": library_versions(),
-    }
-    return record_tags(record)
-
-
 # ----------------------------------------------------------------------------- params
 
 
@@ -340,8 +308,6 @@ def ensure_experiment(name: str, client: MlflowClient | None = None) -> str:
     ``<db folder>/artifacts/<name>`` (a ``file://`` URI); a remote server chooses its own location.
     """
     from mlflow.exceptions import MlflowException
-
-    from medseg_monai.mlflow_assets import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 
     client = client if client is not None else open_client()
     exp = client.get_experiment_by_name(name)
@@ -439,8 +405,6 @@ def record_run(output_dir: str | Path, run_id: str, experiment: str) -> None:
     """Write ``<output_dir>/mlflow_run.json``: the run a folder's results belong to, where (without
     the URI's credentials: the file is one of the run's artifacts), and the folder itself (a copy of
     the folder is not that run's)."""
-    from medseg_monai.io import write_json
-
     write_json(
         {
             "run_id": run_id,
@@ -493,8 +457,6 @@ def journal(
     its MLflow server was away: metrics ``(key, value, timestamp ms, step)``, tags, artifacts
     ``(path relative to output_dir, artifact folder)`` and the status to end the run with.
     :func:`upload` sends it when the server is back."""
-    from medseg_monai.io import write_json
-
     path = Path(output_dir) / OFFLINE_RECORD
     entry = json.loads(path.read_text()) if path.is_file() else {}
     if entry.get("run_id", run_id) != run_id:
@@ -514,8 +476,6 @@ def _journal(path: Path) -> dict[str, Any]:
     """An offline journal read as data: its run id, metrics, tags, end status and files, each file
     inside the journal's run folder (a name that leads out of it, through ``..``, an absolute path or
     a link, is refused in one line before anything of the journal is sent)."""
-    from medseg_monai.errors import InputError
-
     folder = path.parent.resolve()
     try:
         entry = json.loads(path.read_text())
@@ -551,8 +511,6 @@ def upload(paths: Iterable[str | Path], uri: str | None = None) -> int:
     the runs uploaded."""
     from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
-
-    from medseg_monai.errors import InputError
 
     found = sorted(
         {j for p in map(Path, paths) for j in ([p] if p.name == OFFLINE_RECORD else p.rglob(OFFLINE_RECORD))}
@@ -600,8 +558,6 @@ def main(argv: list[str] | None = None) -> int:
     MLflow server was away (``mlflow_offline.json``)."""
     import argparse
     import sys
-
-    from medseg_monai.errors import InputError
 
     parser = argparse.ArgumentParser(prog="medseg-tracking", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

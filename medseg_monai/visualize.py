@@ -5,7 +5,7 @@ few slices of a segmented volume. The transforms that save them for predictions 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -96,6 +96,8 @@ class OverlaySaver:
     indices (1, H, W)) and ``image_key`` (C, H, W) of the same size (from the output, else the
     batch; with a list of keys, the first one present). ``transpose`` shows MONAI's (x, y) arrays (e.g. from ``PILReader``) upright.
     """
+
+    rank0_only: ClassVar[bool] = True  # one picture: rank 0 saves it (runtime.for_this_rank)
 
     def __init__(
         self,

@@ -18,7 +18,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from monai.bundle import ConfigParser
 
-from medseg_monai.bundle import command_line, config_files, config_parser
+from medseg_monai.config import command_line, config_files, config_parser
 from medseg_monai.launch import redirect_output
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,8 @@ from PIL import Image
 
 from bundle_utils import ROOT, error_lines, local_store_env, run_python_module
 from medseg_monai import tracking
-from medseg_monai.bundle import command_line, config_files, main
+from medseg_monai.bundle import main
+from medseg_monai.config import command_line, config_files
 from medseg_monai.data import DatasetError, load_splits, resolve_data_root
 from medseg_monai.errors import InputError
 from medseg_monai.transforms import CheckFilesd
@@ -362,7 +363,9 @@ def full(obj, f, *args, **kwargs):  # the disk fills up while the epoch's checkp
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
     return save(obj, f, *args, **kwargs)
 torch.save = full
-from medseg_monai.bundle import install_error_hook, run, config_files
+from medseg_monai.bundle import run
+from medseg_monai.config import config_files
+from medseg_monai.runtime import install_error_hook
 install_error_hook()
 run(config_files("xray", profile="quick"), **json.loads(sys.argv[1]))
 """

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from bundle_utils import error_lines, parse_study, run_bundle
-from medseg_monai.bundle import image_files
+from medseg_monai.data.inputs import image_files
 from medseg_monai.data import DatasetError
 
 SPACING = (0.9, 1.1, 3.0)  # x, y, z in mm

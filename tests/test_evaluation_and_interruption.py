@@ -32,7 +32,7 @@ from bundle_utils import (
     train_quick,
 )
 from medseg_monai import record
-from medseg_monai.bundle import command_line, config_files
+from medseg_monai.config import command_line, config_files
 from medseg_monai.errors import InputError, RunInterrupted
 from medseg_monai.handlers import EvaluationResults
 from medseg_monai.io import write_json

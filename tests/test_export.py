@@ -17,7 +17,7 @@ from monai.bundle import ConfigParser
 from PIL import Image
 
 from bundle_utils import ROOT, error_lines, local_store_env, run_bundle, run_python_module, train_quick
-from medseg_monai.bundle import config_parser
+from medseg_monai.config import config_parser
 from medseg_monai.export import ATOL, RTOL, export_network, freeze_config, network_input, recording_builds
 
 onnxruntime = pytest.importorskip(

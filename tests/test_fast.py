@@ -18,7 +18,8 @@ from monai.data import DataLoader, ThreadDataLoader
 from monai.transforms import EnsureTyped, RandomizableTrait, Transform
 
 from bundle_utils import metric_values, mlflow_client, parse_study, run_bundle
-from medseg_monai.bundle import cache_on_device, check_command_line, data_loader, fast_path, studies
+from medseg_monai.config import studies
+from medseg_monai.runtime import cache_on_device, check_command_line, data_loader, fast_path
 from medseg_monai.errors import InputError
 
 STUDIES = studies()

@@ -1,5 +1,6 @@
-"""The shared wiring's handlers and helpers on small engines: LR stepping, rank filtering, the
-MLflow tracker reading the run record, and the record itself."""
+"""The shared wiring's handlers on small engines: LR stepping, progress, the MLflow tracker reading
+the run record, and the record itself (rank filtering and the other runtime helpers:
+tests/test_runtime.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 from ignite.engine import Engine, Events
 from mlflow.tracking import MlflowClient
 
-from medseg_monai import bundle, record, tracking
+from medseg_monai import record, tracking
+from medseg_monai.errors import InputError
 from medseg_monai.handlers import (
     MLflowTracker,
     ProgressLog,
@@ -152,37 +154,6 @@ def test_progress_times_only_this_process_epochs(
     assert lines[-2].endswith("ETA 0:10")
 
 
-def test_metric_comparison_and_rank_filter(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert bundle.metric_cmp_fn("max")(0.6, 0.5) and not bundle.metric_cmp_fn("max")(0.4, 0.5)
-    assert bundle.metric_cmp_fn("min")(0.4, 0.5) and not bundle.metric_cmp_fn("min")(0.6, 0.5)
-    with pytest.raises(bundle.InputError, match="key_metric_mode must be 'max' or 'min'"):
-        bundle.metric_cmp_fn("higher")
-    from monai.handlers import CheckpointSaver, StatsHandler, ValidationHandler
-
-    from medseg_monai.handlers import CaseMetrics
-
-    handlers = [
-        MLflowTracker("s", "r", "/tmp"),
-        ValidationHandler(interval=1, validator=None),
-        CaseMetrics({"d": "dice"}, ["a"]),
-        StatsHandler(),
-        CheckpointSaver("/tmp", {"m": torch.nn.Linear(1, 1)}),
-        None,  # a disabled config component
-    ]
-    assert bundle.for_this_rank(handlers) == handlers[:5]
-    monkeypatch.setattr(bundle, "_rank", lambda: 1)
-    kept = bundle.for_this_rank(handlers)
-    assert [type(h).__name__ for h in kept] == ["ValidationHandler", "CaseMetrics"]
-
-
-def test_distributed_helpers_are_no_ops_in_one_process() -> None:
-    net = torch.nn.Linear(2, 2)
-    assert not bundle.is_distributed() and not bundle.init_distributed("cpu")
-    assert bundle.wrap_ddp(net, "cpu") is net
-    assert bundle.distributed_sampler([1, 2, 3], shuffle=True) is None
-    assert bundle.default_device() == torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def test_merged_config_follows_the_command_line(tmp_path: Path) -> None:
     (tmp_path / "base.yaml").write_text("section: {a: 1, b: '@x'}\n")
     (tmp_path / "train.yaml").write_text(f"x: 2\nsection: '%{tmp_path}/base.yaml#section'\nlr: 0.1\n")
@@ -272,5 +243,5 @@ def test_tracker_tags_from_the_run_record(tmp_path: Path, monkeypatch: pytest.Mo
 def test_tracker_without_a_record_refuses_in_one_line(tmp_path: Path) -> None:
     trainer = Engine(lambda e, b: None)
     MLflowTracker("toy", "x", str(tmp_path)).attach(trainer)
-    with pytest.raises(bundle.InputError, match=r"no run record at .*run.json"):
+    with pytest.raises(InputError, match=r"no run record at .*run.json"):
         trainer.run([0], max_epochs=1)

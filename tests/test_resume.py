@@ -25,7 +25,7 @@ from monai.transforms import (
 )
 
 from bundle_utils import ROOT, local_store_env, mlflow_client, parse
-from medseg_monai.bundle import command_line, config_files, studies
+from medseg_monai.config import command_line, config_files, studies
 from medseg_monai.errors import InputError
 from medseg_monai.handlers.resume import _plain, _randomizables, _set_random_states, random_states
 

@@ -21,7 +21,7 @@ import torch
 
 from bundle_utils import ROOT, error_lines, local_store_env, mlflow_client, parse_study, run_bundle
 from medseg_monai import record
-from medseg_monai.bundle import command_line, config_files
+from medseg_monai.config import command_line, config_files
 
 TINY = {"image_size": 32, "dataset": "xray-synthetic"}
 
@@ -238,7 +238,7 @@ def test_a_timed_grid_job_trains_the_model_the_command_line_trains(tmp_path: Pat
     timed_out, timed_store = tmp_path / "timed", tmp_path / "mlflow_timed"
     overrides = {"output_dir": str(timed_out), "max_epochs": 2, **TINY}
     code = (
-        "from medseg_monai.bundle import config_files, run\n"
+        "from medseg_monai.bundle import run\nfrom medseg_monai.config import config_files\n"
         "from medseg_monai.timing import Stopwatch\n"
         f"run(config_files('xray', profile='quick'), stopwatch=Stopwatch(), **{overrides!r})\n"
     )
@@ -278,7 +278,7 @@ def test_a_timed_grid_job_trains_the_model_the_command_line_trains(tmp_path: Pat
     ],
 )
 def test_wrong_settings_are_refused_before_anything_runs(args: list[str], expected: str) -> None:
-    from medseg_monai.bundle import check_command_line
+    from medseg_monai.runtime import check_command_line
     from medseg_monai.errors import InputError
 
     argv = ["monai.bundle", "run", "--config_file", "['bundles/xray/configs/train.yaml']", *args]
@@ -288,14 +288,14 @@ def test_wrong_settings_are_refused_before_anything_runs(args: list[str], expect
 
 
 def test_true_false_settings_pass_when_written_as_python() -> None:
-    from medseg_monai.bundle import check_command_line
+    from medseg_monai.runtime import check_command_line
 
     argv = ["monai.bundle", "run", "--config_file", "['bundles/xray/configs/train.yaml']"]
     check_command_line([*argv, "--loss#batch", "False", "--resume", "false", "--fast", "true"])
 
 
 def test_flags_are_read_strictly() -> None:
-    from medseg_monai.bundle import flag
+    from medseg_monai.runtime import flag
 
     assert flag("true", "x") is True and flag("False", "x") is False and flag(True, "x") is True
     assert flag("false", "overwrite") is False  # the string 'false' must never count as true
@@ -368,7 +368,7 @@ def test_a_quick_checkpoint_is_evaluated_with_its_own_settings(tmp_path: Path) -
 def test_monai_input_summary_keeps_the_settings_and_drops_its_empty_frame() -> None:
     import logging
 
-    from medseg_monai.bundle import tidy_logs
+    from medseg_monai.runtime import tidy_logs
 
     tidy_logs()
     seen: list[str] = []

@@ -22,7 +22,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from bundle_utils import ROOT, local_store_env, parse_study
-from medseg_monai.bundle import command_line, config_files
+from medseg_monai.config import command_line, config_files
 from medseg_monai.handlers.progress import evaluation_values
 from medseg_monai.launch import SlurmSettings, make_launcher
 from medseg_monai.reproduce import main as reproduce_main

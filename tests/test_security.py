@@ -23,7 +23,7 @@ from ignite.engine import Engine
 
 from bundle_utils import error_lines, local_store_env, parse_study, run_python_module, write_toy_registry
 from medseg_monai import tracking
-from medseg_monai.bundle import command_line, config_files, studies
+from medseg_monai.config import command_line, config_files, recorded_settings, studies
 from medseg_monai.errors import InputError
 from medseg_monai.handlers import config_params
 from medseg_monai.handlers.resume import TrainingCheckpoint
@@ -76,8 +76,6 @@ def test_a_record_is_rebuilt_from_the_bundles_own_files(
 ) -> None:
     argv = _training_argv(study, experiment, output_dir=str(tmp_path / "run"), seed=3, max_epochs=2)
     folder = _record(tmp_path / "run", argv)
-    from medseg_monai.bundle import recorded_settings
-
     files, overrides = recorded_settings(study, "evaluate", folder / "model.pt")
     assert files == config_files(study, "evaluate", experiment, "quick")
     # output_dir is where the run was, not how it trained: its evaluation writes beside the checkpoint
@@ -89,8 +87,6 @@ def test_a_record_carries_its_plain_settings_nested_ones_too(tmp_path: Path) -> 
     argv = _training_argv("xray", "baseline", experiment="train_size_005", train_size=5, **TINY)
     argv += ["--network_def#norm", "instance", "--data_root", str(tmp_path / "data")]
     folder = _record(tmp_path / "run", argv)
-    from medseg_monai.bundle import recorded_settings
-
     files, overrides = recorded_settings("xray", "inference", folder / "model.pt")
     assert files == config_files("xray", "inference", "baseline", "quick")
     assert overrides == {
@@ -109,8 +105,6 @@ def test_a_record_carries_its_plain_settings_nested_ones_too(tmp_path: Path) -> 
 
 
 def test_a_record_may_not_replace_a_computed_setting_by_a_mapping(tmp_path: Path) -> None:
-    from medseg_monai.bundle import recorded_settings
-
     folder = _record(tmp_path / "run", _training_argv(**TINY), {"spec": {"class_names": ["a"]}})
     with pytest.raises(
         InputError, match=r"'spec' is \{'class_names': \['a'\]\} there, where the bundle computes"

@@ -79,7 +79,7 @@ def dataset(tmp_path: Path) -> Path:
 def frozen_git(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """The repo's real git state, taken once: others may commit while a test runs."""
     state = record.git_state()
-    monkeypatch.setattr(tracking, "git_state", lambda path=None: dict(state))  # what run_tags calls
+    monkeypatch.setattr(record, "git_state", lambda path=None: dict(state))  # what run_tags calls
     return state
 
 
@@ -292,7 +292,7 @@ def test_device_description_cpu():
 
 
 def test_run_tags(dataset: Path, frozen_git: dict[str, str]):
-    tags = tracking.run_tags("toy", "synthetic", [dataset], "quick", device="cpu")
+    tags = record.run_tags("toy", "synthetic", [dataset], "quick", device="cpu")
     assert tags == {
         **frozen_git,
         "dataset.id": "toy",
@@ -310,14 +310,14 @@ def test_run_tags(dataset: Path, frozen_git: dict[str, str]):
     }
     assert tags["git.dirty"] in {"true", "false", "unknown"}
     with pytest.raises(ValueError, match="dataset_kind"):
-        tracking.run_tags("toy", "fake", [dataset], "quick")
+        record.run_tags("toy", "fake", [dataset], "quick")
 
 
 # ----------------------------------------------------------------------------- sqlite runs
 
 
 def _tags(dataset: Path) -> dict[str, str]:
-    return tracking.run_tags("toy", "synthetic", [dataset], "default")
+    return record.run_tags("toy", "synthetic", [dataset], "default")
 
 
 def _client() -> MlflowClient:
@@ -329,7 +329,7 @@ def test_run_on_local_sqlite_store(dataset: Path, tmp_path: Path, frozen_git: di
     params = {"optim": {"lr": 0.01, "name": "adam"}, "long": "z" * 7000}
     params["grid"] = {f"p{i:03d}": i for i in range(150)}  # more than one log_batch
     tags = {
-        **tracking.run_tags("toy", "synthetic", [dataset], "quick", device="cpu"),
+        **record.run_tags("toy", "synthetic", [dataset], "quick", device="cpu"),
         "variant": "unet",
         "seed": 0,
     }
@@ -345,7 +345,7 @@ def test_run_on_local_sqlite_store(dataset: Path, tmp_path: Path, frozen_git: di
     run = client.get_run(active.info.run_id)
     assert run.info.status == "FINISHED"
     tags = run.data.tags
-    expected = tracking.run_tags("toy", "synthetic", [dataset], "quick", device="cpu")
+    expected = record.run_tags("toy", "synthetic", [dataset], "quick", device="cpu")
     assert {k: tags[k] for k in expected} == expected
     assert tags["git.commit"] == frozen_git["git.commit"]
     assert tags["mlflow.runName"] == "unet-seed0"
@@ -365,7 +365,7 @@ def test_run_on_local_sqlite_store(dataset: Path, tmp_path: Path, frozen_git: di
     assert landed.read_text() == "hello"
 
     # Same experiment for the next (variant, seed).
-    tags = tracking.run_tags("toy", "synthetic", [dataset], "default")
+    tags = record.run_tags("toy", "synthetic", [dataset], "default")
     with tracking.start_run("toy-study", "unet-seed1", tags=tags) as second:
         pass
     assert client.get_run(second.info.run_id).info.experiment_id == run.info.experiment_id
@@ -403,7 +403,7 @@ def test_param_logging_failure_marks_run_failed(dataset: Path, monkeypatch: pyte
 def test_bad_dataset_fails_before_any_run(tmp_path: Path):
     # tags are computed before start_run: a missing dataset stops there and no experiment is made
     with pytest.raises(FileNotFoundError):
-        tracking.run_tags("toy", "real", [tmp_path / "absent"], "default")
+        record.run_tags("toy", "real", [tmp_path / "absent"], "default")
     assert _client().get_experiment_by_name("toy-study") is None
 
 
@@ -416,9 +416,7 @@ def test_record_tags_match_run_tags(dataset: Path, frozen_git: dict[str, str]):
         "device": "cpu",
         "versions": record.library_versions(),
     }
-    assert tracking.record_tags(rec) == tracking.run_tags(
-        "toy", "synthetic", [dataset], "quick", device="cpu"
-    )
+    assert tracking.record_tags(rec) == record.run_tags("toy", "synthetic", [dataset], "quick", device="cpu")
     with pytest.raises(ValueError, match="dataset kind"):
         tracking.record_tags({**rec, "dataset": {**rec["dataset"], "kind": "fake"}})
 
@@ -535,7 +533,7 @@ def test_round_trip_through_a_real_server(
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     report = _write(tmp_path / "report.json", b'{"dice": 0.5}')
 
-    tags = tracking.run_tags("toy", "synthetic", [dataset], "paper")
+    tags = record.run_tags("toy", "synthetic", [dataset], "paper")
     with tracking.start_run(
         "server-study", "unet-seed0", tags=tags, params={"model": {"name": "unet"}, "epochs": 2}
     ) as active:

@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from ignite.engine import Engine, Events
@@ -55,6 +55,8 @@ class ProgressLog:
     the iterations left; validation comes on top), then, every epoch, ``epoch k/N: train_loss ..
     | <metric> .. | lr .. | <time> per epoch, ETA ..`` with the ``headline`` metrics of ``evaluator``
     (its per-case summary means, else its metrics; e.g. ``[dice, f3]``)."""
+
+    rank0_only: ClassVar[bool] = True  # one log: rank 0 logs (runtime.for_this_rank)
 
     def __init__(
         self, evaluator: Engine | None = None, headline: Sequence[str] = (), estimate_after: int = 5

@@ -164,7 +164,7 @@ class TrainingCheckpoint:
     From the moment it is attached, SIGTERM (what SLURM sends at a time limit), SIGINT (Ctrl-C) and
     SIGHUP (a closed terminal) end the current iteration and stop the run
     (``engine.state.interrupted`` names the signal; trackers mark their run KILLED);
-    :func:`medseg_monai.bundle.check_interrupted` then ends the process with one line and a
+    :func:`medseg_monai.runtime.check_interrupted` then ends the process with one line and a
     non-zero status. The last complete epoch's checkpoint is what ``--resume true`` continues from.
     """
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from contextlib import ExitStack
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ignite.engine import Engine, Events
 
@@ -25,6 +25,7 @@ from medseg_monai.mlflow_assets import (
     resolved_params,
     system_metrics_wanted,
 )
+from medseg_monai.record import read_run_record
 from medseg_monai.tracking import (
     OFFLINE_RECORD,
     journal,
@@ -92,6 +93,8 @@ class MLflowTracker:
     Attach it before other handlers that re-raise exceptions (e.g. ``StatsHandler``), so that a
     failure is always recorded.
     """
+
+    rank0_only: ClassVar[bool] = True  # one MLflow run: rank 0 tracks (runtime.for_this_rank)
 
     def __init__(
         self,
@@ -172,8 +175,6 @@ class MLflowTracker:
         return timed
 
     def _open(self, engine: Engine) -> None:
-        from medseg_monai.record import read_run_record
-
         self._client = open_client()
         recorded = recorded_run(self.output_dir)
         if self.log_only and recorded is not None:

@@ -64,7 +64,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -563,6 +563,8 @@ class LesionTableWriter:
     evaluator epoch end: ``<prefix>lesion_table.csv`` (per size bracket TP/FN/FP, lesion precision
     and recall, average recall) and ``<prefix>lesion_brackets.png`` (detected and missed reference
     lesions and false positives per bracket, as the WMH thesis's fig. 8.24)."""
+
+    rank0_only: ClassVar[bool] = True  # one table: rank 0 writes it (runtime.for_this_rank)
 
     def __init__(self, metric: Any, output_dir: str, prefix: str = "") -> None:
         self.metric = getattr(metric, "metric_fn", metric)
