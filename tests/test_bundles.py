@@ -8,6 +8,7 @@ being added. Study-specific checks (losses, networks, real data, learning curves
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -267,3 +268,97 @@ def test_fold_selects_the_cases_and_names_the_run(study: str) -> None:
     assert not {c["group"] for c in train} & {c["group"] for c in val} and val != pool["val"]
     tracker = fold.get_parsed_content("train#handlers")[0]
     assert tracker.run_name.endswith("fold1 (quick)")
+
+
+# --- what the studies' configs repeat ----------------------------------------------------------------
+# A line is repeated when it lies in a run of RUN or more consecutive lines that also occur, in the
+# same order, in the other file; lines are compared as written (comments included), blank lines
+# skipped. bundles/README.md quotes these figures: `python tests/test_bundles.py` prints them.
+
+RUN = 3
+MAX_SHARED_METHOD_LINES = 20  # between two studies' train.yaml, beyond the contract block
+METHOD_MARKER = "# --- the method ---"  # ends a train.yaml's contract block
+
+
+def config_lines(text: str) -> list[str]:
+    return [line.rstrip() for line in text.splitlines() if line.strip()]
+
+
+def method_lines(train_yaml: Path) -> list[str]:
+    """A study's train.yaml after its contract block (the include block, imports and the contract
+    keys, up to the method marker)."""
+    lines = config_lines(train_yaml.read_text())
+    assert METHOD_MARKER in lines, f"{train_yaml}: no '{METHOD_MARKER}' line after the contract keys"
+    return lines[lines.index(METHOD_MARKER) + 1 :]
+
+
+def repeated(a: list[str], b: list[str], run: int = RUN) -> set[int]:
+    """The indices of the lines of ``a`` that lie in a run of ``run`` or more consecutive lines
+    that ``b`` also holds consecutively."""
+    runs_of_b = {tuple(b[i : i + run]) for i in range(len(b) - run + 1)}
+    return {
+        k for i in range(len(a) - run + 1) if tuple(a[i : i + run]) in runs_of_b for k in range(i, i + run)
+    }
+
+
+def shared_lines(a: list[str], b: list[str]) -> int:
+    """Lines two files repeat from each other (the larger of the two sides' counts)."""
+    return max(len(repeated(a, b)), len(repeated(b, a)))
+
+
+def study_yaml_files(study: str) -> list[Path]:
+    """A study's own YAML (train, quick, bench, reproduce, search, experiments), not the links to
+    the shared layers."""
+    configs = ROOT / "bundles" / study / "configs"
+    return [p for p in sorted(configs.rglob("*.yaml")) if not p.is_symlink()]
+
+
+def test_repeated_counts_runs_of_three_or_more() -> None:
+    a = ["x: 1", "a: 1", "b: 2", "c: 3", "d: 4", "y: 1", "a: 1", "b: 2"]
+    b = ["a: 1", "b: 2", "c: 3", "z: 0", "a: 1", "b: 2", "q: 0", "d: 4"]
+    assert repeated(a, b) == {1, 2, 3}  # a-b-c runs on; the pair a-b and the single d do not count
+    assert repeated(b, a) == {0, 1, 2}
+    assert shared_lines(a, b) == 3 and shared_lines(a, a) == len(a)
+    assert config_lines("a: 1\n\n  # note  \nb: 2   \n") == ["a: 1", "  # note", "b: 2"]
+
+
+def test_studies_train_yaml_share_at_most_20_method_lines() -> None:
+    # what two or more bundles share lives in bundles/common/configs (the wiring, parts.yaml); a
+    # study's train.yaml is its contract keys and its method
+    method = {s: method_lines(ROOT / "bundles" / s / "configs" / "train.yaml") for s in STUDIES}
+    shared = {(s, t): shared_lines(method[s], method[t]) for s, t in itertools.combinations(STUDIES, 2)}
+    assert len(shared) == len(STUDIES) * (len(STUDIES) - 1) // 2 >= 10
+    over = {pair: n for pair, n in shared.items() if n > MAX_SHARED_METHOD_LINES}
+    assert not over, f"train.yaml lines repeated between studies beyond the contract block: {over}"
+
+
+def repetition_figures() -> dict[str, Any]:
+    """The figures bundles/README.md quotes."""
+    method = {s: method_lines(ROOT / "bundles" / s / "configs" / "train.yaml") for s in STUDIES}
+    pairs = {f"{s}-{t}": shared_lines(method[s], method[t]) for s, t in itertools.combinations(STUDIES, 2)}
+    files = {s: {p: config_lines(p.read_text()) for p in study_yaml_files(s)} for s in STUDIES}
+    parts = ["train.yaml contract blocks", "train.yaml methods", "experiments", "the rest"]
+    total, by_part = 0, dict.fromkeys(parts, 0)  # the rest: quick, bench, reproduce, search
+    for s in STUDIES:
+        for path, lines in files[s].items():  # lines repeated from some file of another study
+            others = (other for t in STUDIES if t != s for other in files[t].values())
+            hit = set().union(*(repeated(lines, other) for other in others))
+            total += len(lines)
+            if path.name == "train.yaml":
+                start = len(lines) - len(method[s])
+                by_part["train.yaml contract blocks"] += sum(i < start for i in hit)
+                by_part["train.yaml methods"] += sum(i >= start for i in hit)
+            else:
+                by_part["experiments" if path.parent.name == "experiments" else "the rest"] += len(hit)
+    repeated_lines = sum(by_part.values())
+    return {
+        "method lines of train.yaml": {s: len(lines) for s, lines in method.items()},
+        "train.yaml method lines repeated, by pair": pairs,
+        "study YAML lines": total,
+        "repeated from another study's file": f"{repeated_lines} ({repeated_lines / total:.0%})",
+        "of which": by_part,
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(repetition_figures(), indent=1))
