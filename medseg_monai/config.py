@@ -2,9 +2,9 @@
 ``--config_file`` list and ``monai.bundle run`` command of a run, MONAI's ``ConfigParser`` of it,
 the default output folder and MLflow run name, and a run's record read back as plain settings.
 
-The bottom layer of the launcher: it imports nothing of the suite but ``errors``, ``paths`` and the
-dataset registry (``medseg_monai.data``), so the run record, the runtime helpers and the launcher
-build on it.
+The bottom layer of the launcher: it imports nothing of the suite but ``errors`` and ``paths`` (and,
+when a run name needs it, the dataset registry), so the run record, the runtime helpers and the
+launcher build on it, and importing it is quick.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from medseg_monai.data import default_dataset, get_dataset
 from medseg_monai.errors import InputError
 from medseg_monai.paths import project_root
 
@@ -66,6 +65,9 @@ def _named_dataset(study: str | None, dataset: str | None) -> str | None:
     default's names (grids, docs) stay as they were."""
     if dataset is None or study is None:
         return None
+    # lazy: medseg_monai.data imports torch and MONAI (seconds), which parsing a config does not need
+    from medseg_monai.data import default_dataset, get_dataset
+
     if dataset == default_dataset(study, announce=False):
         return None
     return get_dataset(dataset).id  # a registered id (refused in one line otherwise), never a path
