@@ -141,7 +141,7 @@ def test_schema_refuses_a_missing_figure() -> None:
 
 @pytest.mark.slow
 def test_make_bench_writes_json_and_table(tmp_path, monkeypatch, capsys) -> None:
-    """The command: one process per study, bench.json valid, the README's table printed."""
+    """The command: one process per study, bench.json valid, the table of docs/performance.md printed."""
     import medseg_monai.bench as bench
 
     monkeypatch.setattr(bench, "settings", lambda study: TINY[study])
