@@ -21,7 +21,8 @@ from monai.bundle import ConfigParser
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 
 from bundle_utils import ROOT, error_lines, parse, run_bundle
-from medseg_monai.bundle import at_repo_root, command_line, config_files, main, meta_files, studies
+from medseg_monai.bundle import main
+from medseg_monai.config import at_repo_root, command_line, config_files, meta_files, studies
 from medseg_monai.data import get_dataset, load_splits
 from medseg_monai.errors import InputError
 from medseg_monai.reproduce import plan
