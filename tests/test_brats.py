@@ -22,8 +22,8 @@ from bundle_utils import (
     run_bundle,
     train_quick,
 )
-from medseg_monai.data.inputs import channel_cases
 from medseg_monai.data import DatasetError, load_splits
+from medseg_monai.data.inputs import channel_cases
 from medseg_monai.errors import is_input_error
 from medseg_monai.losses import RegionDiceLoss
 

@@ -12,8 +12,8 @@ import SimpleITK as sitk
 import torch
 
 from bundle_utils import error_lines, parse_study, run_bundle
-from medseg_monai.data.inputs import image_files
 from medseg_monai.data import DatasetError
+from medseg_monai.data.inputs import image_files
 
 SPACING = (0.9, 1.1, 3.0)  # x, y, z in mm
 ORIGIN = (-40.5, 12.25, 7.0)  # LPS, mm

@@ -19,8 +19,8 @@ from monai.transforms import EnsureTyped, RandomizableTrait, Transform
 
 from bundle_utils import metric_values, mlflow_client, parse_study, run_bundle
 from medseg_monai.config import studies
-from medseg_monai.runtime import cache_on_device, check_command_line, data_loader, fast_path
 from medseg_monai.errors import InputError
+from medseg_monai.runtime import cache_on_device, check_command_line, data_loader, fast_path
 
 STUDIES = studies()
 # one training and one validation case, nothing cached: the engines build without loading the data

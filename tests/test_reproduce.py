@@ -108,7 +108,7 @@ def test_every_bundle_grid_plans(tmp_path: Path) -> None:
 def test_lv_grid_runs_on_acdc_where_it_is_configured(
     tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from medseg_monai.bundle import config_parser
+    from medseg_monai.config import config_parser
 
     def datasets() -> dict[str, str]:
         jobs = plan("quick", studies=["lv"], runs_dir=tmp_path)

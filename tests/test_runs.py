@@ -278,8 +278,8 @@ def test_a_timed_grid_job_trains_the_model_the_command_line_trains(tmp_path: Pat
     ],
 )
 def test_wrong_settings_are_refused_before_anything_runs(args: list[str], expected: str) -> None:
-    from medseg_monai.runtime import check_command_line
     from medseg_monai.errors import InputError
+    from medseg_monai.runtime import check_command_line
 
     argv = ["monai.bundle", "run", "--config_file", "['bundles/xray/configs/train.yaml']", *args]
     with pytest.raises(InputError) as caught:

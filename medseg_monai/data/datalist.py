@@ -8,6 +8,7 @@ the other patterns of the entry are filled with the captured values.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from medseg_monai import synthetic
 from medseg_monai.data.registry import DatasetError, DatasetSpec, get_dataset, list_datasets
 from medseg_monai.io import write_json
 from medseg_monai.paths import cache_dir, data_root_env
@@ -204,15 +206,10 @@ def take(items: list[dict[str, Any]], n: int | None, seed: int = 0) -> list[dict
 def _params_hash(spec: DatasetSpec) -> str:
     """Hash of the generator's name, seed, parameters (with defaults) and source code, so that a
     change to any of them generates the dataset anew instead of reusing a stale cache."""
-    import inspect
-
-    from medseg_monai import synthetic
-    from medseg_monai.synthetic import GENERATORS, default_params
-
     gen = dict(spec.generator or {})
     gen.pop("expected_fractions", None)
-    gen["params"] = {**default_params(gen["name"]), **gen["params"]}
-    code = inspect.getsource(inspect.getmodule(GENERATORS[gen["name"]])) + inspect.getsource(
+    gen["params"] = {**synthetic.default_params(gen["name"]), **gen["params"]}
+    code = inspect.getsource(inspect.getmodule(synthetic.GENERATORS[gen["name"]])) + inspect.getsource(
         synthetic._common
     )
     digest = hashlib.sha256(json.dumps(gen, sort_keys=True).encode() + code.encode())
@@ -221,8 +218,6 @@ def _params_hash(spec: DatasetSpec) -> str:
 
 def _ensure_synthetic(spec: DatasetSpec, root: Path) -> None:
     """Generate ``spec`` into ``root`` unless it already holds data (atomic: temp dir + rename)."""
-    from medseg_monai.synthetic import generate
-
     if (root / _MARKER).is_file() or (root.is_dir() and any(root.iterdir())):
         return
     gen = spec.generator or {}
@@ -230,7 +225,7 @@ def _ensure_synthetic(spec: DatasetSpec, root: Path) -> None:
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
-        generate(gen["name"], tmp, seed=gen["seed"], params=gen["params"])
+        synthetic.generate(gen["name"], tmp, seed=gen["seed"], params=gen["params"])
         (tmp / _MARKER).write_text(json.dumps({"id": spec.id, "generator": gen}, indent=1))
         if root.is_dir():
             root.rmdir()  # empty (checked above); another process may have won the race

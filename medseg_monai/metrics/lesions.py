@@ -309,7 +309,7 @@ class LesionMetrics(CumulativeIterationMetric):
     """Voxel and lesion-wise metrics per case (one row per volume), for evaluators.
 
     ``y_pred`` (B, 1, X, Y, Z) probabilities (>= ``threshold`` is lesion) or binary masks of whole
-    volumes (e.g. restacked by :class:`~medseg_monai.slices.NeighbourSliceInferer` and passed
+    volumes (e.g. restacked by :class:`~medseg_monai.inferers.NeighbourSliceInferer` and passed
     through a sigmoid); ``y`` (B, 1, X, Y, Z) in {0, 1}, voxels equal to ``ignore_index`` left
     out (or ``ignore=`` a mask when calling directly). Row columns, in order (``names``):
 

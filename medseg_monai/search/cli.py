@@ -17,6 +17,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from medseg_monai.config import config_files, config_parser
 from medseg_monai.errors import InputError, redact
 from medseg_monai.paths import project_root
 from medseg_monai.search.spec import load_spec
@@ -55,8 +56,6 @@ def prepare(
     max_failures: int,
 ) -> SearchSetup:
     import difflib
-
-    from medseg_monai.bundle import config_files, config_parser  # lazy: the bundle layer imports MONAI
 
     files = config_files(study, "train", experiment, profile, bundles_dir=bundles_dir)
     configs = Path(files[0]) if Path(files[0]).is_absolute() else project_root() / files[0]

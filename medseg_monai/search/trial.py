@@ -17,6 +17,7 @@ from typing import Any
 
 import optuna
 
+from medseg_monai.config import at_repo_root, command_line, config_parser
 from medseg_monai.paths import project_root
 from medseg_monai.search.spec import Parameter, SearchSpec
 from medseg_monai.search.storage import open_study
@@ -30,8 +31,6 @@ __all__ = ["BundleTrial", "SearchSetup", "batches_per_epoch", "die_with_parent"]
 def batches_per_epoch(files: Sequence[str], overrides: Mapping[str, Any]) -> int:
     """Training batches (optimiser steps) per epoch of the bundle: ``len(train#dataloader)`` as the
     trainer sees it, built with ``cache_rate`` 0 (nothing is cached or preprocessed for counting)."""
-    from medseg_monai.bundle import at_repo_root, config_parser  # lazy: the bundle layer imports MONAI
-
     parser = config_parser(files, dict(overrides))
     if "cache_rate" in parser.get():
         parser["cache_rate"] = 0.0
@@ -135,7 +134,6 @@ class BundleTrial:
         self.parent_run_id = parent_run_id
 
     def __call__(self, trial: optuna.Trial, params: dict[str, Any], out: Path) -> float:
-        from medseg_monai.bundle import command_line  # lazy: the bundle layer imports MONAI
         from medseg_monai.handlers.tracking import PARENT_RUN_ENV  # lazy: handlers import torch and Ignite
 
         s = self.setup
