@@ -97,6 +97,8 @@ gpu-proof: $(INSTALLED)
 
 mlflow-ui: $(INSTALLED)
 	@mkdir -p mlflow/artifacts
+	@# each experiment's runs table (MLflow 3 opens an experiment on its GenAI page otherwise)
+	@$(PY) -m medseg_monai.tracking links http://$(HOST):$(PORT)
 	@# no background job runners: the UI only browses the store
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --host $(HOST) --port $(PORT) \
 		--backend-store-uri "$$($(PY) -c 'from medseg_monai.tracking import tracking_uri; print(tracking_uri())')" \

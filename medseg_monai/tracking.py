@@ -60,6 +60,7 @@ __all__ = [
     "server_answers",
     "start_run",
     "tracking_uri",
+    "ui_links",
     "upload",
 ]
 
@@ -553,9 +554,25 @@ def upload(paths: Iterable[str | Path], uri: str | None = None) -> int:
     return len(found)
 
 
+def ui_links(base_url: str, client: MlflowClient | None = None) -> list[tuple[str, str]]:
+    """(experiment, link) for every experiment in the store, the link opening its runs table.
+
+    MLflow 3.17's UI opens an experiment on its GenAI overview unless the link says
+    ``workflowType=machine_learning`` or the browser has chosen "Model training" before (a browser
+    setting; the experiment's ``mlflow.experimentKind`` tag does not decide it)."""
+    client = client or open_client()
+    base = base_url.rstrip("/")
+    return [
+        (e.name, f"{base}/#/experiments/{e.experiment_id}?workflowType=machine_learning")
+        for e in sorted(client.search_experiments(), key=lambda e: e.name)
+        if e.name != "Default"
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m medseg_monai.tracking upload <folder>...``: send what runs kept on disk while their
-    MLflow server was away (``mlflow_offline.json``)."""
+    MLflow server was away (``mlflow_offline.json``); ``links <url>``: each experiment's runs table
+    in the MLflow UI served at ``url``."""
     import argparse
     import sys
 
@@ -567,8 +584,14 @@ def main(argv: list[str] | None = None) -> int:
         "--tracking_uri",
         help="the store to send to (default: MLFLOW_TRACKING_URI, else the local store; never the one a journal names)",
     )
+    links = sub.add_parser("links", help="each experiment's runs table in the MLflow UI served at URL")
+    links.add_argument("url", help="where the UI is served, e.g. http://127.0.0.1:5000")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.command == "links":
+        for name, link in ui_links(args.url):
+            print(f"{name:>8}: {link}")
+        return 0
     try:
         n = upload(args.folders, args.tracking_uri)
     except InputError as e:

@@ -607,3 +607,14 @@ def test_runs_started_together_on_a_new_local_store_all_start(tmp_path: Path) ->
         [tracking.ensure_experiment("together")]
     )
     assert sorted(r.info.run_name for r in runs) == ["run0", "run1", "run2"]
+
+
+def test_ui_links_open_each_experiment_on_its_runs_table(tmp_path: Path) -> None:
+    """MLflow 3.17's UI opens an experiment on its GenAI page unless the link asks for the model
+    training view (``make mlflow-ui`` prints these links)."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    ids = {name: tracking.ensure_experiment(name, client) for name in ("xray", "brats")}
+    assert tracking.ui_links("http://127.0.0.1:5000/", client) == [
+        ("brats", f"http://127.0.0.1:5000/#/experiments/{ids['brats']}?workflowType=machine_learning"),
+        ("xray", f"http://127.0.0.1:5000/#/experiments/{ids['xray']}?workflowType=machine_learning"),
+    ]
