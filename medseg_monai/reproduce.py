@@ -305,8 +305,9 @@ def _record_failure(client: Any, job: Job, fp: dict[str, str] | None, error: str
 
 def _copy_run(client: Any, source_id: str, source: Job, job: Job) -> str:
     """Record ``job`` as a copy of the finished run ``source_id`` of ``source`` (same effective config):
-    its output folder copied, a new MLflow run with the source's params, tags and metric histories,
-    tagged ``reproduce.same_as``."""
+    its output folder copied, a new MLflow run with the source's params, tags, metric histories,
+    dataset inputs and logged model (the UI's Dataset and Models columns), tagged
+    ``reproduce.same_as``."""
     from mlflow.entities import Metric, Param
 
     out = Path(job.output_dir)
@@ -334,6 +335,10 @@ def _copy_run(client: Any, source_id: str, source: Job, job: Job) -> str:
     ]
     for i in range(0, len(history), 1000):
         client.log_batch(run_id, metrics=history[i : i + 1000])
+    if src.inputs and src.inputs.dataset_inputs:
+        client.log_inputs(run_id, datasets=src.inputs.dataset_inputs)
+    if src.outputs and src.outputs.model_outputs:  # the same model: trained once, by the source run
+        client.log_outputs(run_id, models=src.outputs.model_outputs)
     client.set_terminated(run_id, status="FINISHED")
     record_run(out, run_id, job.study)
     return run_id

@@ -204,6 +204,15 @@ def test_tiny_grid_end_to_end(bundles: Path, tmp_path: Path) -> None:
         assert "paper.dice" in source.data.tags and "paper.dice" not in copy.data.tags  # its own figures
         assert copy.data.metrics == source.data.metrics and copy.data.params == source.data.params
         assert (Path(copy.data.tags["output_dir"]) / "model.pt").is_file()
+        # the UI's Dataset and Models columns: the source's dataset input and logged model
+        assert copy.inputs.dataset_inputs and [d.dataset.digest for d in copy.inputs.dataset_inputs] == [
+            d.dataset.digest for d in source.inputs.dataset_inputs
+        ]
+        assert (
+            [m.model_id for m in copy.outputs.model_outputs]
+            == [m.model_id for m in source.outputs.model_outputs]
+            != []
+        )
     exp = client.get_experiment_by_name("xray")
     report_runs = client.search_runs([exp.experiment_id], filter_string="tags.`reproduce.report` = 'quick'")
     assert len(report_runs) == 1  # the report's figures, in MLflow too
