@@ -143,8 +143,14 @@ def config_files(
         files.append(configs / f"{mode}.yaml")
     named = [(f.relative_to(root) if f.is_relative_to(root) else f).as_posix() for f in files]
     for f, name in zip(files, named, strict=True):
-        if not f.is_file():
-            raise InputError(f"no config {name} (studies: {', '.join(studies(base))})")
+        if f.is_file():
+            continue
+        if f.parent.name == "experiments" and configs.is_dir():
+            known = sorted(p.stem for p in f.parent.glob("*.yaml"))
+            raise InputError(f"no config {name} (experiments of {study}: {', '.join(known) or 'none'})")
+        if f.name == f"{profile}.yaml" and configs.is_dir():
+            raise InputError(f"no config {name} (profiles: paper, quick)")
+        raise InputError(f"no config {name} (studies: {', '.join(studies(base))})")
     return named
 
 

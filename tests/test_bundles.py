@@ -182,8 +182,15 @@ def test_launcher_layers_files_in_order() -> None:
     assert cmd[cmd.index("--meta_file") + 1] == "bundles/xray/configs/metadata.json"
     assert cmd[cmd.index("--logging_file") + 1] == "bundles/xray/configs/logging.conf"
     assert cmd[-4:] == ["--seed", "3", "--split", "all"]
-    with pytest.raises(InputError, match=r"no config .*experiments/nope.yaml \(studies: .*xray"):
+    experiments = ", ".join(
+        sorted(f.stem for f in (ROOT / "bundles/xray/configs/experiments").glob("*.yaml"))
+    )
+    with pytest.raises(
+        InputError, match=rf"no config .*experiments/nope.yaml \(experiments of xray: {experiments}\)$"
+    ):
         config_files("xray", experiment="nope")
+    with pytest.raises(InputError, match=r"no config .*xray/configs/fast.yaml \(profiles: paper, quick\)$"):
+        config_files("xray", profile="fast")
     with pytest.raises(InputError, match="unknown mode 'test'"):
         config_files("xray", "test")
 
