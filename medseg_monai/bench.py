@@ -10,7 +10,7 @@ preparation) is the ratio ``engine_s / plain_s`` per step, the two steps alterna
 its once-per-epoch seconds apart; the inferer's efficiency is a pure forward pass over the same
 windows divided by the ``val_inferer`` call, the two also alternating. Results go to JSON
 (``--output``, default ``bench.json``, schema ``medseg_monai/schemas/bench.schema.json``) with the
-device and versions, and a Markdown table is printed (the README's).
+device and versions, and a Markdown table is printed (docs/performance.md's).
 
     python -m medseg_monai.bench [--studies wmh xray] [--steps 5] [--warmup 2] [--output bench.json]
 """
@@ -418,7 +418,7 @@ def validate(results: dict[str, Any]) -> None:
 
 
 def table(results: dict[str, Any]) -> str:
-    """The README's table of ``bench.json``: one row per study."""
+    """docs/performance.md's table of ``bench.json``: one row per study."""
     rows = [
         "| study | batch (unit) | engine s/step | plain s/step | engine / plain | inference s/input "
         "| forward s/input | efficiency | peak MB |",
