@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from medseg_monai import synthetic
 from medseg_monai.data.registry import DatasetError, DatasetSpec, get_dataset, list_datasets
 from medseg_monai.io import write_json
 from medseg_monai.paths import cache_dir, data_root_env
@@ -206,6 +205,8 @@ def take(items: list[dict[str, Any]], n: int | None, seed: int = 0) -> list[dict
 def _params_hash(spec: DatasetSpec) -> str:
     """Hash of the generator's name, seed, parameters (with defaults) and source code, so that a
     change to any of them generates the dataset anew instead of reusing a stale cache."""
+    from medseg_monai import synthetic  # lazy: the generators import nibabel/PIL, a device may lack them
+
     gen = dict(spec.generator or {})
     gen.pop("expected_fractions", None)
     gen["params"] = {**synthetic.default_params(gen["name"]), **gen["params"]}
@@ -218,6 +219,8 @@ def _params_hash(spec: DatasetSpec) -> str:
 
 def _ensure_synthetic(spec: DatasetSpec, root: Path) -> None:
     """Generate ``spec`` into ``root`` unless it already holds data (atomic: temp dir + rename)."""
+    from medseg_monai import synthetic  # lazy: the generators import nibabel/PIL, a device may lack them
+
     if (root / _MARKER).is_file() or (root.is_dir() and any(root.iterdir())):
         return
     gen = spec.generator or {}
