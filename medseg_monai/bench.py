@@ -318,7 +318,7 @@ def agreement_dice(pred: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def engine_comparison(
-    study: str, data_root: str | Path, steps: int = 3, warmup: int = 1, ckpt: str | Path | None = None
+    study: str, data_root: str | Path | None, steps: int = 3, warmup: int = 1, ckpt: str | Path | None = None
 ) -> dict[str, Any]:
     """Seconds per input of the bundle's inference (quick profile's network, its ``val_inferer``, the
     first validation case of the study's real sample after the bundle's preprocessing) through each
@@ -326,7 +326,9 @@ def engine_comparison(
     and each one's Dice against eager's classes. ``ckpt``: trained weights (else seeded, untrained)."""
     dataset = ENGINE_SAMPLES[study]
     parser = config_parser(
-        config_files(study, profile="quick"), {"dataset": dataset, "data_root": str(data_root), "seed": 0}
+        config_files(study, profile="quick"),
+        # no data_root for a synthetic sample: the cache's (str(None) made a folder 'None' here)
+        {"dataset": dataset, "data_root": None if data_root is None else str(data_root), "seed": 0},
     )
     net = parser.get_parsed_content("network").eval()
     if ckpt is not None:
@@ -377,7 +379,7 @@ def _has_onnxruntime() -> bool:
 
 
 def _engines_in_process(
-    study: str, data_root: str, steps: int, warmup: int, ckpt: str | None
+    study: str, data_root: str | None, steps: int, warmup: int, ckpt: str | None
 ) -> dict[str, Any]:
     torch.manual_seed(0)
     return engine_comparison(study, data_root, steps=steps, warmup=warmup, ckpt=ckpt)

@@ -205,3 +205,19 @@ def test_engine_comparison_on_a_real_radiograph(shared_data, tmp_path) -> None:
     assert entry["engines"]["torch"]["dice_vs_eager"] == 1.0 and entry["engines"]["torch"]["speedup"] == 1.0
     assert entry["engines"]["onnxruntime"]["dice_vs_eager"] > 0.998
     assert entry["fastest_keeping_result"] in entry["engines"]
+
+
+@pytest.mark.slow
+def test_engine_comparison_on_the_synthetic_knee_writes_nothing_where_it_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The knee study has no public data: its engines run on the synthetic set from the cache, not
+    from a data root 'None' generated in the working directory (what str(None) did)."""
+    from medseg_monai.bench import engine_comparison
+    from medseg_monai.paths import project_root
+
+    monkeypatch.chdir(project_root())  # where the bundles' config paths start
+    assert not (project_root() / "None").exists()
+    entry = engine_comparison("knee", None, steps=1, warmup=0)
+    assert entry["dataset"] == "knee-synthetic" and entry["engines"]["torch"]["dice_vs_eager"] == 1.0
+    assert not (project_root() / "None").exists()
