@@ -3,11 +3,13 @@
 MONAI loads the files (``LoadImaged``; ``reader="PILReader"`` for JSRT PNG palette indices and
 SCR GIF masks); these check them before and after loading (one line naming the case and the file
 instead of a reader's traceback), load per-structure mask files, give the volume bundles one list
-of loading steps (:func:`load_volumes`), and write predictions as label PNGs and overlay figures.
+of loading steps (:func:`load_volumes`), and write predictions as label PNGs, overlay figures and,
+for a DICOM series, a DICOM Segmentation.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,8 @@ from monai.transforms import EnsureChannelFirstd, LoadImage, LoadImaged, MapTran
 from PIL import Image
 
 from medseg_monai.data.registry import DatasetError
+from medseg_monai.dicom import is_dicom_series_folder, write_seg
+from medseg_monai.errors import InputError
 from medseg_monai.transforms.labels import RemapLabelsd, class_indices
 from medseg_monai.visualize import blend_labels, volume_overlay
 
@@ -28,6 +32,7 @@ __all__ = [
     "CheckGeometryd",
     "CheckIntensityd",
     "LoadMasksd",
+    "SaveDicomSegd",
     "SaveLabelPNGd",
     "SaveVolumeOverlayd",
     "apply_palette",
@@ -351,6 +356,57 @@ class SaveLabelPNGd(MapTransform):
             stem = self.output_dir / str(d[self.id_key])
             Image.fromarray(classes, mode="L").save(f"{stem}_label.png")
             Image.fromarray(blend_labels(img, classes)).save(f"{stem}_overlay.png")
+        return d
+
+
+logger = logging.getLogger(__name__)
+
+
+class SaveDicomSegd(MapTransform):
+    """For a case read from a DICOM series' folder: the label map under ``keys`` ((1, X, Y, Z) label
+    values on the series' grid, as written to NIfTI: after ``Invertd``) also as a DICOM
+    Segmentation, ``<output_dir>/<folder name>_<postfix>.dcm``, one segment per foreground class
+    (:func:`medseg_monai.dicom.write_seg`). Other inputs pass untouched. Without ``highdicom``
+    installed one log line says how to get it and the case goes on (its NIfTI is written anyway).
+
+    ``values`` and ``names``: the label value and the name of each class index (0 the background),
+    e.g. a study's ``class_values`` and ``class_names``."""
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        values: Sequence[int],
+        names: Sequence[str],
+        output_dir: str,
+        postfix: str = "seg",
+        algorithm: str = "medseg-monai",
+    ) -> None:
+        super().__init__(keys)
+        if len(values) != len(names):
+            raise InputError(f"DICOM SEG: {len(values)} class values but {len(names)} class names")
+        self.segments = {int(v): str(n) for v, n in zip(values, names, strict=True) if int(v) != 0}
+        self.output_dir = Path(output_dir)
+        self.postfix = postfix
+        self.algorithm = algorithm
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label = d[key]
+            source = str(getattr(label, "meta", {}).get("filename_or_obj", ""))
+            if not source or not is_dicom_series_folder(source):
+                continue
+            target = self.output_dir / f"{Path(source).name}_{self.postfix}.dcm"
+            try:
+                import highdicom  # noqa: F401  (write_seg's; checked here to say how to get it)
+            except ImportError:
+                logger.warning(
+                    "%s not written: DICOM SEG output needs highdicom: pip install -e .[dicom]", target
+                )
+                continue
+            labels = torch.as_tensor(label).detach().cpu()[0].numpy().astype(np.int64)
+            affine = torch.as_tensor(label.affine).detach().cpu().numpy()
+            write_seg(labels, affine, source, self.segments, target, self.algorithm)
         return d
 
 
