@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,10 @@ def tidy_logs() -> None:
     summary = logging.getLogger("monai.bundle.scripts")
     if not any(isinstance(f, _InputSummary) for f in summary.filters):
         summary.addFilter(_InputSummary())
+    # with pydicom installed (the [dicom] extra) every LoadImage MONAI builds says that NVIDIA's
+    # nvImageCodec (a GPU decoder) is missing, twice: pydicom's own decoders serve, nothing to do
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin")
 
 
 # ----------------------------------------------------------------------------- settings

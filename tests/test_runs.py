@@ -387,3 +387,23 @@ def test_monai_input_summary_keeps_the_settings_and_drops_its_empty_frame() -> N
         log.removeHandler(handler)
         log.setLevel(old_level)
     assert seen == ["setting max_epochs: 2"]
+
+
+def test_loading_says_nothing_about_nvidias_dicom_decoder_once_logs_are_tidied(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With pydicom installed (the [dicom] extra) every LoadImage MONAI builds logged that the GPU
+    decoder nvImageCodec is missing and warned that its plugin did not register."""
+    import logging
+    import warnings
+
+    pytest.importorskip("pydicom")
+    from monai.transforms import LoadImage
+
+    from medseg_monai.runtime import tidy_logs
+
+    tidy_logs()
+    with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.INFO):
+        LoadImage(image_only=True)
+    said = [str(w.message) for w in seen] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if "nvImageCodec" in m], said
