@@ -1,9 +1,5 @@
 """Dataset registry API: ``datasets.json`` -> MONAI data dicts with deterministic splits."""
 
-import importlib
-import importlib.util
-from typing import Any
-
 from medseg_monai.data.datalist import (
     FOLD_POOLS,
     SPLITS,
@@ -58,13 +54,7 @@ from medseg_monai.deprecation import moved_names  # noqa: E402
 
 __all__ += ["AddedCopiesDataset", "added_copies"]
 
-# moved to medseg_monai.transforms (#38); the old path works one more release
-_moved = moved_names(__name__, {"OnCopiesd": "medseg_monai.transforms"})
-
-
-def __getattr__(name: str) -> Any:
-    # submodules load on first use, as the package's do: a config's `$import medseg_monai` reaches
-    # `medseg_monai.data.inputs.image_files` (an exported bundle imports nothing else)
-    if importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        return importlib.import_module(f"{__name__}.{name}")
-    return _moved(name)
+# moved to medseg_monai.transforms (#38); the old path works one more release. Submodules load on
+# first use, as the package's do: a config's `$import medseg_monai` reaches
+# `medseg_monai.data.inputs.image_files` (an exported bundle imports nothing else)
+__getattr__ = moved_names(__name__, {"OnCopiesd": "medseg_monai.transforms"}, load_submodules=True)
