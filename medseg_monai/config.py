@@ -132,6 +132,8 @@ def config_files(
         raise InputError(f"unknown mode '{mode}'; use one of {', '.join(MODES)}")
     root = project_root()
     base = Path(bundles_dir).resolve() if bundles_dir is not None else root / "bundles"
+    if study not in (known := studies(base)):  # a name, never a path (run.json's study may come from anyone)
+        raise InputError(f"unknown study {study!r} (studies: {', '.join(known)})")
     configs = base / study / "configs"
     files = [configs / "train.yaml"]
     if experiment:

@@ -26,6 +26,7 @@ What still needs ``medseg_monai`` installed is listed in the metadata (``medseg_
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import enum
 import importlib
@@ -254,7 +255,7 @@ class _Freezer:
         if isinstance(obj, dict):
             if all(isinstance(k, str) for k in obj):
                 return {k: self.value(v, f"{where}#{k}") for k, v in obj.items()}
-            if _is_plain(list(obj.values())) and eval(repr(obj)) == obj:  # e.g. {1: 2}: int keys
+            if _is_plain(list(obj.values())) and ast.literal_eval(repr(obj)) == obj:  # e.g. {1: 2}: int keys
                 return f"${obj!r}"
         shared = self._object_ids().get(id(obj))
         if shared is not None and shared != where:

@@ -201,7 +201,7 @@ def test_launcher_cli_dry_run_and_refusal(capsys: pytest.CaptureFixture[str]) ->
     assert "monai.bundle run --config_file" in out and "bundles/xray/configs/quick.yaml" in out
     assert out.rstrip().endswith("--max_epochs 2")
     assert main(["nostudy"]) == 2
-    assert capsys.readouterr().err.startswith("error: no config bundles/nostudy/configs/train.yaml")
+    assert capsys.readouterr().err.startswith("error: unknown study 'nostudy' (studies: brats, ")
 
 
 # --- one fast end-to-end path per bundle ------------------------------------------------------------

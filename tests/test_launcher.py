@@ -52,9 +52,7 @@ def test_help_of_an_unknown_study_is_one_error_line(capsys: pytest.CaptureFixtur
     assert main(["nostudy", "--help"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.splitlines() == [
-        f"error: no config bundles/nostudy/configs/train.yaml (studies: {', '.join(studies())})"
-    ]
+    assert captured.err.splitlines() == [f"error: unknown study 'nostudy' (studies: {', '.join(studies())})"]
 
 
 # a value for the settings whose default is a reference ('@batch_size'), which a count may not be

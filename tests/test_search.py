@@ -284,7 +284,7 @@ def test_the_command_refuses_a_wrong_setting_in_one_line(
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == "error: --workers must be >= 1, got 0\n"
     for argv, message in [
-        (["--study", "nope"], r"error: no config \S*nope/configs/train\.yaml \(studies: brats, "),
+        (["--study", "nope"], r"error: unknown study 'nope' \(studies: brats, "),
         (
             ["--study", "xray", "--spec", str(tmp_path / "none.yaml")],
             r"error: no search spec \S*none\.yaml: ",

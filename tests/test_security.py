@@ -153,6 +153,26 @@ def test_evaluating_a_foreign_run_runs_none_of_its_code(
     ]
 
 
+def test_a_recorded_study_is_a_bundle_name_never_a_path(tmp_path: Path) -> None:
+    """``export`` takes the study from the run's ``run.json``: a study written as a path into the
+    folder itself (``../../<folder>``) must not make the folder's own YAML "the bundle's files"."""
+    marker = tmp_path / "code-ran"
+    folder = tmp_path / "run"
+    (folder / "configs").mkdir(parents=True)
+    for name in ("train.yaml", "inference.yaml"):  # all the files export layers
+        (folder / "configs" / name).write_text(f'network_def: "{_marker_code(marker)}"\n')
+    study = os.path.relpath(folder, Path(config_files("xray")[0]).resolve().parents[2])
+    write_json({"study": study, "command": []}, folder / "run.json")
+    write_json({"network_def": "x"}, folder / "config.json")
+    torch.save({}, folder / "model.pt")
+    args = [sys.executable, "-m", "medseg_monai.export", str(folder), "--output", str(tmp_path / "out")]
+    result = run_python_module(args, local_store_env(tmp_path / "mlflow"), 600)
+    lines = error_lines(result)
+    assert not marker.exists(), "the folder's YAML ran"
+    assert result.returncode == 2 and len(lines) == 1 and "unknown study" in lines[0], result.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
 def test_params_are_logged_as_written_never_evaluated(tmp_path: Path) -> None:
     marker = tmp_path / "code-ran"
     config = {
