@@ -21,8 +21,9 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ __all__ = [
     "SYSTEM_METRICS_ENV",
     "best_weights",
     "log_best_model",
+    "log_inputs_retrying",
     "log_training_data",
     "resolved_params",
     "system_metrics_wanted",
@@ -136,7 +138,29 @@ def log_training_data(record: Mapping[str, Any], context: str = "training") -> N
         data = mlflow.data.from_pandas(
             frame, source=str(dataset.get("root", "")), name=str(dataset["id"]), digest=str(dataset["hash"])
         )
-    mlflow.log_input(data, context=context)
+    log_inputs_retrying(lambda: mlflow.log_input(data, context=context))
+
+
+# MLflow's stores look a dataset up by (experiment, name, digest), then insert it if missing: runs
+# started together (a grid's jobs) race between the two steps and the loser fails on the table's
+# unique key (SQLite, PostgreSQL, MySQL wording)
+_DATASET_RACE = ("UNIQUE constraint failed", "duplicate key value", "Duplicate entry")
+
+
+def log_inputs_retrying(call: Callable[[], object], attempts: int = 3) -> None:
+    """Run ``call`` (an MLflow call that logs dataset inputs), again when another run stored the same
+    dataset between MLflow's lookup and its insert: the next call finds it and only links it. Any
+    other error, or the race lost ``attempts`` times, propagates."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(1, attempts + 1):
+        try:
+            call()
+            return
+        except MlflowException as e:
+            if attempt == attempts or not any(s in str(e) for s in _DATASET_RACE):
+                raise
+            time.sleep(0.1 * attempt)
 
 
 # ----------------------------------------------------------------------------- the model

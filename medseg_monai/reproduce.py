@@ -43,6 +43,7 @@ from medseg_monai.data import DatasetError, get_dataset, resolve_data_root, reso
 from medseg_monai.errors import InputError
 from medseg_monai.handlers.progress import format_duration
 from medseg_monai.launch import LAUNCHERS, SlurmSettings, make_launcher, redirect_output
+from medseg_monai.mlflow_assets import log_inputs_retrying
 from medseg_monai.paths import project_root
 from medseg_monai.record import content_hash, cpu_description, git_state, run_tags, torch_threads, try_lock
 from medseg_monai.report import build_report
@@ -336,7 +337,7 @@ def _copy_run(client: Any, source_id: str, source: Job, job: Job) -> str:
     for i in range(0, len(history), 1000):
         client.log_batch(run_id, metrics=history[i : i + 1000])
     if src.inputs and src.inputs.dataset_inputs:
-        client.log_inputs(run_id, datasets=src.inputs.dataset_inputs)
+        log_inputs_retrying(lambda: client.log_inputs(run_id, datasets=src.inputs.dataset_inputs))
     if src.outputs and src.outputs.model_outputs:  # the same model: trained once, by the source run
         client.log_outputs(run_id, models=src.outputs.model_outputs)
     client.set_terminated(run_id, status="FINISHED")

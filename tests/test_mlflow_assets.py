@@ -23,6 +23,7 @@ from medseg_monai.io import write_json
 from medseg_monai.mlflow_assets import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
+    log_training_data,
     resolved_params,
     system_metrics_wanted,
 )
@@ -283,3 +284,43 @@ def test_a_quick_training_shows_its_dataset_and_model_in_mlflow(tmp_path: Path) 
     assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
     example = torch.as_tensor(np.asarray(mlflow.models.Model.load(info.model_uri).load_input_example()))
     assert example.shape == (1, 1, 32, 32) and model(example).shape == (1, 3, 32, 32)
+
+
+def test_a_dataset_another_run_stored_meanwhile_is_linked_not_a_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Runs started together log the same dataset: MLflow looks it up, then inserts it, and the
+    run that loses the race gets the store's unique-key error (seen in CI through an MLflow server:
+    'BAD_REQUEST: (sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, ...').
+    Logging again finds the stored dataset and links it; any other error still fails."""
+    from mlflow.exceptions import MlflowException, RestException
+
+    real = mlflow.log_input
+    calls: list[int] = []
+    record = {"dataset": {"id": "toy", "hash": "abc123", "root": "/data", "cases": {"train": ["a", "b"]}}}
+
+    def racing(*args: object, **kwargs: object) -> None:
+        calls.append(1)
+        if len(calls) == 1:  # the other run inserted the dataset between lookup and insert
+            raise RestException(
+                {
+                    "error_code": "BAD_REQUEST",
+                    "message": "(sqlite3.IntegrityError) UNIQUE "
+                    "constraint failed: datasets.experiment_id, datasets.name, datasets.digest",
+                }
+            )
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_input", racing)
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    with mlflow.start_run() as run:
+        log_training_data(record)
+    inputs = MlflowClient(tracking_uri=tracking.tracking_uri()).get_run(run.info.run_id).inputs.dataset_inputs
+    assert len(calls) == 2 and [(d.dataset.name, d.dataset.digest) for d in inputs] == [("toy", "abc123")]
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise MlflowException("the store is read-only")
+
+    monkeypatch.setattr(mlflow, "log_input", broken)
+    with mlflow.start_run(), pytest.raises(MlflowException, match="read-only"):
+        log_training_data(record)
