@@ -17,7 +17,6 @@ from medseg_monai.transforms import (
     BackgroundToZerod,
     CaseGaussianNoised,
     N4BiasFieldCorrectiond,
-    RandChannelDropd,
     RandStoredRanged,
     ScaleByBitDepthd,
     n4_bias_field,
@@ -112,26 +111,3 @@ def test_n4_removes_a_known_smooth_bias(tmp_path) -> None:
     assert torch.equal(first, second) and isinstance(second, MetaTensor)
     with pytest.raises(ValueError, match="positive iterations"):
         N4BiasFieldCorrectiond("image", iterations=[])
-
-
-def test_rand_channel_drop_replaces_one_drawn_channel_and_keeps_the_others() -> None:
-    image = torch.arange(4 * 27, dtype=torch.float32).reshape(4, 3, 3, 3) + 1  # no channel holds 0
-    dropped = []
-    for seed in range(40):
-        t = RandChannelDropd(keys="image", prob=1.0, channels=[0, 3])
-        t.set_random_state(seed=seed)
-        out = t({"image": image})["image"]
-        zero = [c for c in range(4) if torch.all(out[c] == 0)]
-        assert len(zero) == 1 and zero[0] in (0, 3)
-        kept = [c for c in range(4) if c != zero[0]]
-        assert torch.equal(out[kept], image[kept])
-        dropped.append(zero[0])
-    assert set(dropped) == {0, 3}  # both droppable channels are drawn
-    assert torch.all(image > 0)  # the input is not changed in place
-    assert torch.equal(RandChannelDropd(keys="image", prob=0.0)({"image": image})["image"], image)
-    half = RandChannelDropd(keys="image", prob=0.5, value=-1.0)
-    half.set_random_state(seed=0)
-    n = sum(bool(torch.any(half({"image": image})["image"] == -1)) for _ in range(400))
-    assert 160 < n < 240  # about half the images lose a channel
-    with pytest.raises(ValueError, match="channel 3 of a 2-channel"):
-        RandChannelDropd(keys="image", prob=1.0, channels=[3])({"image": image[:2]})

@@ -1,5 +1,5 @@
 """Intensity transforms: background to zero, scaling by bit depth, the X-ray poster's fixed noisy
-cases, a simulated narrow stored grey range, a dropped modality, and N4 bias-field correction (Tustison et al., IEEE
+cases, a simulated narrow stored grey range, and N4 bias-field correction (Tustison et al., IEEE
 TMI 29(6):1310-1320, 2010) through SimpleITK with an optional on-disk cache so that a volume is
 corrected once."""
 
@@ -25,7 +25,6 @@ __all__ = [
     "BackgroundToZerod",
     "CaseGaussianNoised",
     "N4BiasFieldCorrectiond",
-    "RandChannelDropd",
     "RandStoredRanged",
     "ScaleByBitDepthd",
     "n4_bias_field",
@@ -184,63 +183,6 @@ class RandStoredRanged(RandomizableTransform, MapTransform):
             d[key] = with_meta_of(
                 torch.round((self.offset + self.width * img.clamp(0, 1)) * top) / top, d[key]
             )
-        return d
-
-
-class RandChannelDropd(RandomizableTransform, MapTransform):
-    """Modality dropout: with probability ``prob``, one channel of ``keys``, drawn uniformly from
-    ``channels``, is replaced by ``value``::
-
-        x'_k = value,  k ~ U(channels);   x'_c = x_c for c != k
-
-    A network trained on a few multimodal cases leans on the modality with the strongest contrast at
-    its training sites. The six shared BraTS 2018 cases: whole tumour at 2.3-4.4 standard deviations
-    of the healthy brain above it on FLAIR in the four TCIA / CBICA cases, 0.9-1.2 in the two BraTS
-    2013 ones, where T2 shows it at 1.0-1.6 as elsewhere. Dropping a channel now and then makes the
-    network use the others too, as training with modalities missing at random does (Havaei et al.,
-    HeMIS, MICCAI 2016). Apply it after a per-channel z-score (``NormalizeIntensityd(nonzero=True,
-    channel_wise=True)``), where 0 is the brain's mean: a dropped channel then says nothing.
-
-    Args:
-        keys: (C, *spatial) images.
-        prob: the probability of dropping a channel of an image.
-        channels: the channels that may be dropped (default: all).
-        value: what a dropped channel holds.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        prob: float = 0.2,
-        channels: Sequence[int] | None = None,
-        value: float = 0.0,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob)
-        self.channels = None if channels is None else [int(c) for c in channels]
-        if self.channels is not None and (not self.channels or min(self.channels) < 0):
-            raise ValueError(f"RandChannelDropd: channels must be indices >= 0, got {channels}")
-        self.value = float(value)
-        self.draw = 0.0  # in [0, 1): which of the droppable channels, whatever their number
-
-    def randomize(self, data: Any = None) -> None:
-        super().randomize(None)
-        self.draw = float(self.R.uniform(0.0, 1.0))
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        self.randomize()
-        if not self._do_transform:
-            return d
-        for key in self.key_iterator(d):
-            n = d[key].shape[0]
-            choices = list(range(n)) if self.channels is None else self.channels
-            if max(choices) >= n:
-                raise ValueError(f"RandChannelDropd: channel {max(choices)} of a {n}-channel '{key}'")
-            img = d[key].clone() if isinstance(d[key], torch.Tensor) else np.array(d[key], copy=True)
-            img[choices[int(self.draw * len(choices))]] = self.value
-            d[key] = img
         return d
 
 
