@@ -158,6 +158,10 @@ def _positive_number(value: Any) -> bool:
     return number and math.isfinite(value) and value > 0
 
 
+def _number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def _is_flag(value: Any) -> bool:  # what flag() accepts
     return isinstance(value, bool) or str(value).strip().lower() in _FLAGS
 
@@ -170,6 +174,14 @@ CONTRACT_KEYS: dict[str, tuple[str, Callable[[Any], bool]]] = {
         for key in ("max_epochs", "val_interval", "validations_per_epoch", "batch_size", "val_batch_size")
     },
     "learning_rate": ("a positive number (e.g. 1e-3)", _positive_number),
+    "image_size": ("a positive whole number", lambda v: _whole(v, 1)),
+    "train_size": (
+        "null (every training case) or a positive whole number",
+        lambda v: v is None or _whole(v, 1),
+    ),
+    "num_workers": ("a whole number >= 0", lambda v: _whole(v, 0)),
+    "cache_rate": ("a number from 0 to 1", lambda v: _number(v) and 0 <= v <= 1),
+    "weight_decay": ("a number >= 0", lambda v: _number(v) and v >= 0),
     "seed": ("a whole number", _whole),
     **{key: ("true or false", _is_flag) for key in FLAG_KEYS},
     "fold": ("a whole number from 0 (one fold of n_folds)", lambda v: v is None or _whole(v, 0)),
@@ -236,6 +248,33 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
                 f"{key} is true or false: write --{key} True or --{key} False, got {value!r}{why}"
             )
         _check_value(key, value)
+        if key not in CONTRACT_KEYS and "#" not in key:
+            _check_kind(key, value, parser.get(key))
+
+
+def _check_kind(key: str, value: Any, own: Any) -> None:
+    """A top-level setting given on the command line as the kind of value the bundle's own is (a
+    whole number for ``--features#0``'s siblings, a list for ``--crop_size``...): ``--lr_patience
+    abc`` is refused here, not in a traceback from deep inside the engine. MONAI syntax (``$``,
+    ``@``) and settings the bundle leaves null or computes pass."""
+    if own is None or isinstance(value, str) and value.startswith(("$", "@")):
+        return
+    if isinstance(own, str) and own.startswith(("$", "@", "%")):
+        return
+    whole = not isinstance(own, bool) and isinstance(own, int)
+    kinds = [
+        (bool, "true or false", lambda v: isinstance(v, bool)),
+        (int, "a whole number", lambda v: _whole(v)),
+        (float, "a number", _number),
+        (str, "a text", lambda v: isinstance(v, str)),
+        (list, "a list", lambda v: isinstance(v, list)),
+        (dict, "a mapping", lambda v: isinstance(v, dict)),
+    ]
+    for kind, takes, accepts in kinds:
+        if isinstance(own, kind) and (kind is not int or whole):
+            if not accepts(value):
+                raise InputError(f"{key} must be {takes} (the bundle's: {own!r}), got {value!r}")
+            return
 
 
 # ----------------------------------------------------------------------------- checks and announcements

@@ -134,12 +134,33 @@ def server_answers(uri: str | None = None, timeout: float = 3.0) -> bool:
     return _unreachable(uri or tracking_uri(), timeout) is None
 
 
+# the kinds of tracking store MLflow's client opens (a bare path is a local folder store)
+_STORE_SCHEMES = {
+    "http",
+    "https",
+    "sqlite",
+    "file",
+    "postgresql",
+    "mysql",
+    "mssql",
+    "databricks",
+    "databricks-uc",
+}
+
+
 def check_tracking_uri(timeout: float = 5.0) -> str:
     """The tracking URI, after checking that a server named by ``MLFLOW_TRACKING_URI`` answers its
     ``/health`` within ``timeout`` seconds (MLflow's own client would retry for minutes, then fail
     after training had started). A server that does not answer is refused in one line, and so is a
     local store file that is not a whole MLflow store (:func:`check_sqlite_store`)."""
     uri = tracking_uri()
+    scheme = urlsplit(uri).scheme.partition("+")[0]  # postgresql+psycopg2: MLflow's SQLAlchemy URIs
+    if "://" in uri and scheme not in _STORE_SCHEMES:
+        raise InputError(
+            f"MLFLOW_TRACKING_URI={redact(uri)}: MLflow has no tracking store of the kind '{scheme}://' "
+            f"(http(s)://<server>, sqlite:///<file>, postgresql://, mysql://, file://): fix it, or unset it "
+            f"to track in the local store {default_tracking_uri()}"
+        )
     db = _sqlite_file(uri)
     if db is not None:  # a local store: whole, before anything of the run is written
         check_sqlite_store(db)

@@ -43,7 +43,8 @@ def test_help_lists_every_setting_every_study_takes(capsys: pytest.CaptureFixtur
 def test_a_study_help_lists_its_own_settings_with_defaults(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["xray", "--mode", "evaluate", "--help"]) == 0
     listed = _listed(capsys.readouterr().out)
-    assert listed["image_size"] == "default 256"  # xray's train.yaml
+    assert listed["lr_patience"] == "default 5"  # xray's train.yaml
+    assert listed["image_size"] == "a positive whole number"  # what the check takes
     assert listed["split"] == "one of train, val, test, all"
     assert "input_path" not in listed  # inference's, not evaluate's
 

@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 
 import medseg_monai
 from medseg_monai import record, tracking
+from medseg_monai.errors import InputError
 
 pytestmark = pytest.mark.filterwarnings(
     # SQLAlchemy 2.x deprecation raised from inside MLflow's sqlite store; not ours to fix.
@@ -618,3 +619,17 @@ def test_ui_links_open_each_experiment_on_its_runs_table(tmp_path: Path) -> None
         ("brats", f"http://127.0.0.1:5000/#/experiments/{ids['brats']}?workflowType=machine_learning"),
         ("xray", f"http://127.0.0.1:5000/#/experiments/{ids['xray']}?workflowType=machine_learning"),
     ]
+
+
+def test_a_tracking_uri_of_no_kind_mlflow_knows_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``MLFLOW_TRACKING_URI=garbage://x`` ended a training in three tracebacks from MLflow's store
+    registry; a URI of a kind MLflow opens (a bare path, sqlite, a server) is not refused here."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "garbage://user:secret@x")
+    with pytest.raises(InputError) as refused:
+        tracking.check_tracking_uri(timeout=1)
+    message = str(refused.value)
+    assert message.startswith("MLFLOW_TRACKING_URI=garbage://***@x: MLflow has no tracking store of the kind")
+    assert "secret" not in message
+    for uri in ("postgresql+psycopg2://127.0.0.1:9/db", "mysql://127.0.0.1:9/db"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        assert tracking.check_tracking_uri(timeout=1) == uri  # a database store: MLflow opens it later

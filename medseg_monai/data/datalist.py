@@ -195,8 +195,13 @@ def split_cases(
 
 
 def take(items: list[dict[str, Any]], n: int | None, seed: int = 0) -> list[dict[str, Any]]:
-    """The first ``n`` cases of a seeded permutation of ``items`` (all when ``n`` is None or larger):
-    for a fixed seed, smaller subsets are nested in larger ones, as a training-size sweep needs."""
+    """The first ``n`` cases of a seeded permutation of ``items`` (all when ``n`` is None or larger,
+    said in a warning: a size sweep on a smaller data set): for a fixed seed, smaller subsets are
+    nested in larger ones, as a training-size sweep needs."""
+    if n is not None and n > len(items):
+        logger.warning(
+            "train_size %d is more than the %d training cases: all %d train", n, len(items), len(items)
+        )
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     return [items[i] for i in sorted(order[: len(items) if n is None else n])]
