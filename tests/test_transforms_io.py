@@ -49,6 +49,12 @@ def test_a_4d_nifti_where_a_volume_is_expected_is_one_line(tmp_path: Path) -> No
         match=rf"^case 'A1': {cine}: a 4D image \(6 x 5 x 4 x 3\) where one 3D volume is expected \(a cine",
     ):
         CheckFilesd("image", spatial_dims=3)({"image": str(cine), "case_id": "A1"})
+    flat = tmp_path / "slice.nii.gz"  # one slice where the volume is expected: not called a cine
+    nib.save(nib.Nifti1Image(np.ones((6, 5), np.float32), np.eye(4)), flat)
+    with pytest.raises(
+        DatasetError, match=r"a 2D image \(6 x 5\) where one 3D volume is expected \(a slice\)$"
+    ):
+        CheckFilesd("image", spatial_dims=3)({"image": str(flat), "case_id": "A1"})
 
 
 def _nifti(path: Path, shape: tuple[int, ...], affine: np.ndarray | None = None) -> str:

@@ -106,9 +106,14 @@ class CheckFilesd(MapTransform):
                 while len(shape) > (self.spatial_dims or len(shape)) and shape[-1] == 1:
                     shape = shape[:-1]  # (X, Y, Z, 1) is a volume
                 if self.spatial_dims and len(shape) != self.spatial_dims:
+                    hint = (
+                        "a cine or time series: one file per frame"
+                        if len(shape) > self.spatial_dims
+                        else "a slice"
+                    )
                     raise DatasetError(
                         f"{case}{path}: a {len(shape)}D image ({' x '.join(map(str, shape))}) where one "
-                        f"{self.spatial_dims}D volume is expected (a cine or time series: one file per frame)"
+                        f"{self.spatial_dims}D volume is expected ({hint})"
                     )
                 _check_geometry(image, f"{case}{path}")
                 if path.lower().endswith(".gz"):
