@@ -406,10 +406,45 @@ def prepare_run(
     out.mkdir(parents=True, exist_ok=True)
     write_json(decathlon_doc(dataset, root, splits), out / f"{prefix}datalist.json")
     config = merged_config()
+    if resume and not prefix and config is not None:
+        check_resumed_settings(out / "config.json", config)
     if config is not None:
         write_json(config, out / f"{prefix}config.json")
     write_json(record, out / f"{prefix}run.json")
     return record
+
+
+# what a resumed run may change: how far and how fast it trains, not what it computes
+RESUMABLE_CHANGES = frozenset({"max_epochs", "resume", "overwrite", "num_workers", "cache_rate", "fast"})
+
+
+def check_resumed_settings(recorded_file: Path, config: Mapping[str, Any]) -> None:
+    """Refuse, in one line, to resume a run with settings that differ from those it started with
+    (its ``config.json``): its first epochs and its record would say one thing, its last epochs
+    another. Only :data:`RESUMABLE_CHANGES` may differ (e.g. ``--max_epochs`` to train on)."""
+    try:
+        recorded = json.loads(recorded_file.read_text())
+    except (OSError, ValueError):
+        return  # no record to hold it to (claim_output_dir decided the folder may be resumed)
+    now = json.loads(json.dumps(config))  # as it would be recorded
+    missing = object()
+    changed = [
+        k
+        for k in sorted(set(recorded) | set(now))
+        if k not in RESUMABLE_CHANGES and recorded.get(k, missing) != now.get(k, missing)
+    ]
+    if not changed:
+        return
+    shown = "; ".join(
+        f"{k} {json.dumps(now.get(k))[:40]} now, {json.dumps(recorded.get(k))[:40]} in the record"
+        for k in changed[:3]
+    )
+    more = f" (and {len(changed) - 3} more)" if len(changed) > 3 else ""
+    raise InputError(
+        f"--resume true continues the run in {recorded_file.parent} as it started, but its settings differ from "
+        f"{recorded_file.name}: {shown}{more}. Resume with the command that started it (--max_epochs may grow), "
+        "or start a new run (--overwrite true, or another --output_dir)"
+    )
 
 
 _LOCKS: dict[Path, Any] = {}  # folders this process holds: the OS releases them when it exits

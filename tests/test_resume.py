@@ -24,7 +24,7 @@ from monai.transforms import (
     RandScaleIntensityd,
 )
 
-from bundle_utils import ROOT, local_store_env, mlflow_client, parse
+from bundle_utils import ROOT, error_lines, local_store_env, mlflow_client, parse, run_bundle
 from medseg_monai.config import command_line, config_files, studies
 from medseg_monai.errors import InputError
 from medseg_monai.handlers.resume import _plain, _randomizables, _set_random_states, random_states
@@ -246,3 +246,35 @@ def test_a_signal_while_earlier_started_handlers_run_stops_the_run_cleanly(tmp_p
     assert engine.state.interrupted == "SIGINT" and iterations == []
     assert signal.getsignal(signal.SIGINT) is before  # restored when the run ended
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_resume_must_keep_the_settings_the_run_started_with(tmp_path: Path) -> None:
+    """``--resume true --batch_size 2`` on a run started with 4 trained on with 2 and rewrote its
+    config.json to say 2 for every epoch: now refused in one line naming the setting, the record and
+    the MLflow run as they were; ``--max_epochs`` may grow."""
+    from medseg_monai.record import check_resumed_settings
+
+    out, store = tmp_path / "run", tmp_path / "mlflow"
+    tiny = {"image_size": 32, "dataset": "xray-synthetic", "output_dir": out}
+    assert run_bundle("xray", store, max_epochs=1, **tiny).returncode == 0
+    recorded = (out / "config.json").read_text()
+    status = mlflow_client(store).search_runs(["1"])[0].info.status
+    changed = run_bundle("xray", store, max_epochs=2, resume=True, batch_size=2, **tiny)
+    lines = error_lines(changed)
+    assert changed.returncode == 1 and len(lines) == 1, changed.stderr[-3000:]
+    assert "batch_size 2 now, 4 in the record" in lines[0] and str(out) in lines[0]
+    assert (out / "config.json").read_text() == recorded
+    assert mlflow_client(store).search_runs(["1"])[0].info.status == status == "FINISHED"
+    grown = run_bundle("xray", store, max_epochs=2, resume=True, **tiny)
+    assert grown.returncode == 0, grown.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["max_epochs"] == 2
+    # the comparison itself: whatever else differs, listed; unreadable records are not compared
+    config = json.loads(recorded)
+    check_resumed_settings(out / "missing.json", {})
+    with pytest.raises(InputError, match=r"lr_patience 9 now, 5 in the record; seed 3 now, 0 in the record"):
+        check_resumed_settings(
+            out / "config.json",
+            {**json.loads((out / "config.json").read_text()), "lr_patience": 9, "seed": 3, "num_workers": 7},
+        )
+    assert config["batch_size"] == 4
