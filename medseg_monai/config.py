@@ -40,6 +40,7 @@ __all__ = [
     "run_name",
     "shortened",
     "studies",
+    "value_kind",
 ]
 
 MODES = ("train", "evaluate", "inference", "multi_gpu_train")
@@ -302,7 +303,8 @@ def not_plain(value: Any, key: str) -> tuple[str, Any] | None:
     return (key, value)
 
 
-def _kind(value: Any) -> str:
+def value_kind(value: Any) -> str:
+    """What kind of plain value ``value`` is, in words (a setting's messages say what it takes)."""
     if isinstance(value, bool):
         return "true or false"
     if isinstance(value, int):
@@ -346,10 +348,16 @@ def _recorded_differences(recorded: Any, own: Any, key: str, where: Path, out: d
             "a record may put a plain text, number, flag or list there, not a mapping"
         )
     flag_text = key in FLAG_KEYS and isinstance(recorded, str)
-    number = isinstance(own, float) and _kind(recorded) == "a whole number"
-    if own is not None and not expression and not flag_text and not number and _kind(recorded) != _kind(own):
+    number = isinstance(own, float) and value_kind(recorded) == "a whole number"
+    if (
+        own is not None
+        and not expression
+        and not flag_text
+        and not number
+        and value_kind(recorded) != value_kind(own)
+    ):
         raise InputError(
-            f"{where}: '{key}' is {shortened(recorded)} there, where the bundle takes {_kind(own)} "
+            f"{where}: '{key}' is {shortened(recorded)} there, where the bundle takes {value_kind(own)} "
             f"(its own: {shortened(own)})"
         )
     out[key] = recorded

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from medseg_monai.config import FLAG_KEYS, check_study, config_parser, parse_command_line
+from medseg_monai.config import FLAG_KEYS, check_study, config_parser, parse_command_line, value_kind
 from medseg_monai.data import FOLD_POOLS, SPLITS, get_dataset
 from medseg_monai.data.inputs import require_file
 from medseg_monai.errors import InputError, OneLineInputErrorFormatter, RunInterrupted, is_input_error, redact
@@ -254,27 +254,16 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
 
 def _check_kind(key: str, value: Any, own: Any) -> None:
     """A top-level setting given on the command line as the kind of value the bundle's own is (a
-    whole number for ``--features#0``'s siblings, a list for ``--crop_size``...): ``--lr_patience
-    abc`` is refused here, not in a traceback from deep inside the engine. MONAI syntax (``$``,
-    ``@``) and settings the bundle leaves null or computes pass."""
+    whole number for ``--lr_patience``, a list for ``--crop_size``; a whole number where a number
+    is): ``--lr_patience abc`` is refused here, not in a traceback from deep inside the engine. MONAI
+    syntax (``$``, ``@``) and settings the bundle leaves null or computes pass."""
     if own is None or isinstance(value, str) and value.startswith(("$", "@")):
         return
     if isinstance(own, str) and own.startswith(("$", "@", "%")):
         return
-    whole = not isinstance(own, bool) and isinstance(own, int)
-    kinds = [
-        (bool, "true or false", lambda v: isinstance(v, bool)),
-        (int, "a whole number", lambda v: _whole(v)),
-        (float, "a number", _number),
-        (str, "a text", lambda v: isinstance(v, str)),
-        (list, "a list", lambda v: isinstance(v, list)),
-        (dict, "a mapping", lambda v: isinstance(v, dict)),
-    ]
-    for kind, takes, accepts in kinds:
-        if isinstance(own, kind) and (kind is not int or whole):
-            if not accepts(value):
-                raise InputError(f"{key} must be {takes} (the bundle's: {own!r}), got {value!r}")
-            return
+    takes, given = value_kind(own), value_kind(value)
+    if given != takes and not (takes == "a number" and given == "a whole number"):
+        raise InputError(f"{key} must be {takes} (the bundle's: {own!r}), got {value!r}")
 
 
 # ----------------------------------------------------------------------------- checks and announcements
