@@ -355,7 +355,7 @@ def test_ctrl_c_before_the_first_epoch_ends_says_start_over_and_a_failed_resume_
     ], stderr[-2000:]
     assert _run(store, out).info.status == "KILLED" and not (out / "checkpoint.pt").exists()
     # --resume true is refused before MLflow is touched
-    resumed = run_bundle("xray", store, output_dir=out, max_epochs=1, resume=True, **TINY)
+    resumed = run_bundle("xray", store, output_dir=out, max_epochs=1, train_size=100, resume=True, **TINY)
     started = json.loads((out / "run.json").read_text())["started"]
     assert resumed.returncode != 0 and error_lines(resumed) == [
         f"error: nothing to resume in {out}: run 'baseline seed0' (quick profile, started {started}) stopped "
@@ -365,7 +365,7 @@ def test_ctrl_c_before_the_first_epoch_ends_says_start_over_and_a_failed_resume_
     assert _run(store, out).info.status == "KILLED"
     # a checkpoint that does not load: the resume fails after the tracker reopened the run, which stays KILLED
     torch.save({"objects": {}}, out / "checkpoint.pt")
-    broken = run_bundle("xray", store, output_dir=out, max_epochs=1, resume=True, **TINY)
+    broken = run_bundle("xray", store, output_dir=out, max_epochs=1, train_size=100, resume=True, **TINY)
     lines = error_lines(broken)
     assert broken.returncode != 0 and len(lines) == 1 and str(out / "checkpoint.pt") in lines[0], (
         broken.stderr[-2000:]
