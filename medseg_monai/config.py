@@ -40,6 +40,7 @@ __all__ = [
     "run_name",
     "shortened",
     "studies",
+    "fits_kind",
     "value_kind",
 ]
 
@@ -133,8 +134,8 @@ def config_files(
         raise InputError(f"unknown mode '{mode}'; use one of {', '.join(MODES)}")
     root = project_root()
     base = Path(bundles_dir).resolve() if bundles_dir is not None else root / "bundles"
-    if study not in (known := studies(base)):  # a name, never a path (run.json's study may come from anyone)
-        raise InputError(f"unknown study {study!r} (studies: {', '.join(known)})")
+    if study not in (names := studies(base)):  # a name, never a path (run.json's study may come from anyone)
+        raise InputError(f"unknown study {study!r} (studies: {', '.join(names)})")
     configs = base / study / "configs"
     files = [configs / "train.yaml"]
     if experiment:
@@ -148,12 +149,12 @@ def config_files(
     for f, name in zip(files, named, strict=True):
         if f.is_file():
             continue
-        if f.parent.name == "experiments" and configs.is_dir():
+        if f.parent.name == "experiments":
             known = sorted(p.stem for p in f.parent.glob("*.yaml"))
             raise InputError(f"no config {name} (experiments of {study}: {', '.join(known) or 'none'})")
-        if f.name == f"{profile}.yaml" and configs.is_dir():
+        if f.name == f"{profile}.yaml":
             raise InputError(f"no config {name} (profiles: paper, quick)")
-        raise InputError(f"no config {name} (studies: {', '.join(studies(base))})")
+        raise InputError(f"no config {name} (studies: {', '.join(names)})")
     return named
 
 
@@ -312,6 +313,16 @@ def value_kind(value: Any) -> str:
     return {float: "a number", str: "a text", list: "a list", dict: "a mapping"}.get(type(value), "null")
 
 
+def fits_kind(value: Any, own: Any) -> bool:
+    """Whether ``value`` may replace the bundle's own value ``own`` of a setting: of its kind (a whole
+    number also where a number is), or anything where the bundle leaves the setting null or computes
+    it (an expression, reference or macro)."""
+    if own is None or isinstance(own, str) and own.startswith(("$", "@", "%")):
+        return True
+    takes, given = value_kind(own), value_kind(value)
+    return given == takes or (takes == "a number" and given == "a whole number")
+
+
 def shortened(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -348,14 +359,7 @@ def _recorded_differences(recorded: Any, own: Any, key: str, where: Path, out: d
             "a record may put a plain text, number, flag or list there, not a mapping"
         )
     flag_text = key in FLAG_KEYS and isinstance(recorded, str)
-    number = isinstance(own, float) and value_kind(recorded) == "a whole number"
-    if (
-        own is not None
-        and not expression
-        and not flag_text
-        and not number
-        and value_kind(recorded) != value_kind(own)
-    ):
+    if not flag_text and not fits_kind(recorded, own):
         raise InputError(
             f"{where}: '{key}' is {shortened(recorded)} there, where the bundle takes {value_kind(own)} "
             f"(its own: {shortened(own)})"

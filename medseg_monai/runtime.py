@@ -18,7 +18,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from medseg_monai.config import FLAG_KEYS, check_study, config_parser, parse_command_line, value_kind
+from medseg_monai.config import (
+    FLAG_KEYS,
+    check_study,
+    config_parser,
+    fits_kind,
+    parse_command_line,
+    value_kind,
+)
 from medseg_monai.data import FOLD_POOLS, SPLITS, get_dataset
 from medseg_monai.data.inputs import require_file
 from medseg_monai.errors import InputError, OneLineInputErrorFormatter, RunInterrupted, is_input_error, redact
@@ -154,8 +161,7 @@ def _whole(value: Any, least: int | None = None) -> bool:
 def _positive_number(value: Any) -> bool:
     if isinstance(value, str) and value.startswith(("$", "@")):  # MONAI's syntax, checked when built
         return True
-    number = not isinstance(value, bool) and isinstance(value, (int, float))
-    return number and math.isfinite(value) and value > 0
+    return _number(value) and value > 0
 
 
 def _number(value: Any) -> bool:
@@ -253,17 +259,14 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
 
 
 def _check_kind(key: str, value: Any, own: Any) -> None:
-    """A top-level setting given on the command line as the kind of value the bundle's own is (a
-    whole number for ``--lr_patience``, a list for ``--crop_size``; a whole number where a number
-    is): ``--lr_patience abc`` is refused here, not in a traceback from deep inside the engine. MONAI
-    syntax (``$``, ``@``) and settings the bundle leaves null or computes pass."""
-    if own is None or isinstance(value, str) and value.startswith(("$", "@")):
+    """A top-level setting given on the command line as the kind of value the bundle's own is
+    (:func:`~medseg_monai.config.fits_kind`: a whole number for ``--lr_patience``, a list for
+    ``--crop_size``): ``--lr_patience abc`` is refused here, not in a traceback from deep inside the
+    engine. MONAI syntax (``$``, ``@``) passes."""
+    if isinstance(value, str) and value.startswith(("$", "@")):
         return
-    if isinstance(own, str) and own.startswith(("$", "@", "%")):
-        return
-    takes, given = value_kind(own), value_kind(value)
-    if given != takes and not (takes == "a number" and given == "a whole number"):
-        raise InputError(f"{key} must be {takes} (the bundle's: {own!r}), got {value!r}")
+    if not fits_kind(value, own):
+        raise InputError(f"{key} must be {value_kind(own)} (the bundle's: {own!r}), got {value!r}")
 
 
 # ----------------------------------------------------------------------------- checks and announcements
