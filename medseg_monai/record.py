@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medseg_monai import __version__
-from medseg_monai.config import config_parser, parse_command_line
+from medseg_monai.config import config_parser, parse_command_line, shortened
 from medseg_monai.data import decathlon_doc, get_dataset, resolve_data_root
 from medseg_monai.errors import InputError
 from medseg_monai.io import write_json
@@ -436,8 +436,7 @@ def check_resumed_settings(recorded_file: Path, config: Mapping[str, Any]) -> No
     if not changed:
         return
     shown = "; ".join(
-        f"{k} {json.dumps(now.get(k))[:40]} now, {json.dumps(recorded.get(k))[:40]} in the record"
-        for k in changed[:3]
+        f"{k} {shortened(now.get(k))} now, {shortened(recorded.get(k))} in the record" for k in changed[:3]
     )
     more = f" (and {len(changed) - 3} more)" if len(changed) > 3 else ""
     raise InputError(
