@@ -202,10 +202,8 @@ def write_seg(
             device_serial_number="none",
             series_description=f"{algorithm} segmentation",
         )
-    except (
-        ValueError,
-        AttributeError,
-    ) as e:  # highdicom's needs of the slices (FrameOfReferenceUID, SliceThickness, ...)
+    # highdicom's needs of the slices (FrameOfReferenceUID, SliceThickness, ...)
+    except (ValueError, AttributeError) as e:
         raise InputError(f"{series}: no DICOM SEG written: {e}") from None
     finally:
         quiet.setLevel(level)

@@ -39,6 +39,8 @@ __all__ = [
     "load_volumes",
 ]
 
+logger = logging.getLogger(__name__)
+
 
 class CheckFilesd(MapTransform):
     """Check that the files named under ``keys`` (a path or a list of paths) can be read, before
@@ -362,9 +364,6 @@ class SaveLabelPNGd(MapTransform):
             Image.fromarray(classes, mode="L").save(f"{stem}_label.png")
             Image.fromarray(blend_labels(img, classes)).save(f"{stem}_overlay.png")
         return d
-
-
-logger = logging.getLogger(__name__)
 
 
 class SaveDicomSegd(MapTransform):
