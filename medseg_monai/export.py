@@ -48,6 +48,7 @@ from medseg_monai.errors import InputError
 from medseg_monai.networks import BatchOneConv3d
 from medseg_monai.paths import project_root
 from medseg_monai.record import library_versions
+from medseg_monai.runtime import check_finite_weights
 from medseg_monai.tracking import check_tracking_uri, open_client
 
 __all__ = [
@@ -654,7 +655,9 @@ def export_run(ref: str, output: str | Path) -> Path:
     net = parser.get_parsed_content("network_def")
     state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
     state = state.get("model", state) if isinstance(state, dict) and "model" in state else state
-    net.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    check_finite_weights(state, run_dir / "model.pt")
+    net.load_state_dict(state)
     window = _example_input(parser, run_dir)
     out_channels = int(parser.get_parsed_content("num_classes"))
 

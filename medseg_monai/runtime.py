@@ -35,6 +35,7 @@ __all__ = [
     "announce_run",
     "cache_on_device",
     "check_checkpoint",
+    "check_finite_weights",
     "check_command_line",
     "check_evaluation_dir",
     "check_interrupted",
@@ -343,6 +344,21 @@ def check_evaluation_dir(output_dir: str, ckpt_path: str) -> None:
         )
 
 
+def check_finite_weights(state: dict[str, Any], ckpt_path: str | Path) -> None:
+    """Refuse, in one line, network weights that hold a NaN or an infinity: what a training that
+    diverged saved (its ``model_final.pt``), which would score or segment as if it were a model."""
+    import torch
+
+    broken = next(
+        (k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None
+    )
+    if broken is not None:
+        raise InputError(
+            f"checkpoint {ckpt_path} holds weights that are not finite ('{broken}'): the training that "
+            "wrote it diverged; train again with a lower --learning_rate"
+        )
+
+
 def check_checkpoint(ckpt_path: str, network: Any, study: str = "<study>") -> str:
     """``ckpt_path`` if its weights fit ``network``; otherwise one line saying which tensor differs
     and how to use the settings the checkpoint was trained with (its ``config.json``)."""
@@ -367,6 +383,7 @@ def check_checkpoint(ckpt_path: str, network: Any, study: str = "<study>") -> st
     own = network.state_dict()
     own = {k.removeprefix("module."): v for k, v in own.items()}
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    check_finite_weights(state, ckpt_path)
     problem = next(
         (
             f"'{k}' is {tuple(state[k].shape)} there, {tuple(v.shape)} here"

@@ -28,6 +28,7 @@ from medseg_monai.bundle import main
 from medseg_monai.config import command_line, config_files
 from medseg_monai.data import DatasetError, load_splits, resolve_data_root
 from medseg_monai.errors import InputError
+from medseg_monai.runtime import check_checkpoint
 from medseg_monai.transforms import CheckFilesd
 
 TINY = {"image_size": 32, "dataset": "xray-synthetic", "max_epochs": 1, "train_size": 4}
@@ -73,6 +74,28 @@ def test_a_learning_rate_that_is_not_a_positive_number_is_one_line(
     assert not out.exists()
 
 
+@pytest.mark.slow
+def test_a_training_that_diverges_stops_in_one_line_and_saves_no_model(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    settings = {**TINY, "max_epochs": 3, "learning_rate": 1e30}
+    args = command_line(config_files("xray", profile="quick"), output_dir=str(out), **settings)
+    result = run_python_module(args, local_store_env(tmp_path / "mlflow"), 600)
+    assert result.returncode == 1
+    line = _one_error(result.stderr)
+    assert re.fullmatch(
+        r"error: training diverged at epoch \d, iteration \d+ \(learning rate 1e\+30\): (the loss is nan and )?"
+        r"the weights are no longer finite \('[\w.]+'\); train again with a lower --learning_rate",
+        line,
+    ), line
+    assert not (out / "model_final.pt").exists() and not (out / "metrics.json").exists()
+    if (out / "model.pt").exists():  # the best of the epochs before: validated, and finite
+        best = torch.load(out / "model.pt", weights_only=True)
+        assert all(torch.isfinite(v).all() for v in best.values() if v.is_floating_point())
+    run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]
+    client = tracking.open_client(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    assert client.get_run(run_id).info.status == "FAILED"
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -89,6 +112,22 @@ def test_another_studys_checkpoint_is_refused(tmp_path: Path, capsys: pytest.Cap
         f"python -m medseg_monai.bundle lv --mode evaluate|inference --ckpt_path {run / 'model.pt'}"
     )
     assert sorted(p.name for p in run.iterdir()) == before  # nothing written beside it
+
+
+def test_a_checkpoint_with_weights_that_are_not_finite_is_refused(tmp_path: Path) -> None:
+    # what a diverged training's model_final.pt would hold: the network's own tensors, one of them NaN
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    state = net.state_dict()
+    state["1.bias"] = torch.tensor([float("nan")])
+    torch.save(state, tmp_path / "model_final.pt")
+    with pytest.raises(InputError) as caught:
+        check_checkpoint(str(tmp_path / "model_final.pt"), net)
+    assert str(caught.value) == (
+        f"checkpoint {tmp_path / 'model_final.pt'} holds weights that are not finite ('1.bias'): the training "
+        "that wrote it diverged; train again with a lower --learning_rate"
+    )
+    torch.save(net.state_dict(), tmp_path / "model.pt")  # the same network, finite: accepted
+    assert check_checkpoint(str(tmp_path / "model.pt"), net) == str(tmp_path / "model.pt")
 
 
 def _damaged(kind: str, folder: Path) -> Path:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 from mlflow.tracking import MlflowClient
+from monai.engines import SupervisedTrainer
 
 from medseg_monai import record, tracking
 from medseg_monai.errors import InputError
@@ -18,6 +19,7 @@ from medseg_monai.handlers import (
     MLflowTracker,
     ProgressLog,
     SchedulerStepper,
+    StopOnNonFiniteLoss,
     ValidationSchedule,
     config_params,
 )
@@ -121,6 +123,88 @@ def test_other_schedulers_step_per_iteration_or_per_epoch(epoch_level: bool, ste
     SchedulerStepper(sched, epoch_level=epoch_level).attach(trainer)
     trainer.run([0, 1, 2], max_epochs=2)
     assert opt.param_groups[0]["lr"] == pytest.approx(1 / (1 + decay * steps))
+
+
+def _trainer(loss_of: object, lr: float = 0.1) -> SupervisedTrainer:
+    """MONAI's trainer of a 2 -> 1 linear network on four constant batches, ``loss_of(pred, target)``."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(2, 1)
+    batches = [{"image": torch.ones(1, 2), "label": torch.zeros(1, 1)}] * 4
+    return SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=2,
+        train_data_loader=batches,
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=lr),
+        loss_function=loss_of,
+    )
+
+
+def test_a_finite_training_runs_through_the_divergence_check() -> None:
+    trainer = _trainer(torch.nn.MSELoss())
+    StopOnNonFiniteLoss().attach(trainer)
+    trainer.run()
+    assert trainer.state.iteration == 8
+
+
+def test_a_nan_loss_that_reached_the_weights_stops_training_at_once() -> None:
+    # the loss turns NaN at the third step: its gradient makes the weights NaN on that step
+    calls = iter(range(100))
+
+    def loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        value = torch.nn.functional.mse_loss(pred, target)
+        return value * float("nan") if next(calls) == 2 else value
+
+    trainer = _trainer(loss, lr=0.5)
+    StopOnNonFiniteLoss(patience=10).attach(trainer)
+    with pytest.raises(InputError) as caught:
+        trainer.run()
+    assert trainer.state.iteration == 3
+    assert str(caught.value) == (
+        "training diverged at epoch 1, iteration 3 (learning rate 0.5): the loss is nan and the weights "
+        "are no longer finite ('weight'); train again with a lower --learning_rate"
+    )
+
+
+def test_weights_broken_by_an_epochs_last_step_stop_training_before_validation() -> None:
+    # a finite loss with a NaN gradient (sqrt's at 0, times 0) on epoch 1's last step: NaN weights
+    calls = iter(range(100))
+
+    def loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        value = torch.nn.functional.mse_loss(pred, target)
+        return value + torch.sqrt(((pred - pred.detach()) ** 2).sum()) if next(calls) == 3 else value
+
+    trainer = _trainer(loss)
+    validated = []
+    StopOnNonFiniteLoss().attach(trainer)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: validated.append(e.state.epoch))
+    with pytest.raises(InputError) as caught:
+        trainer.run()
+    assert validated == []  # attached after it, as the bundles' validation is
+    assert str(caught.value) == (
+        "training diverged at epoch 1, iteration 4 (learning rate 0.1): the weights are no longer finite "
+        "('weight'); train again with a lower --learning_rate"
+    )
+
+
+def test_non_finite_losses_with_finite_weights_stop_training_after_patience_in_a_row() -> None:
+    # as with AMP, where GradScaler skips the step of an overflowing batch: the weights stay finite
+    losses = [1.0, float("inf"), float("inf"), 2.0, float("inf"), float("nan"), float("inf"), 3.0]
+    trainer = Engine(lambda engine, batch: {"loss": torch.tensor(losses[engine.state.iteration - 1])})
+    trainer.network = torch.nn.Linear(2, 1)
+    StopOnNonFiniteLoss(patience=3).attach(trainer)
+    with pytest.raises(InputError) as caught:
+        trainer.run([0] * 8, max_epochs=1)
+    # two in a row (iterations 2-3) are forgiven; the third of 5-7 stops it
+    assert str(caught.value) == (
+        "training diverged at epoch 1, iteration 7: the loss is inf and 3 losses in a row were not finite; "
+        "train again with a lower --learning_rate"
+    )
+
+
+def test_the_divergence_check_refuses_a_patience_below_one() -> None:
+    with pytest.raises(ValueError, match="patience must be a positive number of iterations, got 0"):
+        StopOnNonFiniteLoss(patience=0)
 
 
 @pytest.mark.parametrize("resumed_after", [0, 7])

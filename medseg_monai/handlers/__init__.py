@@ -1,7 +1,8 @@
 """Ignite handlers the bundles attach (in ``train#handlers`` / ``validate#handlers`` and the studies'
 ``train_handlers`` / ``val_handlers``), one module per concern:
 
-- :mod:`.training`: :class:`EarlyStopping`, :class:`GradientClipping`, :class:`SchedulerStepper`, :class:`ValidationSchedule`.
+- :mod:`.training`: :class:`EarlyStopping`, :class:`GradientClipping`, :class:`SchedulerStepper`, :class:`StopOnNonFiniteLoss`,
+  :class:`ValidationSchedule`.
 - :mod:`.case_metrics`: :class:`CaseMetrics`, the ``metrics.json`` contract.
 - :mod:`.tracking`: :class:`MLflowTracker`, one tagged MLflow run per training (or evaluation).
 - :mod:`.resume`: :class:`TrainingCheckpoint`, resumable and interruptible trainings.
@@ -21,6 +22,7 @@ from medseg_monai.handlers.training import (
     EarlyStopping,
     GradientClipping,
     SchedulerStepper,
+    StopOnNonFiniteLoss,
     ValidationSchedule,
 )
 from medseg_monai.metrics.lesions import LesionTableWriter
@@ -34,6 +36,7 @@ __all__ = [
     "MLflowTracker",
     "ProgressLog",
     "SchedulerStepper",
+    "StopOnNonFiniteLoss",
     "TrainingCheckpoint",
     "ValidationSchedule",
     "config_params",

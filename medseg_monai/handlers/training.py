@@ -1,5 +1,5 @@
 """Training-loop handlers: gradient clipping, learning-rate scheduler stepping, how often
-validation runs and early stopping."""
+validation runs, early stopping, and stopping a training that diverged."""
 
 from __future__ import annotations
 
@@ -11,10 +11,14 @@ from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 from monai.handlers import ValidationHandler
 
+from medseg_monai.errors import InputError
+from medseg_monai.handlers.progress import iteration_loss
+
 __all__ = [
     "EarlyStopping",
     "GradientClipping",
     "SchedulerStepper",
+    "StopOnNonFiniteLoss",
     "ValidationSchedule",
     "validation_iterations",
 ]
@@ -150,3 +154,67 @@ class EarlyStopping:
         self.stopper.load_state_dict(getattr(self.trainer.state, self.STATE_KEY))  # a resumed count
         self.stopper(evaluator)
         setattr(self.trainer.state, self.STATE_KEY, dict(self.stopper.state_dict()))
+
+
+class StopOnNonFiniteLoss:
+    """End a training that diverged with one ``error:`` line (exit status 1, the MLflow run FAILED)
+    instead of training on and writing results of NaN weights.
+
+    A NaN or infinite loss whose step left a network weight non-finite stops the run at once
+    (without AMP, the first such loss); one that left the weights finite (with AMP, ``GradScaler``
+    skips the step of a batch whose gradients overflow) stops it after ``patience`` in a row. The
+    weights are also checked at every epoch's end, so a last step that broke them with a finite
+    loss is caught before validation and the checkpoints. Ignite's ``TerminateOnNan`` would end the
+    run as if it had finished.
+    """
+
+    def __init__(self, patience: int = 10) -> None:
+        if int(patience) < 1:
+            raise ValueError(f"patience must be a positive number of iterations, got {patience}")
+        self.patience = int(patience)
+        self._in_a_row = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._check_weights)
+
+    def __call__(self, engine: Engine) -> None:
+        loss = iteration_loss(engine.state.output)
+        if loss is None or math.isfinite(loss):
+            self._in_a_row = 0
+            return
+        self._in_a_row += 1
+        broken = _non_finite_weight(engine)
+        if broken is not None:
+            self._stop(engine, f"the loss is {loss} and the weights are no longer finite ('{broken}')")
+        if self._in_a_row >= self.patience:
+            self._stop(engine, f"the loss is {loss} and {self._in_a_row} losses in a row were not finite")
+
+    def _check_weights(self, engine: Engine) -> None:
+        broken = _non_finite_weight(engine)
+        if broken is not None:
+            self._stop(engine, f"the weights are no longer finite ('{broken}')")
+
+    @staticmethod
+    def _stop(engine: Engine, what: str) -> None:
+        optimizer = getattr(engine, "optimizer", None)
+        lr = f" (learning rate {optimizer.param_groups[0]['lr']:.3g})" if optimizer is not None else ""
+        raise InputError(
+            f"training diverged at epoch {engine.state.epoch}, iteration {engine.state.iteration}{lr}: "
+            f"{what}; train again with a lower --learning_rate"
+        )
+
+
+def _non_finite_weight(engine: Engine) -> str | None:
+    """The name of the first parameter of ``engine.network`` holding a NaN or an infinity, or None."""
+    network = getattr(engine, "network", None)
+    if not isinstance(network, torch.nn.Module):
+        return None
+    return next(
+        (
+            n.removeprefix("module.")
+            for n, p in network.named_parameters()
+            if not bool(torch.isfinite(p).all())
+        ),
+        None,
+    )
