@@ -183,8 +183,8 @@ def test_default_is_the_posters_baseline() -> None:
     assert p.get_parsed_content("noise_sigma_16bit") == 5000 and p["max_epochs"] == 50
     assert (p["train_noisy_copies"], p["val_noisy_copies"]) == (0, 0)
     # as the reference implementation: validation, and the plateau scheduler, 5 times an epoch
-    validation = p["train#handlers#1"]
-    assert validation["_target_"] == "medseg_monai.handlers.ValidationSchedule"
+    targets = [h["_target_"] for h in p["train#handlers"]]
+    validation = p["train#handlers"][targets.index("medseg_monai.handlers.ValidationSchedule")]
     assert validation["per_epoch"] == "@validations_per_epoch" and p["validations_per_epoch"] == 5
     meta = json.loads((CONFIGS / "metadata.json").read_text())
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {
