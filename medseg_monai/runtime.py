@@ -345,8 +345,9 @@ def check_evaluation_dir(output_dir: str, ckpt_path: str) -> None:
 
 
 def check_finite_weights(state: dict[str, Any], ckpt_path: str | Path) -> None:
-    """Refuse, in one line, network weights that hold a NaN or an infinity: what a training that
-    diverged saved (its ``model_final.pt``), which would score or segment as if it were a model."""
+    """Refuse, in one line, network weights that hold a NaN or an infinity (a diverged training's,
+    e.g. a ``model_final.pt`` saved before ``StopOnNonFiniteLoss`` stopped such runs): they would
+    score or segment as if they were a model."""
     import torch
 
     broken = next(
