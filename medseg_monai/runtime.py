@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +35,9 @@ __all__ = [
     "announce_run",
     "cache_on_device",
     "check_checkpoint",
-    "check_finite_weights",
     "check_command_line",
     "check_evaluation_dir",
+    "check_finite_weights",
     "check_interrupted",
     "choose",
     "data_loader",
@@ -45,6 +45,7 @@ __all__ = [
     "distributed_sampler",
     "end_distributed",
     "fast_path",
+    "first_non_finite",
     "flag",
     "for_this_rank",
     "init_distributed",
@@ -159,10 +160,12 @@ def _whole(value: Any, least: int | None = None) -> bool:
     return not isinstance(value, bool) and isinstance(value, int) and (least is None or value >= least)
 
 
+def _monai_syntax(value: Any) -> bool:  # an expression or reference, checked when MONAI builds it
+    return isinstance(value, str) and value.startswith(("$", "@"))
+
+
 def _positive_number(value: Any) -> bool:
-    if isinstance(value, str) and value.startswith(("$", "@")):  # MONAI's syntax, checked when built
-        return True
-    return _number(value) and value > 0
+    return _monai_syntax(value) or (_number(value) and value > 0)
 
 
 def _number(value: Any) -> bool:
@@ -264,9 +267,7 @@ def _check_kind(key: str, value: Any, own: Any) -> None:
     (:func:`~medseg_monai.config.fits_kind`: a whole number for ``--lr_patience``, a list for
     ``--crop_size``): ``--lr_patience abc`` is refused here, not in a traceback from deep inside the
     engine. MONAI syntax (``$``, ``@``) passes."""
-    if isinstance(value, str) and value.startswith(("$", "@")):
-        return
-    if not fits_kind(value, own):
+    if not _monai_syntax(value) and not fits_kind(value, own):
         raise InputError(f"{key} must be {value_kind(own)} (the bundle's: {own!r}), got {value!r}")
 
 
@@ -344,15 +345,26 @@ def check_evaluation_dir(output_dir: str, ckpt_path: str) -> None:
         )
 
 
+def first_non_finite(named: Iterable[tuple[str, Any]]) -> str | None:
+    """The name of the first floating-point tensor of ``named`` (``state_dict().items()``,
+    ``named_parameters()``) holding a NaN or an infinity, without DDP's ``module.`` prefix; else None."""
+    import torch
+
+    return next(
+        (
+            k.removeprefix("module.")
+            for k, v in named
+            if v.is_floating_point() and not bool(torch.isfinite(v).all())
+        ),
+        None,
+    )
+
+
 def check_finite_weights(state: dict[str, Any], ckpt_path: str | Path) -> None:
     """Refuse, in one line, network weights that hold a NaN or an infinity (a diverged training's,
     e.g. a ``model_final.pt`` saved before ``StopOnNonFiniteLoss`` stopped such runs): they would
     score or segment as if they were a model."""
-    import torch
-
-    broken = next(
-        (k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None
-    )
+    broken = first_non_finite(state.items())
     if broken is not None:
         raise InputError(
             f"checkpoint {ckpt_path} holds weights that are not finite ('{broken}'): the training that "

@@ -13,6 +13,7 @@ from monai.handlers import ValidationHandler
 
 from medseg_monai.errors import InputError
 from medseg_monai.handlers.progress import iteration_loss
+from medseg_monai.runtime import first_non_finite
 
 __all__ = [
     "EarlyStopping",
@@ -208,13 +209,4 @@ class StopOnNonFiniteLoss:
 def _non_finite_weight(engine: Engine) -> str | None:
     """The name of the first parameter of ``engine.network`` holding a NaN or an infinity, or None."""
     network = getattr(engine, "network", None)
-    if not isinstance(network, torch.nn.Module):
-        return None
-    return next(
-        (
-            n.removeprefix("module.")
-            for n, p in network.named_parameters()
-            if not bool(torch.isfinite(p).all())
-        ),
-        None,
-    )
+    return first_non_finite(network.named_parameters()) if isinstance(network, torch.nn.Module) else None
